@@ -1,0 +1,19 @@
+// Schemas of the private op library `dpfast_C`: the compiled kernels behind the public
+// torch.ops.torch_dpfast.* ops, which torch_dpfast/ops defines in Python (so they exist even
+// when nothing compiled). Only this file defines schemas; kernels register per device key.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(dpfast_C, m) {
+  m.def("clip_factors(Tensor norm_sq, float max_norm, Tensor? mask) -> Tensor");
+  m.def(
+      "clip_accumulate_(Tensor[] per_example, Tensor(a!)[] summed, float max_norm, "
+      "Tensor? mask) -> Tensor");
+  m.def("add_noise_(Tensor(a!)[] grads, float std, float scale, int seed) -> ()");
+}
+
+// An importable (empty) Python module, so that `import torch_dpfast._C` loads the library.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

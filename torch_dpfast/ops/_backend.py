@@ -1,0 +1,85 @@
+"""Which implementation (backend) runs an op.
+
+Every op has a ``"reference"`` implementation in pure PyTorch. Compiled or Triton kernels add
+``"cpp"`` (C++ CPU kernels in ``torch_dpfast._C``), ``"cuda"`` (CUDA C++ in ``_C_cuda``) and
+``"triton"`` implementations as they exist. ``backend="auto"`` takes the first available one in
+the order of :data:`AUTO_ORDER` for the tensors' device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .. import _ext
+
+BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
+AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "reference")}
+_DEVICE_OF_BACKEND = {"cpp": "cpu", "cuda": "cuda"}
+
+_impls: dict[str, dict[str, Callable]] = {}
+
+
+def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+    """Decorator: registers ``fn`` as the ``backend`` implementation of ``op`` (once only)."""
+    if backend not in BACKENDS or backend == "auto":
+        raise ValueError(f"cannot register backend {backend!r}; use one of {BACKENDS[1:]}")
+
+    def decorate(fn: Callable) -> Callable:
+        table = _impls.setdefault(op, {})
+        if backend in table:
+            raise RuntimeError(f"op {op!r} already has a {backend!r} implementation")
+        table[backend] = fn
+        return fn
+
+    return decorate
+
+
+def available(op: str) -> tuple[str, ...]:
+    """The backends that implement ``op`` in this installation."""
+    return tuple(_impls.get(op, {}))
+
+
+def resolve(op: str, backend: str, device: torch.device) -> str:
+    """Turns ``backend`` (possibly ``"auto"``) into the backend that will run ``op`` on ``device``.
+
+    Raises:
+        ValueError: ``backend`` is not one of :data:`BACKENDS`, or does not run on ``device``.
+        NotImplementedError: ``op`` has no ``backend`` implementation in this installation.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    table = _impls.get(op, {})
+    if backend == "auto":
+        for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+            if candidate in table:
+                return candidate
+        return "reference"
+    if backend not in table:
+        hint = ""
+        if backend in ("cpp", "cuda"):
+            hint = " (is the compiled extension built? see `python -m torch_dpfast.info`)"
+        raise NotImplementedError(
+            f"torch_dpfast.ops.{op} has no {backend!r} kernel in this installation{hint}; "
+            f"available: {', '.join(table)}"
+        )
+    needed = _DEVICE_OF_BACKEND.get(backend)
+    if needed is not None and device.type != needed:
+        raise ValueError(
+            f"torch_dpfast.ops.{op}: backend={backend!r} runs on {needed} tensors, got tensors on "
+            f"{device}; use backend='auto' or move the tensors"
+        )
+    return backend
+
+
+def run(op: str, backend: str, *args):
+    """Calls the ``backend`` implementation of ``op`` (``backend`` already resolved)."""
+    return _impls[op][backend](*args)
+
+
+def register_compiled(op: str, backend: str, dispatch_key: str) -> None:
+    """Registers the compiled ``torch.ops.dpfast_C.<op>`` as ``backend`` of ``op`` when the
+    extension that provides its ``dispatch_key`` kernel ("CPU" or "CUDA") is loaded."""
+    if _ext.has_kernel(op, dispatch_key):
+        register(op, backend)(getattr(torch.ops.dpfast_C, op))

@@ -1,0 +1,167 @@
+"""Clip factors and multi-tensor clip-and-accumulate of materialised per-example gradients.
+
+The clip factor of example i is c_i = min(1, C / (||g_i|| + 1e-6)), computed in float64 with
+IEEE sqrt and division; a non-finite squared norm (a NaN or Inf anywhere in the example's
+gradient) or a masked-out example gets c_i = 0, and examples with c_i = 0 are left out of every
+sum exactly, so 0 * Inf = NaN never reaches a parameter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import _backend
+from ._checks import accumulation_dtype, check_floating, check_mask, drop_unscaled_rows
+
+CLIP_EPS = 1e-6
+
+
+def _check_max_norm(op: str, max_norm: float) -> float:
+    if not isinstance(max_norm, (int, float)) or not math.isfinite(max_norm) or max_norm <= 0:
+        raise ValueError(f"{op}: max_norm must be a finite number > 0, got {max_norm!r}")
+    return float(max_norm)
+
+
+# ---------------------------------------------------------------- clip_factors
+
+
+@torch.library.custom_op("torch_dpfast::clip_factors", mutates_args=())
+def _clip_factors(norm_sq: Tensor, max_norm: float, mask: Tensor | None, backend: str) -> Tensor:
+    return _backend.run("clip_factors", backend, norm_sq, max_norm, mask)
+
+
+@_clip_factors.register_fake
+def _(norm_sq: Tensor, max_norm: float, mask: Tensor | None, backend: str) -> Tensor:
+    return torch.empty_like(norm_sq)
+
+
+@_backend.register("clip_factors", "reference")
+def clip_factors_reference(norm_sq: Tensor, max_norm: float, mask: Tensor | None) -> Tensor:
+    """Reference: min(1, C / (sqrt(max(n, 0)) + 1e-6)) in float64; 0 if n is non-finite or masked."""
+    n = norm_sq.to(torch.float64)
+    c = (max_norm / (n.clamp_min(0).sqrt() + CLIP_EPS)).clamp(max=1.0)
+    keep = torch.isfinite(n)
+    if mask is not None:
+        keep &= mask.to(device=n.device, dtype=torch.bool)
+    return torch.where(keep, c, torch.zeros((), dtype=c.dtype, device=c.device)).to(norm_sq.dtype)
+
+
+_backend.register_compiled("clip_factors", "cpp", "CPU")
+_backend.register_compiled("clip_factors", "cuda", "CUDA")
+
+
+def clip_factors(
+    norm_sq: Tensor, max_norm: float, mask: Tensor | None = None, backend: str = "auto"
+) -> Tensor:
+    """Per-example clip factors c_i = min(1, C / (sqrt(norm_sq_i) + 1e-6)).
+
+    Args:
+        norm_sq: squared per-example gradient norms, (B,) float32 or float64.
+        max_norm: the clipping bound C > 0.
+        mask: optional (B,) tensor; examples where it is False (0) get factor 0 (padding rows).
+        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"cuda"``.
+
+    Returns:
+        (B,) in the dtype of ``norm_sq``; 0 where ``norm_sq`` is NaN or Inf.
+    """
+    op = "clip_factors"
+    max_norm = _check_max_norm(op, max_norm)
+    if norm_sq.dim() != 1 or norm_sq.dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"{op}: norm_sq must be a (B,) float32 or float64 tensor, got "
+            f"{tuple(norm_sq.shape)} {norm_sq.dtype}"
+        )
+    check_mask(op, mask, norm_sq.shape[0])
+    if mask is not None and mask.device != norm_sq.device:
+        raise ValueError(f"{op}: mask is on {mask.device} but norm_sq on {norm_sq.device}")
+    backend = _backend.resolve(op, backend, norm_sq.device)
+    return _clip_factors(norm_sq, max_norm, mask, backend)
+
+
+# ---------------------------------------------------------------- clip_accumulate_
+
+
+@torch.library.custom_op("torch_dpfast::clip_accumulate_", mutates_args=("summed",))
+def _clip_accumulate_(
+    per_example: list[Tensor],
+    summed: list[Tensor],
+    max_norm: float,
+    mask: Tensor | None,
+    backend: str,
+) -> Tensor:
+    return _backend.run("clip_accumulate_", backend, per_example, summed, max_norm, mask)
+
+
+@_clip_accumulate_.register_fake
+def _(per_example, summed, max_norm, mask, backend) -> Tensor:
+    dtype = torch.float64 if any(g.dtype == torch.float64 for g in per_example) else torch.float32
+    return per_example[0].new_empty(per_example[0].shape[0], dtype=dtype)
+
+
+@_backend.register("clip_accumulate_", "reference")
+def clip_accumulate_reference(
+    per_example: list[Tensor], summed: list[Tensor], max_norm: float, mask: Tensor | None
+) -> Tensor:
+    """Reference: float64 norms over all tensors, then summed[k] += sum_i c_i g_k[i]."""
+    batch = per_example[0].shape[0]
+    norm_sq = sum(g.reshape(batch, -1).to(torch.float64).square().sum(dim=1) for g in per_example)
+    factors = clip_factors_reference(norm_sq, max_norm, mask)
+    for g, out in zip(per_example, summed):
+        acc = accumulation_dtype(g)
+        c = factors.to(acc)
+        clipped = drop_unscaled_rows(g.to(acc), c) * c.reshape(-1, *([1] * (g.dim() - 1)))
+        out.add_(clipped.sum(dim=0).to(out.dtype))
+    out_dtype = torch.float64 if any(g.dtype == torch.float64 for g in per_example) else torch.float32
+    return norm_sq.to(out_dtype)
+
+
+_backend.register_compiled("clip_accumulate_", "cpp", "CPU")
+
+
+def clip_accumulate_(
+    per_example: list[Tensor],
+    summed: list[Tensor],
+    max_norm: float,
+    mask: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Clips materialised per-example gradients of many tensors and adds them up, in one call.
+
+    With n_i = sum_k ||per_example[k][i]||^2 over *all* tensors and c_i = clip factor of n_i,
+    does ``summed[k] += sum_i c_i per_example[k][i]`` for every k.
+
+    Args:
+        per_example: per-example gradients, tensor k of shape (B, *shape_k).
+        summed: accumulators, tensor k of shape shape_k; updated in place.
+        max_norm: the clipping bound C > 0.
+        mask: optional (B,) tensor; examples where it is False (0) are left out.
+        backend: ``"auto"``, ``"reference"`` or ``"cpp"``.
+
+    Returns:
+        (B,) squared per-example norms n_i (float32, or float64 for float64 inputs).
+    """
+    op = "clip_accumulate_"
+    max_norm = _check_max_norm(op, max_norm)
+    per_example, summed = list(per_example), list(summed)
+    if not per_example or len(per_example) != len(summed):
+        raise ValueError(
+            f"{op}: needs one or more per-example tensors and as many summed tensors, got "
+            f"{len(per_example)} and {len(summed)}"
+        )
+    batch = per_example[0].shape[0] if per_example[0].dim() else -1
+    for k, (g, out) in enumerate(zip(per_example, summed)):
+        check_floating(op, **{f"per_example[{k}]": g, f"summed[{k}]": out})
+        if g.dim() < 1 or g.shape[0] != batch or g.shape[1:] != out.shape:
+            raise ValueError(
+                f"{op}: per_example[{k}] must be (B, *summed[{k}].shape) with B = {batch}, got "
+                f"{tuple(g.shape)} against summed {tuple(out.shape)}"
+            )
+    check_mask(op, mask, batch)
+    devices = {t.device for t in per_example + summed + ([mask] if mask is not None else [])}
+    if len(devices) != 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    backend = _backend.resolve(op, backend, devices.pop())
+    return _clip_accumulate_(per_example, summed, max_norm, mask, backend)
