@@ -107,7 +107,10 @@ def clip_accumulate_reference(
 ) -> Tensor:
     """Reference: float64 norms over all tensors, then summed[k] += sum_i c_i g_k[i]."""
     batch = per_example[0].shape[0]
-    norm_sq = sum(g.reshape(batch, -1).to(torch.float64).square().sum(dim=1) for g in per_example)
+    norm_sq = sum(
+        g.reshape(batch, math.prod(g.shape[1:])).to(torch.float64).square().sum(dim=1)
+        for g in per_example
+    )
     factors = clip_factors_reference(norm_sq, max_norm, mask)
     for g, out in zip(per_example, summed):
         acc = accumulation_dtype(g)

@@ -117,7 +117,7 @@ def _grouped(x: Tensor, g: Tensor, geometry: tuple, groups: int) -> tuple[Tensor
     """a (B, T, groups, C_in/groups * K) and g (B, T, groups, C_out/groups)."""
     patches = unfold_patches(x, *geometry)
     batch, positions = patches.shape[:2]
-    a = patches.reshape(batch, positions, groups, -1)
+    a = patches.reshape(batch, positions, groups, patches.shape[2] // groups * patches.shape[3])
     g = g.reshape(batch, groups, g.shape[1] // groups, positions).permute(0, 3, 1, 2)
     return a, g
 

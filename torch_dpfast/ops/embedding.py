@@ -7,6 +7,8 @@ gradient, as in ``torch.nn.Embedding``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -39,8 +41,8 @@ def _check(op: str, ids: Tensor, g: Tensor, num_embeddings: int, padding_idx: in
                 f"{op}: padding_idx={padding_idx} is outside [-{num_embeddings}, {num_embeddings})"
             )
         padding_idx %= num_embeddings
-    batch = ids.shape[0]
-    return ids.reshape(batch, -1), g.reshape(batch, -1, g.shape[-1]), padding_idx
+    batch, positions = ids.shape[0], math.prod(ids.shape[1:])
+    return ids.reshape(batch, positions), g.reshape(batch, positions, g.shape[-1]), padding_idx
 
 
 def _valid_rows(ids: Tensor, num_embeddings: int, padding_idx: int | None) -> Tensor:

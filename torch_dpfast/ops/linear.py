@@ -7,6 +7,8 @@ gradient is G_i = g_i^T a_i (d_out x d_in).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -31,7 +33,8 @@ def _as_sequence(op: str, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
             f"{op}: a (B, *, d_in) and g (B, *, d_out) must agree in all but the last dim, "
             f"got a {tuple(a.shape)} and g {tuple(g.shape)}"
         )
-    return a.reshape(a.shape[0], -1, a.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1])
+    batch, positions = a.shape[0], math.prod(a.shape[1:-1])
+    return a.reshape(batch, positions, a.shape[-1]), g.reshape(batch, positions, g.shape[-1])
 
 
 # ---------------------------------------------------------------- linear_norm_sq

@@ -1,0 +1,40 @@
+"""Test helpers: random tensors, tolerances and the backends to test on a device."""
+
+from __future__ import annotations
+
+import torch
+
+import torch_dpfast as dpf
+
+# (rtol, atol) of a result computed from inputs of this dtype against the float64 truth of the
+# same (rounded) inputs; float32 accumulation over the test sizes stays well inside these.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (2e-5, 1e-5),
+    torch.bfloat16: (2e-5, 1e-5),  # inputs are rounded to bf16 but accumulated in float32
+    torch.float16: (2e-5, 1e-5),
+}
+
+
+def randn(*shape, gen: torch.Generator, dtype=torch.float64, device="cpu") -> torch.Tensor:
+    """Normal draws from the CPU generator ``gen``, then cast and moved."""
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def backends(op: str, device: str) -> list[str]:
+    """Every backend of ``op`` that runs on ``device`` in this installation (triton excluded
+    on CPU unless it can be interpreted)."""
+    runs_on = {"cpp": "cpu", "cuda": "cuda"}
+    return [b for b in dpf.ops.available(op) if runs_on.get(b, device) == device]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale=1.0):
+    """``actual`` (from ``dtype`` inputs) against the float64 ``expected``; ``scale`` widens the
+    absolute tolerance for results whose magnitude grows with the problem size."""
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(
+        actual.detach().cpu().to(torch.float64),
+        expected.detach().cpu().to(torch.float64),
+        rtol=rtol,
+        atol=atol * scale,
+    )

@@ -1,0 +1,41 @@
+"""Backend selection: what "auto" picks, and the errors for backends that cannot run."""
+
+import pytest
+import torch
+
+import torch_dpfast as dpf
+from torch_dpfast import _ext
+from torch_dpfast.ops import _backend
+
+
+def test_every_op_has_a_reference_and_a_public_custom_op():
+    for op in dpf.ops.OPS:
+        assert "reference" in dpf.ops.available(op)
+        assert hasattr(torch.ops.torch_dpfast, op)
+
+
+def test_auto_prefers_compiled_kernels_on_their_device():
+    cpu = torch.device("cpu")
+    expected = "cpp" if _ext.cpu_loaded else "reference"
+    assert _backend.resolve("clip_accumulate_", "auto", cpu) == expected
+    assert _backend.resolve("linear_norm_sq", "auto", cpu) == "reference"
+    assert _backend.resolve("clip_factors", "auto", torch.device("meta")) == "reference"
+
+
+def test_a_backend_on_the_wrong_device_is_refused():
+    if "cuda" not in dpf.ops.available("clip_factors"):
+        pytest.skip("the CUDA extension is not built")
+    with pytest.raises(ValueError, match="runs on cuda tensors, got tensors on cpu"):
+        dpf.ops.clip_factors(torch.ones(3), 1.0, backend="cuda")
+
+
+def test_a_missing_backend_lists_the_available_ones():
+    with pytest.raises(NotImplementedError, match="no 'triton' kernel.*available: reference"):
+        dpf.ops.conv_norm_sq(torch.ones(1, 1, 3), torch.ones(1, 1, 1), 3, backend="triton")
+
+
+def test_registration_is_once_only():
+    with pytest.raises(RuntimeError, match="already has a 'reference' implementation"):
+        _backend.register("linear_norm_sq", "reference")(lambda *args: None)
+    with pytest.raises(ValueError, match="cannot register backend 'auto'"):
+        _backend.register("linear_norm_sq", "auto")

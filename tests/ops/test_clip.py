@@ -1,0 +1,173 @@
+"""clip_factors and clip_accumulate_: the formula, non-finite and masked examples, and the
+sensitivity bound ||c_i g_i|| <= C, on every backend."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import torch_dpfast as dpf
+from tests.helpers import assert_close, backends, randn
+
+INF, NAN = float("inf"), float("nan")
+
+
+def _factor(norm_sq: float, max_norm: float) -> float:
+    """The clip factor written out in Python floats: the independent reference."""
+    if not math.isfinite(norm_sq):
+        return 0.0
+    return min(1.0, max_norm / (math.sqrt(max(norm_sq, 0.0)) + 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_clip_factors_follow_the_formula(dtype, device, gen):
+    norm_sq = torch.cat([
+        torch.rand(37, generator=gen, dtype=torch.float64) * 10.0,
+        torch.tensor([0.0, -1e-12, 1e-30, 1e30, 1e300, INF, -INF, NAN], dtype=torch.float64),
+    ]).to(dtype)
+    max_norm = 0.5 + torch.rand((), generator=gen).item()
+    mask = torch.rand(norm_sq.shape[0], generator=gen) > 0.3
+    for backend in backends("clip_factors", device):
+        out = dpf.ops.clip_factors(norm_sq.to(device), max_norm, backend=backend)
+        expected = torch.tensor([_factor(n, max_norm) for n in norm_sq.tolist()], dtype=torch.float64)
+        assert out.dtype == dtype
+        assert_close(out, expected, dtype)
+        masked = dpf.ops.clip_factors(norm_sq.to(device), max_norm, mask.to(device), backend)
+        assert_close(masked, expected * mask, dtype)
+
+
+def test_clip_factors_of_an_empty_batch(device):
+    for backend in backends("clip_factors", device):
+        out = dpf.ops.clip_factors(torch.zeros(0, device=device), 1.0, backend=backend)
+        assert out.shape == (0,)
+
+
+def _per_example_list(batch, gen, dtypes, device):
+    shapes = [(3, 4), (1,), (), (5, 2, 3), (17,)]  # scalars, 1-element and odd sizes
+    return [
+        randn(batch, *shape, gen=gen, dtype=dtype, device=device) * 3.0
+        for shape, dtype in zip(shapes, dtypes)
+    ]
+
+
+DTYPE_MIXES = {
+    "float64": [torch.float64] * 5,
+    "float32": [torch.float32] * 5,
+    "mixed": [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.bfloat16],
+}
+
+
+@pytest.mark.parametrize("mix", DTYPE_MIXES)
+@pytest.mark.parametrize("batch", [0, 1, 7])
+def test_clip_accumulate_matches_brute_force(mix, batch, device, gen):
+    dtypes = DTYPE_MIXES[mix]
+    grads = _per_example_list(batch, gen, dtypes, device)
+    max_norm = 1.0 + torch.rand((), generator=gen).item() * 4
+    mask = torch.rand(batch, generator=gen) > 0.25
+    flat = torch.cat([g.double().cpu().reshape(batch, g[0:1].numel() or 1) for g in grads], dim=1)
+    norms = flat.square().sum(dim=1)
+    factors = torch.tensor([_factor(n, max_norm) for n in norms.tolist()], dtype=torch.float64)
+    factors = factors * mask
+    for backend in backends("clip_accumulate_", device):
+        start = [randn(*g.shape[1:], gen=gen, dtype=g.dtype, device=device) for g in grads]
+        summed = [s.clone() for s in start]
+        out = dpf.ops.clip_accumulate_(grads, summed, max_norm, mask.to(device), backend)
+        assert out.dtype == (torch.float64 if mix == "float64" else torch.float32)
+        assert_close(out, norms, torch.float64 if mix == "float64" else torch.float32, scale=50)
+        for g, s0, s in zip(grads, start, summed):
+            expected = s0.double().cpu() + torch.einsum("b,b...->...", factors, g.double().cpu())
+            if s.dtype in (torch.float16, torch.bfloat16):
+                torch.testing.assert_close(s.double().cpu(), expected, rtol=1e-2, atol=2e-2)
+            else:
+                assert_close(s, expected, s.dtype, scale=10)
+
+
+def test_clip_accumulate_zeroes_non_finite_examples(device, gen):
+    grads = _per_example_list(4, gen, DTYPE_MIXES["float32"], device)
+    grads[0][1, 2, 3] = NAN
+    grads[3][2, 0, 0, 1] = INF
+    for backend in backends("clip_accumulate_", device):
+        summed = [torch.zeros(g.shape[1:], device=device) for g in grads]
+        norm_sq = dpf.ops.clip_accumulate_(grads, summed, 1.0, backend=backend)
+        assert not torch.isfinite(norm_sq[1:3]).any() and torch.isfinite(norm_sq[[0, 3]]).all()
+        assert all(torch.isfinite(s).all() for s in summed)
+        keep = [0, 3]
+        flat = torch.cat([g[keep].double().cpu().reshape(2, -1) for g in grads], dim=1)
+        factors = [_factor(n, 1.0) for n in flat.square().sum(dim=1).tolist()]
+        for g, s in zip(grads, summed):
+            kept = g[keep].double().cpu()
+            assert_close(s, factors[0] * kept[0] + factors[1] * kept[1], torch.float32)
+
+
+def test_clip_accumulate_handles_non_contiguous_tensors(device, gen):
+    base = randn(5, 6, 4, gen=gen, dtype=torch.float32, device=device)
+    grads = [base.transpose(1, 2), base[:, ::2, 1]]
+    for backend in backends("clip_accumulate_", device):
+        summed = [torch.zeros(6, 4, device=device).t(), torch.zeros(3, device=device)]
+        reference = [torch.zeros(4, 6, device=device), torch.zeros(3, device=device)]
+        dpf.ops.clip_accumulate_(grads, summed, 2.0, backend=backend)
+        dpf.ops.clip_accumulate_([g.contiguous() for g in grads], reference, 2.0,
+                                 backend="reference")
+        for s, r in zip(summed, reference):
+            assert_close(s, r.double(), torch.float32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    log_magnitude=st.floats(-30, 30),
+    max_norm=st.floats(1e-3, 1e3),
+    special=st.sampled_from([None, INF, -INF, NAN]),
+    seed=st.integers(0, 2**32),
+)
+def test_each_example_contributes_at_most_max_norm(log_magnitude, max_norm, special, seed):
+    """Sensitivity: whatever the gradient (huge, tiny, Inf, NaN), ||c_1 g_1|| <= C."""
+    gen = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(1, 3, 5, generator=gen) * 10.0**log_magnitude,
+             torch.randn(1, 7, generator=gen, dtype=torch.float64)]
+    if special is not None:
+        grads[0][0, 1, 1] = special
+    for backend in backends("clip_accumulate_", "cpu"):
+        summed = [torch.zeros(3, 5), torch.zeros(7, dtype=torch.float64)]
+        dpf.ops.clip_accumulate_(grads, summed, max_norm, backend=backend)
+        assert all(torch.isfinite(s).all() for s in summed)
+        total = math.sqrt(sum(s.double().square().sum().item() for s in summed))
+        assert total <= max_norm * (1 + 1e-6)
+
+
+def test_bad_arguments_name_the_problem():
+    g, s = [torch.randn(3, 4)], [torch.zeros(4)]
+    with pytest.raises(ValueError, match="max_norm must be a finite number > 0"):
+        dpf.ops.clip_accumulate_(g, s, 0.0)
+    with pytest.raises(ValueError, match="max_norm must be a finite number > 0"):
+        dpf.ops.clip_factors(torch.ones(3), float("nan"))
+    with pytest.raises(ValueError, match=r"per_example\[0\] must be \(B, \*summed\[0\].shape\)"):
+        dpf.ops.clip_accumulate_(g, [torch.zeros(5)], 1.0)
+    with pytest.raises(ValueError, match="as many summed tensors"):
+        dpf.ops.clip_accumulate_(g, [], 1.0)
+    with pytest.raises(ValueError, match=r"mask must be a tensor of shape \(B,\)"):
+        dpf.ops.clip_accumulate_(g, s, 1.0, mask=torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="norm_sq must be a \\(B,\\) float32 or float64"):
+        dpf.ops.clip_factors(torch.ones(3, dtype=torch.float16), 1.0)
+
+
+def test_ops_trace_under_torch_compile_and_pass_opcheck(device, gen):
+    grads = _per_example_list(4, gen, DTYPE_MIXES["float32"], device)
+    mask = torch.tensor([True, False, True, True], device=device)
+
+    def step(grads, norm_sq):
+        summed = [torch.zeros(g.shape[1:], device=g.device) for g in grads]
+        out = dpf.ops.clip_accumulate_(grads, summed, 1.5, mask)
+        return out, dpf.ops.clip_factors(norm_sq, 1.5, mask), summed
+
+    norm_sq = torch.rand(4, generator=gen).to(device) * 4
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(grads, norm_sq), step(grads, norm_sq))
+    for backend in backends("clip_factors", device):
+        torch.library.opcheck(torch.ops.torch_dpfast.clip_factors, (norm_sq, 1.5, mask, backend))
+    for backend in backends("clip_accumulate_", device):
+        summed = [torch.zeros(g.shape[1:], device=device) for g in grads]
+        torch.library.opcheck(
+            torch.ops.torch_dpfast.clip_accumulate_, (grads, summed, 1.5, mask, backend)
+        )
