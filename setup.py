@@ -96,8 +96,10 @@ def _extensions_and_cmdclass():
             _log(msg + "; skipping _C_cuda")
         else:
             cpp_extension.CUDA_HOME = CUDA_HOME
-            _log(f"building _C_cuda with the toolkit at {CUDA_HOME} for torch CUDA "
-                 f"{torch.version.cuda}, archs {os.environ['TORCH_CUDA_ARCH_LIST']}")
+            _log(
+                f"building _C_cuda with the toolkit at {CUDA_HOME} for torch CUDA "
+                f"{torch.version.cuda}, archs {os.environ['TORCH_CUDA_ARCH_LIST']}"
+            )
             ext_modules.append(
                 cpp_extension.CUDAExtension(
                     "torch_dpfast._C_cuda",

@@ -18,7 +18,10 @@ REQUIRE_CUDA = os.environ.get("TORCH_DPFAST_REQUIRE_CUDA_BUILD") == "1"
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, **env},
     )
 
@@ -64,8 +67,9 @@ def test_package_falls_back_to_references_without_the_extension():
 
 
 def test_info_reports_versions_backends_and_precision():
-    result = subprocess.run([sys.executable, "-m", "torch_dpfast.info"], capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch_dpfast.info"], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert f"torch          {torch.__version__}" in out

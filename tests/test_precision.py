@@ -8,8 +8,11 @@ import torch_dpfast as dpf
 
 @pytest.fixture(autouse=True)
 def _restore_flags():
-    saved = (dpf.get_precision(), torch.backends.cuda.matmul.allow_tf32,
-             torch.backends.cudnn.allow_tf32)
+    saved = (
+        dpf.get_precision(),
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
     yield
     dpf.set_precision(saved[0])
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1:]

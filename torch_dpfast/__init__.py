@@ -1,6 +1,6 @@
 """torch_dpfast: fast, correct differentially private training (DP-SGD) for PyTorch."""
 
-from . import _ext, ops
+from . import ops
 from .precision import get_precision, precision, set_precision
 
 __version__ = "0.1.0.dev0"

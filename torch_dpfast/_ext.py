@@ -48,7 +48,7 @@ elif cuda_error and cuda_error != "not built":
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether the compiled op ``dpfast_C::<op>`` has a kernel for ``dispatch_key`` ("CPU", "CUDA")."""
+    """Whether ``dpfast_C::<op>`` has a compiled kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
     if not cpu_loaded:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"dpfast_C::{op}", dispatch_key)

@@ -23,15 +23,19 @@ def _factor(norm_sq: float, max_norm: float) -> float:
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_clip_factors_follow_the_formula(dtype, device, gen):
-    norm_sq = torch.cat([
-        torch.rand(37, generator=gen, dtype=torch.float64) * 10.0,
-        torch.tensor([0.0, -1e-12, 1e-30, 1e30, 1e300, INF, -INF, NAN], dtype=torch.float64),
-    ]).to(dtype)
+    norm_sq = torch.cat(
+        [
+            torch.rand(37, generator=gen, dtype=torch.float64) * 10.0,
+            torch.tensor([0.0, -1e-12, 1e-30, 1e30, 1e300, INF, -INF, NAN], dtype=torch.float64),
+        ]
+    ).to(dtype)
     max_norm = 0.5 + torch.rand((), generator=gen).item()
     mask = torch.rand(norm_sq.shape[0], generator=gen) > 0.3
     for backend in backends("clip_factors", device):
         out = dpf.ops.clip_factors(norm_sq.to(device), max_norm, backend=backend)
-        expected = torch.tensor([_factor(n, max_norm) for n in norm_sq.tolist()], dtype=torch.float64)
+        expected = torch.tensor(
+            [_factor(n, max_norm) for n in norm_sq.tolist()], dtype=torch.float64
+        )
         assert out.dtype == dtype
         assert_close(out, expected, dtype)
         masked = dpf.ops.clip_factors(norm_sq.to(device), max_norm, mask.to(device), backend)
@@ -108,8 +112,9 @@ def test_clip_accumulate_handles_non_contiguous_tensors(device, gen):
         summed = [torch.zeros(6, 4, device=device).t(), torch.zeros(3, device=device)]
         reference = [torch.zeros(4, 6, device=device), torch.zeros(3, device=device)]
         dpf.ops.clip_accumulate_(grads, summed, 2.0, backend=backend)
-        dpf.ops.clip_accumulate_([g.contiguous() for g in grads], reference, 2.0,
-                                 backend="reference")
+        dpf.ops.clip_accumulate_(
+            [g.contiguous() for g in grads], reference, 2.0, backend="reference"
+        )
         for s, r in zip(summed, reference):
             assert_close(s, r.double(), torch.float32)
 
@@ -124,8 +129,10 @@ def test_clip_accumulate_handles_non_contiguous_tensors(device, gen):
 def test_each_example_contributes_at_most_max_norm(log_magnitude, max_norm, special, seed):
     """Sensitivity: whatever the gradient (huge, tiny, Inf, NaN), ||c_1 g_1|| <= C."""
     gen = torch.Generator().manual_seed(seed)
-    grads = [torch.randn(1, 3, 5, generator=gen) * 10.0**log_magnitude,
-             torch.randn(1, 7, generator=gen, dtype=torch.float64)]
+    grads = [
+        torch.randn(1, 3, 5, generator=gen) * 10.0**log_magnitude,
+        torch.randn(1, 7, generator=gen, dtype=torch.float64),
+    ]
     if special is not None:
         grads[0][0, 1, 1] = special
     for backend in backends("clip_accumulate_", "cpu"):

@@ -71,7 +71,9 @@ def test_clipped_sum_drops_non_finite_examples_with_zero_scale(device, gen):
     x[1, 0, 2, 2] = float("nan")
     scale = torch.tensor([1.0, 0.0, 0.5], device=device)
     out = dpf.ops.conv_clipped_sum(x, g, scale, **k)
-    expected = brute_force.clipped_sum(brute_force.conv_grads(x[[0, 2]], g[[0, 2]], **k), scale[[0, 2]])
+    expected = brute_force.clipped_sum(
+        brute_force.conv_grads(x[[0, 2]], g[[0, 2]], **k), scale[[0, 2]]
+    )
     assert torch.isfinite(out).all()
     assert_close(out, expected, torch.float32, scale=100)
 
@@ -91,8 +93,9 @@ def test_bad_arguments_name_the_problem():
 
 
 def test_ops_trace_under_torch_compile_and_pass_opcheck(device, gen):
-    x, g, k = _inputs((2, 4, 7, 6), 6, dict(kernel_size=3, padding=1, groups=2), gen, torch.float32,
-                      device)
+    x, g, k = _inputs(
+        (2, 4, 7, 6), 6, dict(kernel_size=3, padding=1, groups=2), gen, torch.float32, device
+    )
     scale = torch.rand(2, generator=gen).to(device)
 
     def step(x, g, scale):

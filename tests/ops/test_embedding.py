@@ -26,8 +26,9 @@ def _inputs(ids_shape, vocab, dim, gen, dtype, device):
 
 @pytest.mark.parametrize("ids_shape,vocab,dim,padding_idx", CONFIGS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_norm_sq_matches_per_example_autograd(ids_shape, vocab, dim, padding_idx, dtype, device,
-                                              gen):
+def test_norm_sq_matches_per_example_autograd(
+    ids_shape, vocab, dim, padding_idx, dtype, device, gen
+):
     ids, g = _inputs(ids_shape, vocab, dim, gen, dtype, device)
     expected = brute_force.norms_sq(brute_force.embedding_grads(ids, g, vocab, padding_idx))
     for backend in backends("embedding_norm_sq", device):
@@ -38,8 +39,9 @@ def test_norm_sq_matches_per_example_autograd(ids_shape, vocab, dim, padding_idx
 
 @pytest.mark.parametrize("ids_shape,vocab,dim,padding_idx", CONFIGS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_clipped_sum_matches_per_example_autograd(ids_shape, vocab, dim, padding_idx, dtype,
-                                                  device, gen):
+def test_clipped_sum_matches_per_example_autograd(
+    ids_shape, vocab, dim, padding_idx, dtype, device, gen
+):
     ids, g = _inputs(ids_shape, vocab, dim, gen, dtype, device)
     scale = torch.rand(ids.shape[0], generator=gen, dtype=torch.float64)
     scale[::2] = 0.0
@@ -48,8 +50,9 @@ def test_clipped_sum_matches_per_example_autograd(ids_shape, vocab, dim, padding
         brute_force.embedding_grads(ids, g, vocab, padding_idx), scale
     )
     for backend in backends("embedding_clipped_sum", device):
-        out = dpf.ops.embedding_clipped_sum(ids, g, scale.to(device), vocab, padding_idx,
-                                            backend=backend)
+        out = dpf.ops.embedding_clipped_sum(
+            ids, g, scale.to(device), vocab, padding_idx, backend=backend
+        )
         assert out.shape == (vocab, dim) and out.dtype == dtype
         assert torch.isfinite(out).all()
         assert_close(out, expected, dtype, scale=ids.numel() + 1)
@@ -72,8 +75,10 @@ def test_ops_trace_under_torch_compile_and_pass_opcheck(device, gen):
     scale = torch.rand(3, generator=gen).to(device)
 
     def step(ids, g, scale):
-        return (dpf.ops.embedding_norm_sq(ids, g, 6, 1),
-                dpf.ops.embedding_clipped_sum(ids, g, scale, 6, 1))
+        return (
+            dpf.ops.embedding_norm_sq(ids, g, 6, 1),
+            dpf.ops.embedding_clipped_sum(ids, g, scale, 6, 1),
+        )
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     for got, want in zip(compiled(ids, g, scale), step(ids, g, scale)):

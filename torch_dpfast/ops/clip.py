@@ -40,7 +40,7 @@ def _(norm_sq: Tensor, max_norm: float, mask: Tensor | None, backend: str) -> Te
 
 @_backend.register("clip_factors", "reference")
 def clip_factors_reference(norm_sq: Tensor, max_norm: float, mask: Tensor | None) -> Tensor:
-    """Reference: min(1, C / (sqrt(max(n, 0)) + 1e-6)) in float64; 0 if n is non-finite or masked."""
+    """Reference: min(1, C / (sqrt(max(n, 0)) + 1e-6)) in float64; 0 if n non-finite or masked."""
     n = norm_sq.to(torch.float64)
     c = (max_norm / (n.clamp_min(0).sqrt() + CLIP_EPS)).clamp(max=1.0)
     keep = torch.isfinite(n)
@@ -117,7 +117,9 @@ def clip_accumulate_reference(
         c = factors.to(acc)
         clipped = drop_unscaled_rows(g.to(acc), c) * c.reshape(-1, *([1] * (g.dim() - 1)))
         out.add_(clipped.sum(dim=0).to(out.dtype))
-    out_dtype = torch.float64 if any(g.dtype == torch.float64 for g in per_example) else torch.float32
+    out_dtype = (
+        torch.float64 if any(g.dtype == torch.float64 for g in per_example) else torch.float32
+    )
     return norm_sq.to(out_dtype)
 
 
@@ -165,6 +167,8 @@ def clip_accumulate_(
     check_mask(op, mask, batch)
     devices = {t.device for t in per_example + summed + ([mask] if mask is not None else [])}
     if len(devices) != 1:
-        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(
+            f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}"
+        )
     backend = _backend.resolve(op, backend, devices.pop())
     return _clip_accumulate_(per_example, summed, max_norm, mask, backend)

@@ -81,9 +81,7 @@ def conv_geometry(
         pads = [p for p in _tuple(op, "padding", padding, n) for _ in range(2)]
     c_in, c_out = x.shape[1], g.shape[1]
     if groups < 1 or c_in % groups or c_out % groups:
-        raise ValueError(
-            f"{op}: groups={groups} must divide C_in={c_in} and C_out={c_out}"
-        )
+        raise ValueError(f"{op}: groups={groups} must divide C_in={c_in} and C_out={c_out}")
     expected = [
         (x.shape[2 + i] + pads[2 * i] + pads[2 * i + 1] - dil[i] * (kernel[i] - 1) - 1)
         // strides[i]

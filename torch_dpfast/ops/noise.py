@@ -78,6 +78,8 @@ def add_noise_(
     check_floating(op, **{f"grads[{k}]": g for k, g in enumerate(grads)})
     devices = {g.device for g in grads}
     if len(devices) != 1:
-        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(
+            f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}"
+        )
     backend = _backend.resolve(op, backend, devices.pop())
     _add_noise_(grads, float(std), float(scale), draw_seed(generator), backend)
