@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole GPU run in one call, repeatable by any session on a GPU machine (no network there):
+#   1. installs the carried pure-Python wheels (.whl/, made by ../shared/gpu/wheels.sh),
+#   2. builds the extension strictly for the local GPU (CUDA kernels included),
+#   3. runs the full test suite, which adds the CUDA device to every op test,
+#   4. runs the benchmark suite and writes JSON + markdown + plots.
+# Usage: DPFAST_COMMIT=<sha> bash benchmarks/gpu_run.sh [OUT_DIR]   (default: $OUT or ./gpu_out)
+set -uo pipefail
+out=${1:-${OUT:-gpu_out}}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export TORCH_DPFAST_STRICT_BUILD=1 TORCH_DPFAST_BUILD_CUDA=1 MAX_JOBS=16
+export TORCH_DPFAST_REQUIRE_CPP=1 TORCH_DPFAST_REQUIRE_CUDA_BUILD=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python3 -c \
+  "import torch; print('.'.join(map(str, torch.cuda.get_device_capability())))")}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/info.txt"
+python3 -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 \
+  || { echo "build failed:"; tail -40 "$out/build.log"; exit 1; }
+python3 -m torch_dpfast.info | tee -a "$out/info.txt"
+python3 -m pytest -q -rs -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.log" | tail -15
+test_rc=${PIPESTATUS[0]}
+python3 benchmarks/kernels/bench_ops.py --out "$out"
+bench_rc=$?
+echo "gpu_run: tests exit $test_rc, benchmarks exit $bench_rc"
+exit $(( test_rc || bench_rc ))
