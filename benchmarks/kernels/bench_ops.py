@@ -258,6 +258,8 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
         print("matplotlib not installed: no plot")
         return
     norm_rows = [r for r in rows if r["group"] == "norm_method"]
+    if not norm_rows:
+        return
     cases = list(dict.fromkeys(r["case"] for r in norm_rows))
     fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.38
@@ -267,17 +269,9 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
             for c in cases
         ]
         ax.bar([i + offset for i in range(len(cases))], values, width, label=method)
-    for i, c in enumerate(cases):
-        pick = next(r["auto_choice"] for r in norm_rows if r["case"] == c)
-        ax.annotate(
-            f"auto: {pick}",
-            (i, 0),
-            xytext=(0, -28),
-            textcoords="offset points",
-            ha="center",
-            fontsize=7,
-        )
-    ax.set_xticks(range(len(cases)), cases, rotation=20, fontsize=7, ha="right")
+    picks = [next(r["auto_choice"] for r in norm_rows if r["case"] == c) for c in cases]
+    labels = [f"{c}\n(auto: {pick})" for c, pick in zip(cases, picks)]
+    ax.set_xticks(range(len(cases)), labels, rotation=20, fontsize=7, ha="right")
     ax.set_yscale("log")
     ax.set_ylabel("median time (ms)")
     ax.set_title("Per-example gradient norms: ghost vs direct (reference backend)")
@@ -293,6 +287,11 @@ def main(argv=None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, a few seconds on CPU")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--groups",
+        default="norm_method,clipped_sum,multi_tensor",
+        help="comma-separated subset of norm_method, clipped_sum, multi_tensor",
+    )
     args = parser.parse_args(argv)
     device = args.device
     repeats = args.repeats or (2 if args.smoke else 20)
@@ -304,24 +303,26 @@ def main(argv=None) -> None:
         params = _vit_b_parameter_shapes(depth=1 if device == "cpu" else 2)
     env = environment()
     rows = []
-    for title, run in (
-        (
-            "norm methods",
-            lambda: bench_norm_methods(device, batch, shapes, conv_shapes, repeats, gen),
+    groups = {
+        "norm_method": lambda: bench_norm_methods(device, batch, shapes, conv_shapes, repeats, gen),
+        "clipped_sum": lambda: bench_clipped_sums(device, batch, shapes, repeats, gen),
+        "multi_tensor": lambda: bench_multi_tensor(
+            device, batch if args.smoke else 8, params, repeats, gen
         ),
-        ("clipped sums", lambda: bench_clipped_sums(device, batch, shapes, repeats, gen)),
-        (
-            "multi-tensor ops",
-            lambda: bench_multi_tensor(device, batch if args.smoke else 8, params, repeats, gen),
-        ),
-    ):
-        print(f"[bench_ops] {title} on {device} ...", flush=True)
-        rows += run()
+    }
+    chosen = args.groups.split(",")
+    unknown = set(chosen) - set(groups)
+    if unknown:
+        parser.error(f"unknown --groups {sorted(unknown)}; choose from {sorted(groups)}")
+    for name in chosen:
+        print(f"[bench_ops] {name} on {device} ...", flush=True)
+        rows += groups[name]()
     settings = dict(
         device=device,
         batch=batch,
         repeats=repeats,
         smoke=args.smoke,
+        groups=chosen,
         precision=dpf.get_precision(),
         tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
     )

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "clip_factor.h"
@@ -40,39 +41,63 @@ at::Tensor clip_factors_cpu(const at::Tensor& norm_sq, double max_norm,
   return at::tensor(c, n.options()).to(norm_sq.scalar_type());
 }
 
+// Sum of squares in double with kLanes independent accumulators, so that the loop vectorises
+// without reassociating a single floating-point chain.
+constexpr int kLanes = 8;
+
+template <typename scalar_t>
+double sum_squares(const scalar_t* p, int64_t n) {
+  double lanes[kLanes] = {0.0};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const double v = static_cast<double>(p[j + l]);
+      lanes[l] += v * v;
+    }
+  }
+  double total = 0.0;
+  for (; j < n; ++j) total += static_cast<double>(p[j]) * static_cast<double>(p[j]);
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
 // norm_sq[i] += sum_j g[i, j]^2 (double accumulation), g viewed as (B, n).
 void add_norms(const at::Tensor& g, std::vector<double>& norm_sq) {
   const int64_t batch = g.size(0), n = g.numel() / std::max<int64_t>(batch, 1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "add_norms", [&] {
     const scalar_t* p = g.data_ptr<scalar_t>();
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        double acc = 0.0;
-        for (int64_t j = 0; j < n; ++j) {
-          const double v = static_cast<double>(p[i * n + j]);
-          acc += v * v;
-        }
-        norm_sq[i] += acc;
-      }
+      for (int64_t i = begin; i < end; ++i) norm_sq[i] += sum_squares(p + i * n, n);
     });
   });
 }
 
 // out[j] += sum_i c[i] g[i, j], skipping c[i] == 0 exactly so that non-finite rows stay out.
+// Columns are processed in blocks held in a double accumulator, reading each row contiguously.
+constexpr int64_t kBlock = 512;
+
 void add_clipped(const at::Tensor& g, const std::vector<double>& c, at::Tensor& out) {
   const int64_t batch = g.size(0), n = out.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "add_clipped", [&] {
-    const scalar_t* p = g.data_ptr<scalar_t>();
+    using in_t = scalar_t;
+    const in_t* p = g.data_ptr<in_t>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "add_out", [&] {
       using out_t = scalar_t;
       out_t* o = out.data_ptr<out_t>();
-      at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
-        for (int64_t j = begin; j < end; ++j) {
-          double acc = 0.0;
+      at::parallel_for(0, (n + kBlock - 1) / kBlock, 8, [&](int64_t block_begin, int64_t block_end) {
+        double acc[kBlock];
+        for (int64_t block = block_begin; block < block_end; ++block) {
+          const int64_t j0 = block * kBlock, width = std::min(kBlock, n - j0);
+          for (int64_t j = 0; j < width; ++j) acc[j] = 0.0;
           for (int64_t i = 0; i < batch; ++i) {
-            if (c[i] != 0.0) acc += c[i] * static_cast<double>(p[i * n + j]);
+            if (c[i] == 0.0) continue;
+            const double ci = c[i];
+            const in_t* row = p + i * n + j0;
+            for (int64_t j = 0; j < width; ++j) acc[j] += ci * static_cast<double>(row[j]);
           }
-          o[j] = static_cast<out_t>(static_cast<double>(o[j]) + acc);
+          for (int64_t j = 0; j < width; ++j) {
+            o[j0 + j] = static_cast<out_t>(static_cast<double>(o[j0 + j]) + acc[j]);
+          }
         }
       });
     });
