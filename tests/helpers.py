@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 import torch_dpfast as dpf
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # (rtol, atol) of a result computed from inputs of this dtype against the float64 truth of the
 # same (rounded) inputs; float32 accumulation over the test sizes stays well inside these.
@@ -21,11 +25,14 @@ def randn(*shape, gen: torch.Generator, dtype=torch.float64, device="cpu") -> to
     return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
 
 
-def backends(op: str, device: str) -> list[str]:
-    """Every backend of ``op`` that runs on ``device`` in this installation (triton excluded
-    on CPU unless it can be interpreted)."""
+def backends(op: str, device: str, dtype: torch.dtype | None = None) -> list[str]:
+    """Every backend of ``op`` that runs on ``device`` (and inputs of ``dtype``) here: Triton
+    takes no float64 and runs on CPU only in its interpreter (TRITON_INTERPRET=1)."""
     runs_on = {"cpp": "cpu", "cuda": "cuda"}
-    return [b for b in dpf.ops.available(op) if runs_on.get(b, device) == device]
+    found = [b for b in dpf.ops.available(op) if runs_on.get(b, device) == device]
+    if "triton" in found and (dtype == torch.float64 or (device == "cpu" and not INTERPRET)):
+        found.remove("triton")
+    return found
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale=1.0):

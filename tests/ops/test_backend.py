@@ -31,7 +31,17 @@ def test_a_backend_on_the_wrong_device_is_refused():
 
 def test_a_missing_backend_lists_the_available_ones():
     with pytest.raises(NotImplementedError, match="no 'triton' kernel.*available: reference"):
-        dpf.ops.conv_norm_sq(torch.ones(1, 1, 3), torch.ones(1, 1, 1), 3, backend="triton")
+        dpf.ops.clip_factors(torch.ones(3), 1.0, backend="triton")
+
+
+def test_a_backend_that_cannot_run_the_call_says_why():
+    if "triton" not in dpf.ops.available("linear_norm_sq"):
+        pytest.skip("Triton is not installed")
+    a = torch.ones(2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="cannot run this call: the Triton kernels take float32"):
+        dpf.ops.linear_norm_sq(a, a, backend="triton")
+    # auto quietly takes a backend that can
+    assert dpf.ops.linear_norm_sq(a, a).dtype == torch.float64
 
 
 def test_registration_is_once_only():
@@ -39,3 +49,21 @@ def test_registration_is_once_only():
         _backend.register("linear_norm_sq", "reference")(lambda *args: None)
     with pytest.raises(ValueError, match="cannot register backend 'auto'"):
         _backend.register("linear_norm_sq", "auto")
+
+
+TRITON_OPS = (
+    "linear_norm_sq",
+    "linear_clipped_sum",
+    "conv_norm_sq",
+    "conv_clipped_sum",
+    "embedding_norm_sq",
+)
+
+
+def test_triton_kernels_are_registered_where_triton_is_installed():
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed")
+    for op in TRITON_OPS:
+        assert "triton" in dpf.ops.available(op), op

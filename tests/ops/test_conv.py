@@ -47,7 +47,7 @@ def _inputs(x_shape, c_out, kwargs, gen, dtype, device):
 def test_norm_sq_matches_per_example_autograd(x_shape, c_out, kwargs, method, dtype, device, gen):
     x, g, k = _inputs(x_shape, c_out, kwargs, gen, dtype, device)
     expected = brute_force.norms_sq(brute_force.conv_grads(x, g, **k))
-    for backend in backends("conv_norm_sq", device):
+    for backend in backends("conv_norm_sq", device, dtype):
         out = dpf.ops.conv_norm_sq(x, g, method=method, backend=backend, **k)
         assert out.shape == (x.shape[0],)
         assert_close(out, expected, dtype, scale=x[0:1].numel() * g[0:1].numel() + 1)
@@ -60,7 +60,7 @@ def test_clipped_sum_matches_per_example_autograd(x_shape, c_out, kwargs, dtype,
     scale = torch.rand(x.shape[0], generator=gen, dtype=torch.float64)
     scale[1::2] = 0.0
     expected = brute_force.clipped_sum(brute_force.conv_grads(x, g, **k), scale)
-    for backend in backends("conv_clipped_sum", device):
+    for backend in backends("conv_clipped_sum", device, dtype):
         out = dpf.ops.conv_clipped_sum(x, g, scale.to(device), backend=backend, **k)
         assert out.shape == expected.shape and out.dtype == dtype
         assert_close(out, expected, dtype, scale=x[0:1].numel() * g[0:1].numel() + 1)
@@ -105,11 +105,11 @@ def test_ops_trace_under_torch_compile_and_pass_opcheck(device, gen):
     for got, want in zip(compiled(x, g, scale), step(x, g, scale)):
         torch.testing.assert_close(got, want)
     geometry = ([3, 3], [1, 1], [1, 1, 1, 1], [1, 1], 2)
-    for backend in backends("conv_norm_sq", device):
+    for backend in backends("conv_norm_sq", device, torch.float32):
         torch.library.opcheck(
             torch.ops.torch_dpfast.conv_norm_sq, (x, g, *geometry, "ghost", backend)
         )
-    for backend in backends("conv_clipped_sum", device):
+    for backend in backends("conv_clipped_sum", device, torch.float32):
         torch.library.opcheck(
             torch.ops.torch_dpfast.conv_clipped_sum, (x, g, scale, *geometry, backend)
         )

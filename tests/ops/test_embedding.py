@@ -31,7 +31,7 @@ def test_norm_sq_matches_per_example_autograd(
 ):
     ids, g = _inputs(ids_shape, vocab, dim, gen, dtype, device)
     expected = brute_force.norms_sq(brute_force.embedding_grads(ids, g, vocab, padding_idx))
-    for backend in backends("embedding_norm_sq", device):
+    for backend in backends("embedding_norm_sq", device, dtype):
         out = dpf.ops.embedding_norm_sq(ids, g, vocab, padding_idx, backend=backend)
         assert out.shape == (ids.shape[0],)
         assert_close(out, expected, dtype, scale=ids[0:1].numel() ** 2 + 1)
@@ -49,7 +49,7 @@ def test_clipped_sum_matches_per_example_autograd(
     expected = brute_force.clipped_sum(
         brute_force.embedding_grads(ids, g, vocab, padding_idx), scale
     )
-    for backend in backends("embedding_clipped_sum", device):
+    for backend in backends("embedding_clipped_sum", device, dtype):
         out = dpf.ops.embedding_clipped_sum(
             ids, g, scale.to(device), vocab, padding_idx, backend=backend
         )
@@ -83,9 +83,9 @@ def test_ops_trace_under_torch_compile_and_pass_opcheck(device, gen):
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     for got, want in zip(compiled(ids, g, scale), step(ids, g, scale)):
         torch.testing.assert_close(got, want)
-    for backend in backends("embedding_norm_sq", device):
+    for backend in backends("embedding_norm_sq", device, torch.float32):
         torch.library.opcheck(torch.ops.torch_dpfast.embedding_norm_sq, (ids, g, 6, 1, backend))
-    for backend in backends("embedding_clipped_sum", device):
+    for backend in backends("embedding_clipped_sum", device, torch.float32):
         torch.library.opcheck(
             torch.ops.torch_dpfast.embedding_clipped_sum, (ids, g, scale, 6, None, backend)
         )

@@ -39,3 +39,8 @@ __all__ = [
     "linear_clipped_sum",
     "linear_norm_sq",
 ]
+
+try:  # the Triton backend registers itself where Triton is installed
+    from . import triton as _triton  # noqa: F401
+except ImportError:
+    pass

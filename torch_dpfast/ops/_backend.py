@@ -2,26 +2,43 @@
 
 Every op has a ``"reference"`` implementation in pure PyTorch. Compiled or Triton kernels add
 ``"cpp"`` (C++ CPU kernels in ``torch_dpfast._C``), ``"cuda"`` (CUDA C++ in ``_C_cuda``) and
-``"triton"`` implementations as they exist. ``backend="auto"`` takes the first available one in
-the order of :data:`AUTO_ORDER` for the tensors' device.
+``"triton"`` implementations. An implementation may declare which calls it cannot run
+(``unsupported``) and on which calls ``backend="auto"`` should take it (``prefer``, from measured
+timings); otherwise ``auto`` takes the first available one in the order of :data:`AUTO_ORDER`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .. import _ext
 
 BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
-AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "reference")}
+AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
 _DEVICE_OF_BACKEND = {"cpp": "cpu", "cuda": "cuda"}
 
-_impls: dict[str, dict[str, Callable]] = {}
+
+@dataclass(frozen=True)
+class Implementation:
+    fn: Callable
+    # (*args) -> reason string when this implementation cannot run the call, else None.
+    unsupported: Callable[..., str | None] | None = None
+    # (*args) -> whether backend="auto" should take it for this call (default: always).
+    prefer: Callable[..., bool] | None = None
 
 
-def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+_impls: dict[str, dict[str, Implementation]] = {}
+
+
+def register(
+    op: str,
+    backend: str,
+    unsupported: Callable[..., str | None] | None = None,
+    prefer: Callable[..., bool] | None = None,
+) -> Callable[[Callable], Callable]:
     """Decorator: registers ``fn`` as the ``backend`` implementation of ``op`` (once only)."""
     if backend not in BACKENDS or backend == "auto":
         raise ValueError(f"cannot register backend {backend!r}; use one of {BACKENDS[1:]}")
@@ -30,7 +47,7 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
         table = _impls.setdefault(op, {})
         if backend in table:
             raise RuntimeError(f"op {op!r} already has a {backend!r} implementation")
-        table[backend] = fn
+        table[backend] = Implementation(fn, unsupported, prefer)
         return fn
 
     return decorate
@@ -41,11 +58,13 @@ def available(op: str) -> tuple[str, ...]:
     return tuple(_impls.get(op, {}))
 
 
-def resolve(op: str, backend: str, device: torch.device) -> str:
-    """Turns ``backend`` (possibly ``"auto"``) into the backend that will run ``op`` on ``device``.
+def resolve(op: str, backend: str, device: torch.device, *args) -> str:
+    """Turns ``backend`` (possibly ``"auto"``) into the backend that will run ``op`` on ``device``
+    with the (normalised) arguments ``args``.
 
     Raises:
-        ValueError: ``backend`` is not one of :data:`BACKENDS`, or does not run on ``device``.
+        ValueError: ``backend`` is not one of :data:`BACKENDS`, does not run on ``device``, or
+            cannot run these arguments.
         NotImplementedError: ``op`` has no ``backend`` implementation in this installation.
     """
     if backend not in BACKENDS:
@@ -53,7 +72,10 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
     table = _impls.get(op, {})
     if backend == "auto":
         for candidate in AUTO_ORDER.get(device.type, ("reference",)):
-            if candidate in table:
+            impl = table.get(candidate)
+            if impl is None or (impl.unsupported is not None and impl.unsupported(*args)):
+                continue
+            if impl.prefer is None or impl.prefer(*args):
                 return candidate
         return "reference"
     if backend not in table:
@@ -70,12 +92,18 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
             f"torch_dpfast.ops.{op}: backend={backend!r} runs on {needed} tensors, got tensors on "
             f"{device}; use backend='auto' or move the tensors"
         )
+    impl = table[backend]
+    reason = impl.unsupported(*args) if impl.unsupported is not None else None
+    if reason:
+        raise ValueError(
+            f"torch_dpfast.ops.{op}: backend={backend!r} cannot run this call: {reason}"
+        )
     return backend
 
 
 def run(op: str, backend: str, *args):
     """Calls the ``backend`` implementation of ``op`` (``backend`` already resolved)."""
-    return _impls[op][backend](*args)
+    return _impls[op][backend].fn(*args)
 
 
 def register_compiled(op: str, backend: str, dispatch_key: str) -> None:

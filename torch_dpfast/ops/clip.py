@@ -77,7 +77,7 @@ def clip_factors(
     check_mask(op, mask, norm_sq.shape[0])
     if mask is not None and mask.device != norm_sq.device:
         raise ValueError(f"{op}: mask is on {mask.device} but norm_sq on {norm_sq.device}")
-    backend = _backend.resolve(op, backend, norm_sq.device)
+    backend = _backend.resolve(op, backend, norm_sq.device, norm_sq, max_norm, mask)
     return _clip_factors(norm_sq, max_norm, mask, backend)
 
 
@@ -170,5 +170,5 @@ def clip_accumulate_(
         raise ValueError(
             f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}"
         )
-    backend = _backend.resolve(op, backend, devices.pop())
+    backend = _backend.resolve(op, backend, devices.pop(), per_example, summed, max_norm, mask)
     return _clip_accumulate_(per_example, summed, max_norm, mask, backend)

@@ -189,7 +189,8 @@ def conv_norm_sq(
     device = check_same_device(op, x=x, g=g)
     d_in = x.shape[1] // groups * math.prod(kernel)
     method = norm_method(method, math.prod(g.shape[2:]), d_in, g.shape[1] // groups)
-    backend = _backend.resolve(op, backend, device)
+    geometry = (kernel, strides, pads, dil)
+    backend = _backend.resolve(op, backend, device, x, g, geometry, groups, method)
     return _conv_norm_sq(x, g, kernel, strides, pads, dil, groups, method, backend)
 
 
@@ -258,5 +259,6 @@ def conv_clipped_sum(
     )
     check_scale(op, scale, x.shape[0])
     device = check_same_device(op, x=x, g=g, scale=scale)
-    backend = _backend.resolve(op, backend, device)
+    geometry = (kernel, strides, pads, dil)
+    backend = _backend.resolve(op, backend, device, x, g, scale, geometry, groups)
     return _conv_clipped_sum(x, g, scale, kernel, strides, pads, dil, groups, backend)

@@ -106,7 +106,7 @@ def embedding_norm_sq(
     op = "embedding_norm_sq"
     ids, g, padding_idx = _check(op, ids, g, num_embeddings, padding_idx)
     device = check_same_device(op, ids=ids, g=g)
-    backend = _backend.resolve(op, backend, device)
+    backend = _backend.resolve(op, backend, device, ids, g, num_embeddings, padding_idx)
     return _embedding_norm_sq(ids, g, num_embeddings, padding_idx, backend)
 
 
@@ -167,5 +167,6 @@ def embedding_clipped_sum(
     ids, g, padding_idx = _check(op, ids, g, num_embeddings, padding_idx)
     check_scale(op, scale, ids.shape[0])
     device = check_same_device(op, ids=ids, g=g, scale=scale)
-    backend = _backend.resolve(op, backend, device)
+    args = (ids, g, scale, num_embeddings, padding_idx)
+    backend = _backend.resolve(op, backend, device, *args)
     return _embedding_clipped_sum(ids, g, scale, num_embeddings, padding_idx, backend)

@@ -78,7 +78,7 @@ def linear_norm_sq(a: Tensor, g: Tensor, method: str = "auto", backend: str = "a
     check_method(op, method)
     device = check_same_device(op, a=a, g=g)
     method = norm_method(method, a.shape[1], a.shape[2], g.shape[2])
-    return _linear_norm_sq(a, g, method, _backend.resolve(op, backend, device))
+    return _linear_norm_sq(a, g, method, _backend.resolve(op, backend, device, a, g, method))
 
 
 # ---------------------------------------------------------------- linear_clipped_sum
@@ -123,4 +123,5 @@ def linear_clipped_sum(a: Tensor, g: Tensor, scale: Tensor, backend: str = "auto
     a, g = _as_sequence(op, a, g)
     check_scale(op, scale, a.shape[0])
     device = check_same_device(op, a=a, g=g, scale=scale)
-    return _linear_clipped_sum(a, g, scale, _backend.resolve(op, backend, device))
+    backend = _backend.resolve(op, backend, device, a, g, scale)
+    return _linear_clipped_sum(a, g, scale, backend)

@@ -81,5 +81,6 @@ def add_noise_(
         raise ValueError(
             f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}"
         )
-    backend = _backend.resolve(op, backend, devices.pop())
-    _add_noise_(grads, float(std), float(scale), draw_seed(generator), backend)
+    seed = draw_seed(generator)
+    backend = _backend.resolve(op, backend, devices.pop(), grads, float(std), float(scale), seed)
+    _add_noise_(grads, float(std), float(scale), seed, backend)

@@ -1,0 +1,51 @@
+"""Shared pieces of the Triton kernels: the precision of their dot products, the interpreter
+switch, and the checks that decide whether a call can run on Triton."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ...precision import get_precision
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Input precision of tl.dot, as a constexpr: full fp32, TF32 tensor cores, or bf16 inputs.
+PRECISION_CODES = {"ieee": 0, "tf32": 1, "bf16": 2}
+
+
+def precision_code() -> int:
+    """The dot-product precision of the current ``dpf.set_precision`` setting."""
+    return PRECISION_CODES[get_precision()]
+
+
+def unsupported(*tensors: torch.Tensor) -> str | None:
+    """Why these tensors cannot run on the Triton backend, or None if they can."""
+    for t in tensors:
+        if t.is_floating_point() and t.dtype not in SUPPORTED_DTYPES:
+            return f"the Triton kernels take float32, bfloat16 or float16, got {t.dtype}"
+        if t.device.type == "cpu" and not INTERPRET:
+            return (
+                "Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before "
+                "importing torch_dpfast"
+            )
+    return None
+
+
+def configs(full: list[triton.Config]) -> list[triton.Config]:
+    """Autotuning candidates; the interpreter (slow, CPU) gets only the first."""
+    return full[:1] if INTERPRET else full
+
+
+@triton.jit
+def dot(x, y, acc, PRECISION: tl.constexpr):
+    """acc + x @ y with fp32 accumulation; inputs rounded as the precision setting says."""
+    if PRECISION == 2:
+        return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16), acc)
+    elif PRECISION == 1:
+        return tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="tf32")
+    else:
+        return tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
