@@ -18,12 +18,13 @@ export TORCH_DPFAST_REQUIRE_CPP=1 TORCH_DPFAST_REQUIRE_CUDA_BUILD=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python3 -c \
   "import torch; print('.'.join(map(str, torch.cuda.get_device_capability())))")}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/info.txt"
-python3 -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 \
-  || { echo "build failed:"; tail -40 "$out/build.log"; exit 1; }
+python3 -m pip install --no-build-isolation --no-deps -e . > /tmp/dpfast_build.log 2>&1 \
+  || { echo "build failed:"; tail -40 /tmp/dpfast_build.log; exit 1; }
 python3 -m torch_dpfast.info | tee -a "$out/info.txt"
 python3 -m pytest -q -rs -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.log" | tail -15
 test_rc=${PIPESTATUS[0]}
 python3 benchmarks/kernels/bench_ops.py --out "$out"
 bench_rc=$?
+python3 benchmarks/kernels/bench_triton.py --out "$out" || bench_rc=1
 echo "gpu_run: tests exit $test_rc, benchmarks exit $bench_rc"
 exit $(( test_rc || bench_rc ))

@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 from benchmarks.kernels import bench_ops
 
 
@@ -14,3 +16,21 @@ def test_bench_ops_smoke_run_writes_json_table_and_plot(tmp_path):
     assert all(row["median_ms"] > 0 and len(row["times_ms"]) == 2 for row in payload["results"])
     table = (tmp_path / "bench_ops.md").read_text()
     assert "| case | shape |" in table and "auto picks" in table
+
+
+def test_bench_triton_smoke_run_writes_json_table_and_plot(tmp_path):
+    import pytest
+
+    import torch_dpfast as dpf
+
+    if "triton" not in dpf.ops.available("linear_norm_sq"):
+        pytest.skip("Triton is not installed")
+    from benchmarks.kernels import bench_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bench_triton.main(["--smoke", "--device", device, "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "bench_triton.json").read_text())
+    kernels = {row["kernel"] for row in payload["results"]}
+    assert kernels == {"ghost_norm", "direct_norm", "clipped_sum", "conv_direct_norm"}
+    assert all(row["triton"]["median_ms"] > 0 for row in payload["results"])
+    assert "| case | kernel | precision |" in (tmp_path / "bench_triton.md").read_text()
