@@ -12,6 +12,9 @@ import triton.language as tl
 from ...precision import get_precision
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# TORCH_DPFAST_TRITON_AUTOTUNE=0 compiles one configuration per kernel instead of tuning
+# (test suites, quick runs); the interpreter never tunes.
+AUTOTUNE = os.environ.get("TORCH_DPFAST_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Input precision of tl.dot, as a constexpr: full fp32, TF32 tensor cores, or bf16 inputs.
 PRECISION_CODES = {"ieee": 0, "tf32": 1, "bf16": 2}
@@ -36,8 +39,8 @@ def unsupported(*tensors: torch.Tensor) -> str | None:
 
 
 def configs(full: list[triton.Config]) -> list[triton.Config]:
-    """Autotuning candidates; the interpreter (slow, CPU) gets only the first."""
-    return full[:1] if INTERPRET else full
+    """Autotuning candidates; only the first when tuning is off (see AUTOTUNE)."""
+    return full if AUTOTUNE else full[:1]
 
 
 @triton.jit

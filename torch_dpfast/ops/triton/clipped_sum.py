@@ -21,8 +21,6 @@ _CONFIGS = configs(
         triton.Config({"BLOCK_R": 32, "BLOCK_G": 64, "BLOCK_A": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_R": 32, "BLOCK_G": 128, "BLOCK_A": 128}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_R": 64, "BLOCK_G": 128, "BLOCK_A": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_R": 64, "BLOCK_G": 64, "BLOCK_A": 128}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_R": 32, "BLOCK_G": 128, "BLOCK_A": 256}, num_warps=8, num_stages=3),
     ]
 )
 

@@ -58,9 +58,7 @@ _GHOST_CONFIGS = configs(
     [
         triton.Config({"BLOCK_T": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_T": 16, "BLOCK_K": 32}, num_warps=2, num_stages=2),
-        triton.Config({"BLOCK_T": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_T": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_T": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     ]
 )
 
@@ -154,7 +152,6 @@ _DIRECT_CONFIGS = configs(
     [
         triton.Config({"BLOCK_T": 32, "BLOCK_A": 64, "BLOCK_G": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_T": 32, "BLOCK_A": 128, "BLOCK_G": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_T": 64, "BLOCK_A": 128, "BLOCK_G": 128}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_T": 16, "BLOCK_A": 64, "BLOCK_G": 32}, num_warps=4, num_stages=2),
     ]
 )
