@@ -12,6 +12,15 @@ from tests import brute_force
 from tests.helpers import assert_close, backends, randn
 
 pytestmark = pytest.mark.triton
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+from torch_dpfast.ops.triton._common import round_to_tf32  # noqa: E402
+
+
+@triton.jit
+def _round_kernel(x_ptr, out_ptr):
+    offsets = tl.arange(0, 16)
+    tl.store(out_ptr + offsets, round_to_tf32(tl.load(x_ptr + offsets)))
 
 
 def _need_triton(op, device):
@@ -102,3 +111,33 @@ def test_precision_settings_on_gpu(precision, gen):
         out = dpf.ops.linear_clipped_sum(a, g, scale, "triton")
         bound = 2 * _relative_error(torch_sum, truth_sum) + 1e-6
         assert _relative_error(out, truth_sum) <= bound
+
+
+def test_auto_takes_triton_only_where_it_measured_faster():
+    from torch_dpfast.ops.triton.norms import _prefer_linear
+
+    a, g = torch.empty(2, 197, 768), torch.empty(2, 197, 3072)
+    with dpf.precision("bf16"):
+        assert _prefer_linear(a, g, "direct")
+        assert not _prefer_linear(a, g, "ghost")
+        assert not _prefer_linear(a[:, :1], g[:, :1], "direct")
+    with dpf.precision("tf32"):
+        assert not _prefer_linear(a, g, "direct")
+    if torch.cuda.is_available():
+        cuda = torch.device("cuda")
+        with dpf.precision("ieee"):
+            resolve = dpf.ops._backend.resolve
+            assert resolve("linear_norm_sq", "auto", cuda, a, g, "direct") == "triton"
+            assert resolve("linear_clipped_sum", "auto", cuda, a, g, torch.ones(2)) == "reference"
+
+
+def test_tf32_rounding_is_to_nearest(device):
+    """The kernels' TF32 inputs are rounded to nearest, not truncated as the tensor cores do."""
+    if "triton" not in backends("linear_norm_sq", device, torch.float32):
+        pytest.skip("no Triton backend for this device here")
+    ulp = 2.0**-10
+    head = [1 + 0.4 * ulp, 1 + 0.6 * ulp, -(1 + 0.6 * ulp), 3.0]
+    x = torch.tensor(head + [0.0] * 12, device=device)
+    out = torch.empty_like(x)
+    _round_kernel[(1,)](x, out)
+    assert out[:4].tolist() == [1.0, 1 + ulp, -(1 + ulp), 3.0]

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .. import _backend
 from ..conv import _grouped
-from ._common import configs, dot, precision_code, unsupported
+from ._common import configs, dot, never, precision_code, unsupported
 
 _CONFIGS = configs(
     [
@@ -141,7 +141,10 @@ def clipped_sum(
 
 
 @_backend.register(
-    "linear_clipped_sum", "triton", unsupported=lambda a, g, scale: unsupported(a, g)
+    "linear_clipped_sum",
+    "triton",
+    prefer=never,
+    unsupported=lambda a, g, scale: unsupported(a, g),
 )
 def linear_clipped_sum_triton(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor):
     """a (B, T, d_in), g (B, T, d_out), scale (B,) -> (d_out, d_in) in a's dtype."""
@@ -151,6 +154,7 @@ def linear_clipped_sum_triton(a: torch.Tensor, g: torch.Tensor, scale: torch.Ten
 @_backend.register(
     "conv_clipped_sum",
     "triton",
+    prefer=never,
     unsupported=lambda x, g, scale, geometry, groups: unsupported(x, g),
 )
 def conv_clipped_sum_triton(x, g, scale, geometry, groups: int) -> torch.Tensor:

@@ -13,10 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ...precision import get_precision
 from .. import _backend
 from ..conv import _grouped
 from ..embedding import _valid_rows
-from ._common import configs, dot, precision_code, unsupported
+from ._common import configs, dot, never, precision_code, unsupported
 
 MIN_BLOCK_T = 16  # smallest BLOCK_T among the configs: sizes the partial-sum buffer
 
@@ -284,14 +285,28 @@ def _norm(a4: torch.Tensor, g4: torch.Tensor, method: str) -> torch.Tensor:
     return ghost_norm_sq(a4, g4) if method == "ghost" else direct_norm_sq(a4, g4)
 
 
-@_backend.register("linear_norm_sq", "triton", unsupported=lambda a, g, method: unsupported(a, g))
+def _prefer_linear(a: torch.Tensor, g: torch.Tensor, method: str) -> bool:
+    """Where ``backend="auto"`` takes Triton: direct norms over T >= 16 positions at "ieee" or
+    "bf16" precision, the cases it measured faster than the reference path (docs/ops.md)."""
+    return method == "direct" and a.shape[1] >= 16 and get_precision() in ("ieee", "bf16")
+
+
+@_backend.register(
+    "linear_norm_sq",
+    "triton",
+    prefer=_prefer_linear,
+    unsupported=lambda a, g, method: unsupported(a, g),
+)
 def linear_norm_sq_triton(a: torch.Tensor, g: torch.Tensor, method: str) -> torch.Tensor:
     """a (B, T, d_in), g (B, T, d_out) -> (B,) float32."""
     return _norm(a[:, :, None, :], g[:, :, None, :], method)
 
 
 @_backend.register(
-    "conv_norm_sq", "triton", unsupported=lambda x, g, geometry, groups, method: unsupported(x, g)
+    "conv_norm_sq",
+    "triton",
+    prefer=never,
+    unsupported=lambda x, g, geometry, groups, method: unsupported(x, g),
 )
 def conv_norm_sq_triton(x, g, geometry, groups: int, method: str) -> torch.Tensor:
     """Unfolded patches (B, T, G, C_in/G * K) and g (B, T, G, C_out/G) through the linear
@@ -303,6 +318,7 @@ def conv_norm_sq_triton(x, g, geometry, groups: int, method: str) -> torch.Tenso
 @_backend.register(
     "embedding_norm_sq",
     "triton",
+    prefer=never,
     unsupported=lambda ids, g, num_embeddings, padding_idx: unsupported(g),
 )
 def embedding_norm_sq_triton(ids, g, num_embeddings: int, padding_idx) -> torch.Tensor:
