@@ -125,10 +125,11 @@ def test_auto_takes_triton_only_where_it_measured_faster():
         assert not _prefer_linear(a, g, "direct")
     if torch.cuda.is_available():
         cuda = torch.device("cuda")
+        a, g, scale = a.to(cuda), g.to(cuda), torch.ones(2, device=cuda)
         with dpf.precision("ieee"):
             resolve = dpf.ops._backend.resolve
             assert resolve("linear_norm_sq", "auto", cuda, a, g, "direct") == "triton"
-            assert resolve("linear_clipped_sum", "auto", cuda, a, g, torch.ones(2)) == "reference"
+            assert resolve("linear_clipped_sum", "auto", cuda, a, g, scale) == "reference"
 
 
 def test_tf32_rounding_is_to_nearest(device):
