@@ -1,0 +1,21 @@
+"""Layer rules: per-example gradient norms, clipped sums and materialised per-example gradients
+of a layer's own parameters, from its captured input and output gradient. One file per layer
+family; see ``_registry`` for the contract and docs/rules.md for the maths."""
+
+from . import conv, embedding, group_norm, instance_norm, layer_norm, linear, rms_norm, timm_layers
+from ._registry import Rule, register_rule, rule_for, scaled_sum
+
+__all__ = [
+    "Rule",
+    "conv",
+    "embedding",
+    "group_norm",
+    "instance_norm",
+    "layer_norm",
+    "linear",
+    "register_rule",
+    "rms_norm",
+    "rule_for",
+    "scaled_sum",
+    "timm_layers",
+]

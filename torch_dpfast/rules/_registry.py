@@ -1,0 +1,94 @@
+"""The registry of layer rules: which rule measures and clips the parameters of which module type.
+
+A rule turns what a layer saw in one forward/backward (its input ``x`` and the gradient ``g`` of
+its output) into, for the layer's own trainable parameters:
+
+* ``norm_sq(module, x, g, method)``: (B,) squared norm of each example's gradient, summed over
+  the parameters;
+* ``clipped_sums(module, x, g, scale)``: {name: sum_i scale_i G_i} in the parameter's shape;
+* ``per_example_grads(module, x, g)``: {name: (B, *param.shape)} materialised gradients (the
+  ``per_example`` mode, and parameters used more than once per forward).
+
+Rules are found by walking the module type's MRO, so subclasses inherit their base's rule unless
+they register their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+class Rule:
+    """Base class of the layer rules; see the module docstring for the contract."""
+
+    def parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        """The module's own trainable parameters (not its children's); frozen ones are skipped."""
+        return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+
+    def per_example_grads(self, module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def norm_sq(self, module: nn.Module, x: Tensor, g: Tensor, method: str = "auto") -> Tensor:
+        """Default: from the materialised per-example gradients (cheap for small parameters)."""
+        total = zero_norms(g)
+        for grad in self.per_example_grads(module, x, g).values():
+            total = total + grad.reshape(g.shape[0], -1).to(total.dtype).square().sum(dim=1)
+        return total
+
+    def clipped_sums(
+        self, module: nn.Module, x: Tensor, g: Tensor, scale: Tensor
+    ) -> dict[str, Tensor]:
+        """Default: sum_i scale_i G_i over the materialised per-example gradients, leaving out
+        examples with scale 0 exactly (so their non-finite values cannot leak)."""
+        grads = self.per_example_grads(module, x, g)
+        return {name: scaled_sum(grad, scale) for name, grad in grads.items()}
+
+
+def zero_norms(g: Tensor) -> Tensor:
+    """(B,) zeros to accumulate squared norms in: float64 for float64 gradients, else float32."""
+    dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+    return torch.zeros(g.shape[0], dtype=dtype, device=g.device)
+
+
+def scaled_sum(per_example: Tensor, scale: Tensor) -> Tensor:
+    """sum_i scale_i per_example[i] with examples of scale 0 left out exactly; (B, ...) -> (...)."""
+    keep = (scale != 0).reshape(-1, *([1] * (per_example.dim() - 1)))
+    weights = scale.to(per_example.dtype).reshape(keep.shape)
+    zero = torch.zeros((), dtype=per_example.dtype, device=per_example.device)
+    return torch.where(keep, per_example * weights, zero).sum(dim=0)
+
+
+_rules: dict[type, Rule] = {}
+
+
+def register_rule(*module_types: type, force: bool = False) -> Callable[[type], type]:
+    """Class decorator: registers an instance of the rule for ``module_types``. Registering a
+    type twice is an error unless ``force=True`` (to override a built-in rule)."""
+
+    def decorate(rule_cls: type) -> type:
+        for module_type in module_types:
+            if module_type in _rules and not force:
+                raise RuntimeError(
+                    f"{module_type.__name__} already has the rule "
+                    f"{type(_rules[module_type]).__name__}; pass force=True to replace it"
+                )
+            _rules[module_type] = rule_cls()
+        return rule_cls
+
+    return decorate
+
+
+def rule_for(module: nn.Module) -> Rule | None:
+    """The rule registered for the module's type, or for its nearest registered base class when
+    the module does not override that class's ``forward`` (a subclass that computes something
+    else, such as a norm followed by an activation, must register its own rule)."""
+    module_type = type(module)
+    for cls in module_type.__mro__:
+        if cls in _rules:
+            if cls is module_type or module_type.forward is cls.forward:
+                return _rules[cls]
+            return None
+    return None

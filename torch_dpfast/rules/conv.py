@@ -1,0 +1,68 @@
+"""nn.Conv1d/2d/3d: x (B, C_in, *S), g (B, C_out, *S_out). The weight through the conv ops of
+``ops`` (all strides, paddings incl. 'same', dilations, groups); non-zero padding modes pad x
+first. The bias gradient of example i is g_i summed over output positions."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from ..ops.conv import _grouped, conv_geometry
+from ._registry import Rule, register_rule, scaled_sum, zero_norms
+
+
+def _conv_args(module: nn.Module, x: Tensor) -> tuple[Tensor, dict]:
+    """The input as the conv's weight sees it (padded for reflect/replicate/circular) and the
+    keyword arguments of the conv ops."""
+    padding = module.padding
+    if module.padding_mode != "zeros":
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        padding = 0
+    return x, dict(
+        kernel_size=module.kernel_size,
+        stride=module.stride,
+        padding=padding,
+        dilation=module.dilation,
+        groups=module.groups,
+    )
+
+
+def _spatial_sum(g: Tensor) -> Tensor:
+    """(B, C, *S) -> (B, C)."""
+    return g.sum(dim=tuple(range(2, g.dim()))) if g.dim() > 2 else g
+
+
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+class ConvRule(Rule):
+    def per_example_grads(self, module, x, g):
+        x, kwargs = _conv_args(module, x)
+        out = {}
+        if module.weight.requires_grad:
+            geometry = conv_geometry("conv rule", x, g, **kwargs)
+            a4, g4 = _grouped(x, g, geometry, module.groups)
+            grads = torch.einsum("btgo,btgi->bgoi", g4, a4)
+            out["weight"] = grads.reshape(x.shape[0], *module.weight.shape)
+        if module.bias is not None and module.bias.requires_grad:
+            out["bias"] = _spatial_sum(g)
+        return out
+
+    def norm_sq(self, module, x, g, method="auto"):
+        x, kwargs = _conv_args(module, x)
+        total = zero_norms(g)
+        if module.weight.requires_grad:
+            total = total + ops.conv_norm_sq(x, g, method=method, **kwargs)
+        if module.bias is not None and module.bias.requires_grad:
+            total = total + _spatial_sum(g.to(total.dtype)).square().sum(dim=1)
+        return total
+
+    def clipped_sums(self, module, x, g, scale):
+        x, kwargs = _conv_args(module, x)
+        out = {}
+        if module.weight.requires_grad:
+            summed = ops.conv_clipped_sum(x, g, scale, **kwargs)
+            out["weight"] = summed.to(module.weight.dtype)
+        if module.bias is not None and module.bias.requires_grad:
+            out["bias"] = scaled_sum(_spatial_sum(g), scale).to(module.bias.dtype)
+        return out

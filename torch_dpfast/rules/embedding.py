@@ -1,0 +1,49 @@
+"""nn.Embedding: x = ids (B, *), g (B, *, d). Example i's table gradient scatters its rows g_it
+into rows ids_it (positions sharing an id add up; padding_idx gets nothing)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ._registry import Rule, register_rule
+
+
+def _check(module: nn.Embedding) -> None:
+    if module.max_norm is not None:
+        raise ValueError(
+            "nn.Embedding(max_norm=...) rescales table rows in place during the forward, a change "
+            "to the parameters outside the DP mechanism that depends on the batch's ids; "
+            "construct the embedding without max_norm to train it privately"
+        )
+
+
+@register_rule(nn.Embedding)
+class EmbeddingRule(Rule):
+    def per_example_grads(self, module, ids: Tensor, g: Tensor):
+        _check(module)
+        if not module.weight.requires_grad:
+            return {}
+        batch, vocab, dim = ids.shape[0], module.num_embeddings, module.embedding_dim
+        positions = math.prod(ids.shape[1:])
+        ids, g = ids.reshape(batch, positions), g.reshape(batch, positions, dim)
+        keys = torch.arange(batch, device=ids.device)[:, None] * vocab + ids
+        valid = ids != module.padding_idx if module.padding_idx is not None else ids >= 0
+        table = g.new_zeros(batch * vocab, dim).index_add_(0, keys[valid], g[valid])
+        return {"weight": table.reshape(batch, vocab, dim)}
+
+    def norm_sq(self, module, ids, g, method="auto"):
+        _check(module)
+        if not module.weight.requires_grad:
+            return g.new_zeros(g.shape[0], dtype=torch.float32)
+        return ops.embedding_norm_sq(ids, g, module.num_embeddings, module.padding_idx)
+
+    def clipped_sums(self, module, ids, g, scale):
+        _check(module)
+        if not module.weight.requires_grad:
+            return {}
+        summed = ops.embedding_clipped_sum(ids, g, scale, module.num_embeddings, module.padding_idx)
+        return {"weight": summed.to(module.weight.dtype)}

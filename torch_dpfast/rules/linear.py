@@ -1,0 +1,46 @@
+"""nn.Linear: x (B, *, d_in), g (B, *, d_out). Weight through the ghost/direct norm and the
+book-keeping clipped sum of ``ops``; bias gradient of example i is sum_t g_it."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from .. import ops
+from ._registry import Rule, register_rule, scaled_sum, zero_norms
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(B, *, d) -> (B, T, d)."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])
+
+
+@register_rule(nn.Linear)
+class LinearRule(Rule):
+    def per_example_grads(self, module, x, g):
+        x, g = _rows(x), _rows(g)
+        out = {}
+        if module.weight.requires_grad:
+            out["weight"] = g.mT @ x
+        if module.bias is not None and module.bias.requires_grad:
+            out["bias"] = g.sum(dim=1)
+        return out
+
+    def norm_sq(self, module, x, g, method="auto"):
+        x, g = _rows(x), _rows(g)
+        total = zero_norms(g)
+        if module.weight.requires_grad:
+            total = total + ops.linear_norm_sq(x, g, method)
+        if module.bias is not None and module.bias.requires_grad:
+            total = total + g.to(total.dtype).sum(dim=1).square().sum(dim=1)
+        return total
+
+    def clipped_sums(self, module, x, g, scale):
+        x, g = _rows(x), _rows(g)
+        out = {}
+        if module.weight.requires_grad:
+            out["weight"] = ops.linear_clipped_sum(x, g, scale).to(module.weight.dtype)
+        if module.bias is not None and module.bias.requires_grad:
+            out["bias"] = scaled_sum(g.sum(dim=1), scale).to(module.bias.dtype)
+        return out

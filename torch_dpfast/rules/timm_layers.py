@@ -1,0 +1,61 @@
+"""Rules for timm's normalisation layers that override ``forward`` (registered when timm is
+installed): LayerNorm and GroupNorm (same maths, fast kernels), LayerNorm2d (channels-first:
+normalised over C of (B, C, H, W)), GroupNorm1, and GroupNormAct (norm, then dropout and an
+activation, whose Jacobian is applied to g before the GroupNorm rule)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._affine import affine_grads
+from ._registry import Rule, register_rule
+from .group_norm import group_norm_grads
+from .layer_norm import LayerNormRule
+
+try:
+    from timm import layers as timm_layers
+except ImportError:  # timm is optional
+    timm_layers = None
+
+
+def _pre_activation_grad(module: nn.Module, x, g):
+    """The gradient w.r.t. the GroupNorm output y, given g w.r.t. act(drop(y))."""
+    if module.training and not isinstance(module.drop, nn.Identity):
+        raise ValueError(
+            f"{type(module).__name__} applies dropout between its norm and activation; its "
+            "per-example gradients cannot be recomputed exactly in training mode. Use "
+            "drop_layer=None for private training"
+        )
+    with torch.enable_grad():
+        y = F.group_norm(x, module.num_groups, module.weight, module.bias, module.eps)
+        y = y.detach().requires_grad_(True)
+        out = module.act(module.drop(y.clone()))  # clone: the activation may be in place
+        (grad,) = torch.autograd.grad(out, y, g)
+    return grad
+
+
+if timm_layers is not None:
+
+    @register_rule(timm_layers.LayerNorm, timm_layers.GroupNorm, timm_layers.GroupNorm1)
+    class TimmNormRule(Rule):
+        """timm's LayerNorm/GroupNorm/GroupNorm1: nn.LayerNorm/nn.GroupNorm with fast kernels."""
+
+        def per_example_grads(self, module, x, g):
+            if isinstance(module, nn.LayerNorm):
+                return LayerNormRule().per_example_grads(module, x, g)
+            return group_norm_grads(module, x, g)
+
+    @register_rule(timm_layers.LayerNorm2d)
+    class LayerNorm2dRule(Rule):
+        def per_example_grads(self, module, x, g):
+            xhat = F.layer_norm(
+                x.permute(0, 2, 3, 1), module.normalized_shape, None, None, module.eps
+            )
+            return affine_grads(module, xhat, g.permute(0, 2, 3, 1), (1, 2))
+
+    @register_rule(timm_layers.GroupNormAct)
+    class GroupNormActRule(Rule):
+        def per_example_grads(self, module, x, g):
+            return group_norm_grads(module, x, _pre_activation_grad(module, x, g))
