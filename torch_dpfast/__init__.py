@@ -1,8 +1,20 @@
 """torch_dpfast: fast, correct differentially private training (DP-SGD) for PyTorch."""
 
-from . import ops
+from . import ops, rules
+from .engine import Attachment, attach
+from .optimizer import DPOptimizer
 from .precision import get_precision, precision, set_precision
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["__version__", "get_precision", "ops", "precision", "set_precision"]
+__all__ = [
+    "Attachment",
+    "DPOptimizer",
+    "__version__",
+    "attach",
+    "get_precision",
+    "ops",
+    "precision",
+    "rules",
+    "set_precision",
+]

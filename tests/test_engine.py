@@ -1,0 +1,310 @@
+"""attach() + DPOptimizer against brute-force per-example autograd in float64, in every
+implemented clipping mode: clipped sums, norms, the sensitivity bound, hard cases."""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torch_dpfast as dpf
+
+MODES = ["auto", "bk", "per_example"]
+
+
+class ResidualCNN(nn.Module):
+    """In-place ReLU and an in-place residual add after a conv, GroupNorm, reflect padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+        self.norm = nn.GroupNorm(2, 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = self.relu(self.norm(self.conv1(x)))
+        out = self.conv2(h)
+        out += h
+        return self.head(self.relu(out).mean(dim=(2, 3)))
+
+
+class TiedLM(nn.Module):
+    """Embedding tied to the output layer, a layer called twice, LayerNorm and RMSNorm."""
+
+    def __init__(self, vocab=11, dim=6):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.mix = nn.Linear(dim, dim)
+        self.ln = nn.LayerNorm(dim)
+        self.rms = nn.RMSNorm(dim)
+        self.out = nn.Linear(dim, vocab, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, ids):
+        h = self.ln(self.embed(ids))
+        h = self.mix(torch.tanh(self.mix(h)))  # the same layer twice
+        return self.out(self.rms(h)).mean(dim=1)
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, 3))
+
+
+CASES = {
+    "mlp": (_mlp, lambda g: torch.randn(6, 5, generator=g, dtype=torch.float64), 3),
+    "cnn": (ResidualCNN, lambda g: torch.randn(5, 3, 6, 6, generator=g, dtype=torch.float64), 5),
+    "tied_lm": (TiedLM, lambda g: torch.randint(0, 11, (4, 7), generator=g), 11),
+}
+
+
+def _setup(name, gen):
+    factory, make_x, classes = CASES[name]
+    torch.manual_seed(int(torch.randint(0, 2**31, (), generator=gen)))
+    model = factory().double()
+    x = make_x(gen)
+    y = torch.randint(0, classes, (x.shape[0],), generator=gen)
+    return model, x, y
+
+
+def _per_example_grads(model, x, y):
+    """(B, P) flattened per-example gradients of the per-example losses, by a loop."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="sum").backward()
+        rows.append(torch.cat([p.grad.flatten() for p in params]))
+    return torch.stack(rows), params
+
+
+def _clipped(per_example, max_norm, keep=None):
+    norms = per_example.norm(dim=1)
+    factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    if keep is not None:
+        factors = factors * keep
+    return (factors[:, None] * per_example).sum(0), norms.square()
+
+
+def _attached_sum(model, x, y, mode, max_norm, reduction="mean", mask=None):
+    att = dpf.attach(model, clipping=mode, loss_reduction=reduction)
+    try:
+        att.mask = mask
+        F.cross_entropy(model(x), y, reduction=reduction).backward()
+        norm_sq = att.clip_and_accumulate(max_norm)
+        params = [p for p in model.parameters() if p.requires_grad]
+        summed = torch.cat([p.summed_grad.flatten() for p in params])
+        assert all(p.grad is None for p in params)  # the weight-gradient GEMMs were skipped
+    finally:
+        att.detach()
+        for p in model.parameters():
+            p.summed_grad = None
+    return summed, norm_sq
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("max_norm", [0.05, 1e6])
+def test_clipped_sum_and_norms_match_brute_force(name, mode, max_norm, gen):
+    model, x, y = _setup(name, gen)
+    per_example, _ = _per_example_grads(copy.deepcopy(model), x, y)
+    expected, expected_norms = _clipped(per_example, max_norm)
+    summed, norm_sq = _attached_sum(model, x, y, mode, max_norm)
+    torch.testing.assert_close(norm_sq, expected_norms, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(summed, expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_removing_one_example_moves_the_sum_by_at_most_c(mode, gen):
+    model, x, y = _setup("cnn", gen)
+    x[2] *= 1e6  # an adversarially huge example
+    max_norm = 0.5
+    full, _ = _attached_sum(model, x, y, mode, max_norm, reduction="sum")
+    for k in range(x.shape[0]):
+        keep = [i for i in range(x.shape[0]) if i != k]
+        without, _ = _attached_sum(model, x[keep], y[keep], mode, max_norm, reduction="sum")
+        assert (full - without).norm() <= max_norm * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_finite_examples_get_factor_zero_and_a_warning(mode, gen):
+    model, x, y = _setup("mlp", gen)
+    x[1, 0] = float("nan")
+    x[4, 2] = float("inf")
+    keep = torch.ones(x.shape[0], dtype=torch.float64)
+    keep[[1, 4]] = 0
+    clean = x.clone()
+    clean[[1, 4]] = 0
+    per_example, _ = _per_example_grads(copy.deepcopy(model), clean, y)
+    expected, _ = _clipped(per_example, 1.0, keep)
+    with pytest.warns(RuntimeWarning, match="2 example"):
+        summed, _ = _attached_sum(model, x, y, mode, 1.0, reduction="sum")
+    assert torch.isfinite(summed).all()
+    torch.testing.assert_close(summed, expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_masked_rows_contribute_nothing(mode, gen):
+    model, x, y = _setup("tied_lm", gen)
+    mask = torch.tensor([True, False, True, False])
+    per_example, _ = _per_example_grads(copy.deepcopy(model), x, y)
+    expected, _ = _clipped(per_example, 0.3, mask.double())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summed, _ = _attached_sum(model, x, y, mode, 0.3, reduction="sum", mask=mask)
+    torch.testing.assert_close(summed, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_mean_and_sum_reductions_agree(gen):
+    model, x, y = _setup("mlp", gen)
+    mean_sum, mean_norms = _attached_sum(model, x, y, "auto", 0.2, reduction="mean")
+    sum_sum, sum_norms = _attached_sum(model, x, y, "auto", 0.2, reduction="sum")
+    torch.testing.assert_close(mean_sum, sum_sum)
+    torch.testing.assert_close(mean_norms, sum_norms)
+
+
+def test_frozen_parameters_are_left_alone(gen):
+    model, x, y = _setup("mlp", gen)
+    model[0].weight.requires_grad_(False)
+    per_example, _ = _per_example_grads(copy.deepcopy(model), x, y)
+    expected, _ = _clipped(per_example, 0.1)
+    summed, _ = _attached_sum(model, x, y, "auto", 0.1)
+    torch.testing.assert_close(summed, expected, rtol=1e-8, atol=1e-10)
+    assert not hasattr(model[0].weight, "summed_grad") or model[0].weight.summed_grad is None
+
+
+def test_bf16_autocast_matches_float64_within_bf16_error(gen):
+    model, x, y = _setup("mlp", gen)
+    per_example, _ = _per_example_grads(copy.deepcopy(model), x, y)
+    expected, expected_norms = _clipped(per_example, 0.5)
+    model = model.float()
+    att = dpf.attach(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x.float()), y)
+    loss.backward()
+    norm_sq = att.clip_and_accumulate(0.5)
+    att.detach()
+    summed = torch.cat([p.summed_grad.flatten() for p in model.parameters()])
+    assert norm_sq.dtype == torch.float32
+    torch.testing.assert_close(norm_sq.double(), expected_norms, rtol=5e-2, atol=1e-3)
+    torch.testing.assert_close(summed.double(), expected, rtol=5e-2, atol=5e-3)
+
+
+def test_attach_refuses_what_it_cannot_make_private():
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    with pytest.raises(NotImplementedError, match=r"'1' \(BatchNorm1d\) has trainable"):
+        dpf.attach(model)
+    with pytest.raises(ValueError, match="clipping must be one of"):
+        dpf.attach(nn.Linear(2, 2), clipping="fast")
+    with pytest.raises(NotImplementedError, match="ghost"):
+        dpf.attach(nn.Linear(2, 2), clipping="ghost")
+    with pytest.raises(ValueError, match="loss_reduction"):
+        dpf.attach(nn.Linear(2, 2), loss_reduction="max")
+    model = nn.Linear(2, 2)
+    att = dpf.attach(model)
+    with pytest.raises(RuntimeError, match="already attached"):
+        dpf.attach(model)
+    att.detach()
+    assert "forward" not in model.__dict__
+    dpf.attach(model).detach()
+
+
+# ------------------------------------------------------------------ DPOptimizer
+
+
+def _sgd_setup(gen, sigma=0.0, ebs=10):
+    model, x, y = _setup("mlp", gen)
+    reference = copy.deepcopy(model)
+    att = dpf.attach(model)
+    opt = dpf.DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        noise_multiplier=sigma,
+        max_grad_norm=0.3,
+        expected_batch_size=ebs,
+    )
+    return model, reference, att, opt, x, y
+
+
+def test_step_applies_the_clipped_sum_over_the_expected_batch_size(gen):
+    model, reference, att, opt, x, y = _sgd_setup(gen)
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    per_example, _ = _per_example_grads(reference, x, y)
+    expected, _ = _clipped(per_example, 0.3)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(before - after, expected / 10, rtol=1e-8, atol=1e-12)
+    att.detach()
+
+
+def test_virtual_steps_accumulate_until_the_logical_batch_ends(gen):
+    model, reference, att, opt, x, y = _sgd_setup(gen)
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    per_example, _ = _per_example_grads(reference, x, y)
+    expected, _ = _clipped(per_example, 0.3)
+    for part, last in ((slice(0, 4), False), (slice(4, 6), True)):
+        opt.zero_grad()
+        F.cross_entropy(model(x[part]), y[part]).backward()
+        opt.signal_skip_step(not last)
+        opt.step()
+        if not last:  # nothing moved yet
+            now = torch.cat([p.detach().flatten() for p in model.parameters()])
+            assert torch.equal(now, before)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(before - after, expected / 10, rtol=1e-8, atol=1e-12)
+    att.detach()
+
+
+def test_noise_has_std_sigma_c_over_expected_batch_size(gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (), generator=gen)))
+    model = nn.Linear(200, 150).double()
+    att = dpf.attach(model)
+    opt = dpf.DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        noise_multiplier=2.0,
+        max_grad_norm=0.5,
+        expected_batch_size=4,
+        generator=gen,
+    )
+    before = model.weight.detach().clone()
+    opt.zero_grad()
+    opt.step()  # an empty logical batch: noise only, and the step still happens
+    update = (before - model.weight.detach()).flatten()
+    n = update.numel()
+    assert abs(update.mean().item()) < 5.5 * 0.25 / math.sqrt(n)
+    assert abs(update.std().item() / 0.25 - 1) < 5.5 * math.sqrt(0.5 / n)
+    att.detach()
+
+
+def test_optimizer_refuses_unattached_parameters_and_bad_arguments():
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="noise_multiplier must be >= 0"):
+        dpf.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), -1.0, 1.0, 4)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        dpf.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 1.0, 0.0, 4)
+    with pytest.raises(ValueError, match="expected_batch_size"):
+        dpf.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 1.0, 1.0, 0)
+    opt = dpf.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 1.0, 1.0, 4)
+    with pytest.raises(RuntimeError, match="not covered by torch_dpfast.attach"):
+        opt.step()
+
+
+def test_schedulers_state_dict_and_param_groups_keep_working(gen):
+    model, _, att, opt, x, y = _sgd_setup(gen)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        scheduler.step()
+    assert opt.param_groups[0]["lr"] == 0.25
+    state = opt.state_dict()
+    fresh = dpf.DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), 0.0, 0.3, 10)
+    fresh.load_state_dict(state)
+    assert fresh.steps_taken == 2 and fresh.param_groups[0]["lr"] == 0.25
+    att.detach()

@@ -1,0 +1,278 @@
+"""Attaching exact per-example clipping to an unmodified model.
+
+``attach(model)`` replaces the ``forward`` of every module that owns trainable parameters with a
+capturing version: the layer runs with its parameters *detached*, inside a custom autograd
+function whose backward records the gradient g of the layer output and hands back only the
+gradient of the layer input. The ordinary weight-gradient GEMMs of the backward are therefore
+never computed; after the backward, :meth:`Attachment.clip_and_accumulate` turns the captured
+(x, g) of every layer into per-example norms, clip factors and clipped sums (book-keeping), and
+adds the sums to ``p.summed_grad``. Layer outputs are fresh tensors, so in-place operations after
+any layer (``ReLU(inplace=True)``, ``x += shortcut``) work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+import warnings
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .rules import rule_for, scaled_sum
+from .rules._registry import Rule
+
+CLIPPING_MODES = ("auto", "bk", "per_example", "ghost")
+_NORM_METHOD = {"auto": "auto", "bk": "ghost"}
+
+
+@dataclass
+class _Record:
+    """One call of a captured layer: its input, and the output gradient once backward ran."""
+
+    module: nn.Module
+    rule: Rule
+    params: dict[str, nn.Parameter]
+    x: Tensor | None = None
+    g: Tensor | None = None
+
+
+class _Capture(torch.autograd.Function):
+    """Runs ``call(x)`` (the layer with detached parameters) on its own small graph; backward
+    records g and returns the gradient of x through that graph (nothing for the parameters)."""
+
+    @staticmethod
+    def forward(ctx, x, anchor, call, record):
+        with torch.enable_grad():
+            x_in = x.detach()
+            if x.is_floating_point() and x.requires_grad:
+                x_in.requires_grad_(True)
+            out = call(x_in)
+        ctx.record, ctx.x_in, ctx.out = record, x_in, out
+        ctx.save_for_backward(x)  # autograd's version check catches later in-place changes of x
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        ctx.record.x, ctx.record.g = x.detach(), g.detach()
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            (grad_x,) = torch.autograd.grad(ctx.out, ctx.x_in, g)
+        return grad_x, None, None, None
+
+
+@contextlib.contextmanager
+def _detached(module: nn.Module, names):
+    saved = {n: module._parameters[n] for n in names}
+    try:
+        for n, p in saved.items():
+            module._parameters[n] = p.detach()
+        yield
+    finally:
+        module._parameters.update(saved)
+
+
+@dataclass(eq=False)
+class Attachment:
+    """Per-example clipping attached to a model; see :func:`attach`."""
+
+    model: nn.Module
+    clipping: str
+    loss_reduction: str
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+    mask: Tensor | None = None  # (B,) rows to keep in the next clip_and_accumulate
+    _records: list[_Record] = field(default_factory=list)
+    _anchor: Tensor = field(default_factory=lambda: torch.empty(0, requires_grad=True))
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters whose gradients this attachment makes private."""
+        seen, out = set(), []
+        for module in self.modules.values():
+            for p in rule_for(module).parameters(module).values():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def discard(self) -> None:
+        """Forgets captured layer calls (after a step, or a backward that will not be used)."""
+        self._records.clear()
+
+    def detach(self) -> None:
+        """Restores the original forwards; the model trains non-privately again."""
+        for module in self.modules.values():
+            module.__dict__.pop("forward", None)
+        self.modules.clear()
+        self.discard()
+        _live.discard(self)
+
+    def clip_and_accumulate(self, max_grad_norm: float) -> Tensor:
+        """Clips each example's gradient over all attached parameters to norm ``max_grad_norm``
+        and adds sum_i c_i g_i to ``p.summed_grad``. Returns the (B,) squared norms (after the
+        loss-reduction rescaling). Examples masked out by ``self.mask`` contribute nothing."""
+        records = [r for r in self._records if r.g is not None]
+        self._records.clear()
+        mask, self.mask = self.mask, None
+        if not records:
+            return torch.zeros(0)
+        batch = records[0].g.shape[0]
+        for r in records:
+            if r.g.shape[0] != batch:
+                raise ValueError(
+                    f"layers saw different batch sizes ({batch} and {r.g.shape[0]}); per-example "
+                    "clipping needs dim 0 of every layer input to be the batch"
+                )
+        # With a mean-reduced loss, autograd's g carries a factor 1/B; per-example gradients
+        # are the gradients of the per-example losses, so multiply it back.
+        loss_scale = float(batch) if self.loss_reduction == "mean" else 1.0
+        uses = Counter(id(p) for r in records for p in r.params.values())
+        shared = [r for r in records if any(uses[id(p)] > 1 for p in r.params.values())]
+        plain = [r for r in records if all(uses[id(p)] == 1 for p in r.params.values())]
+        per_example: dict[int, tuple[nn.Parameter, Tensor]] = {}
+        materialise = shared if self.clipping != "per_example" else records
+        for r in materialise:
+            for name, grad in r.rule.per_example_grads(r.module, r.x, r.g).items():
+                p = r.params[name]
+                prev = per_example.get(id(p))
+                per_example[id(p)] = (p, grad if prev is None else prev[1] + grad)
+        if self.clipping == "per_example":
+            return self._clip_materialised(per_example, max_grad_norm, loss_scale, mask, batch)
+
+        norm_sq = torch.zeros(batch, dtype=torch.float32, device=records[0].g.device)
+        method = _NORM_METHOD[self.clipping]
+        for r in plain:
+            norm_sq = norm_sq + r.rule.norm_sq(r.module, r.x, r.g, method)
+        for _, grad in per_example.values():
+            norm_sq = norm_sq + grad.reshape(batch, -1).to(norm_sq.dtype).square().sum(dim=1)
+        norm_sq = norm_sq * loss_scale**2
+        factors = ops.clip_factors(norm_sq, max_grad_norm, _mask_on(mask, norm_sq))
+        _warn_non_finite(norm_sq, mask)
+        scale = factors * loss_scale
+        for r in plain:
+            for name, summed in r.rule.clipped_sums(r.module, r.x, r.g, scale).items():
+                _accumulate(r.params[name], summed)
+        for p, grad in per_example.values():
+            _accumulate(p, scaled_sum(grad, scale))
+        return norm_sq
+
+    def _clip_materialised(self, per_example, max_grad_norm, loss_scale, mask, batch) -> Tensor:
+        params = [p for p, _ in per_example.values()]
+        for p in params:
+            if p.summed_grad is None:
+                p.summed_grad = torch.zeros_like(p)
+        grads = [(g * loss_scale).to(p.dtype) for p, g in per_example.values()]
+        norm_sq = ops.clip_accumulate_(
+            grads,
+            [p.summed_grad for p in params],
+            max_grad_norm,
+            _mask_on(mask, grads[0]) if mask is not None else None,
+        )
+        _warn_non_finite(norm_sq, mask)
+        return norm_sq
+
+
+def _mask_on(mask: Tensor | None, like: Tensor) -> Tensor | None:
+    return None if mask is None else mask.to(device=like.device, dtype=torch.bool)
+
+
+def _warn_non_finite(norm_sq: Tensor, mask: Tensor | None) -> None:
+    bad = ~torch.isfinite(norm_sq)
+    if mask is not None:
+        bad &= mask.to(device=bad.device, dtype=torch.bool)
+    count = int(bad.sum())
+    if count:
+        warnings.warn(
+            f"torch_dpfast: {count} example(s) had non-finite gradients; their clip factor is 0, "
+            "so they contribute nothing to this step",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _accumulate(p: nn.Parameter, summed: Tensor) -> None:
+    summed = summed.to(p.dtype)
+    p.summed_grad = summed if p.summed_grad is None else p.summed_grad + summed
+
+
+_live: weakref.WeakSet = weakref.WeakSet()
+
+
+def attachments_of(params) -> list[Attachment]:
+    """The live attachments that cover any of ``params``."""
+    ids = {id(p) for p in params}
+    return [a for a in list(_live) if any(id(p) in ids for p in a.parameters())]
+
+
+def _capturing_forward(attachment: Attachment, module: nn.Module, rule: Rule, path: str):
+    original = module.forward
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return original(*args, **kwargs)
+        if len(args) != 1 or kwargs or not isinstance(args[0], Tensor):
+            raise TypeError(
+                f"torch_dpfast: the captured layer {path!r} ({type(self).__name__}) must be called "
+                "with one tensor argument"
+            )
+        params = rule.parameters(self)
+        record = _Record(self, rule, params)
+        attachment._records.append(record)
+
+        def call(x_in):
+            with _detached(self, params):
+                return original(x_in)
+
+        return _Capture.apply(args[0], attachment._anchor, call, record)
+
+    return types.MethodType(forward, module)
+
+
+def attach(model: nn.Module, clipping: str = "auto", loss_reduction: str = "mean") -> Attachment:
+    """Makes every trainable parameter of ``model`` receive clipped per-example gradients.
+
+    Args:
+        model: any module; each submodule that owns trainable parameters needs a rule
+            (``torch_dpfast.rules``), else this raises naming it.
+        clipping: ``"auto"`` (book-keeping, ghost or direct norm per layer by the cost model),
+            ``"bk"`` (book-keeping with ghost norms), ``"per_example"`` (materialised per-example
+            gradients, the Opacus-equivalent baseline). ``"ghost"`` (two backward passes) is not
+            implemented yet.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the training loss reduces over the batch.
+
+    Returns:
+        The :class:`Attachment`; ``DPOptimizer`` finds it through the parameters.
+    """
+    if clipping not in CLIPPING_MODES:
+        raise ValueError(f"clipping must be one of {CLIPPING_MODES}, got {clipping!r}")
+    if clipping == "ghost":
+        raise NotImplementedError(
+            "clipping='ghost' (two backward passes) is not implemented yet; use 'auto' or 'bk', "
+            "which clip exactly with one backward"
+        )
+    if loss_reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+    if attachments_of(p for p in model.parameters() if p.requires_grad):
+        raise RuntimeError("this model is already attached; call .detach() on the old attachment")
+    attachment = Attachment(model, clipping, loss_reduction)
+    for path, module in model.named_modules():
+        own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        rule = rule_for(module)
+        if rule is None:
+            raise NotImplementedError(
+                f"torch_dpfast: module {path or '<root>'!r} ({type(module).__name__}) has "
+                f"trainable parameters {own} but no per-example gradient rule; freeze them with "
+                "requires_grad_(False), or register a rule with torch_dpfast.rules.register_rule"
+            )
+        module.forward = _capturing_forward(attachment, module, rule, path)
+        attachment.modules[path] = module
+    for p in attachment.parameters():
+        p.summed_grad = None
+    _live.add(attachment)
+    return attachment
