@@ -308,3 +308,22 @@ def test_schedulers_state_dict_and_param_groups_keep_working(gen):
     fresh.load_state_dict(state)
     assert fresh.steps_taken == 2 and fresh.param_groups[0]["lr"] == 0.25
     att.detach()
+
+
+def test_a_parameter_used_outside_its_layer_is_an_error(gen):
+    class DirectTie(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(7, 4)
+            self.mix = nn.Linear(4, 4)
+
+        def forward(self, ids):  # the output layer reads the table directly: not capturable
+            return F.linear(self.mix(self.embed(ids)), self.embed.weight).mean(dim=1)
+
+    model = DirectTie().double()
+    att = dpf.attach(model)
+    ids = torch.randint(0, 7, (3, 5), generator=gen)
+    F.cross_entropy(model(ids), torch.tensor([1, 2, 3])).backward()
+    with pytest.raises(RuntimeError, match=r"\['embed.weight'\] received an ordinary"):
+        att.clip_and_accumulate(1.0)
+    att.detach()

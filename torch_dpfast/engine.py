@@ -87,6 +87,8 @@ class Attachment:
     modules: dict[str, nn.Module] = field(default_factory=dict)
     mask: Tensor | None = None  # (B,) rows to keep in the next clip_and_accumulate
     _records: list[_Record] = field(default_factory=list)
+    _hooks: list = field(default_factory=list)
+    _leaked: set[str] = field(default_factory=set)  # parameters that got an ordinary gradient
     _anchor: Tensor = field(default_factory=lambda: torch.empty(0, requires_grad=True))
 
     def parameters(self) -> list[nn.Parameter]:
@@ -107,6 +109,9 @@ class Attachment:
         """Restores the original forwards; the model trains non-privately again."""
         for module in self.modules.values():
             module.__dict__.pop("forward", None)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
         self.modules.clear()
         self.discard()
         _live.discard(self)
@@ -115,6 +120,15 @@ class Attachment:
         """Clips each example's gradient over all attached parameters to norm ``max_grad_norm``
         and adds sum_i c_i g_i to ``p.summed_grad``. Returns the (B,) squared norms (after the
         loss-reduction rescaling). Examples masked out by ``self.mask`` contribute nothing."""
+        if self._leaked:
+            leaked, self._leaked = sorted(self._leaked), set()
+            raise RuntimeError(
+                f"torch_dpfast: parameter(s) {leaked} received an ordinary, unclipped gradient: "
+                "something used them outside their own layer's forward (a parent module reading "
+                "child.weight directly, such as nn.MultiheadAttention's out_proj or an output "
+                "layer written as F.linear(h, embedding.weight)). Call the layer itself, or tie "
+                "weights by assigning the Parameter (self.out.weight = self.embed.weight)"
+            )
         records = [r for r in self._records if r.g is not None]
         self._records.clear()
         mask, self.mask = self.mask, None
@@ -232,6 +246,10 @@ def _capturing_forward(attachment: Attachment, module: nn.Module, rule: Rule, pa
     return types.MethodType(forward, module)
 
 
+def _flag_leak(attachment: Attachment, name: str):
+    return lambda p: attachment._leaked.add(name)
+
+
 def attach(model: nn.Module, clipping: str = "auto", loss_reduction: str = "mean") -> Attachment:
     """Makes every trainable parameter of ``model`` receive clipped per-example gradients.
 
@@ -272,7 +290,13 @@ def attach(model: nn.Module, clipping: str = "auto", loss_reduction: str = "mean
             )
         module.forward = _capturing_forward(attachment, module, rule, path)
         attachment.modules[path] = module
+    names = {id(p): n for n, p in model.named_parameters()}
     for p in attachment.parameters():
         p.summed_grad = None
+        # Inside captured layers parameters are detached; a gradient reaching one means it was
+        # used somewhere else, where its contribution would escape clipping.
+        attachment._hooks.append(
+            p.register_post_accumulate_grad_hook(_flag_leak(attachment, names[id(p)]))
+        )
     _live.add(attachment)
     return attachment
