@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .explain import check_no_batch_statistics, unsupported_message
 from .rules import rule_for, scaled_sum
 from .rules._registry import Rule
 
@@ -129,6 +130,7 @@ class Attachment:
                 "layer written as F.linear(h, embedding.weight)). Call the layer itself, or tie "
                 "weights by assigning the Parameter (self.out.weight = self.embed.weight)"
             )
+        check_no_batch_statistics(self.model)
         records = [r for r in self._records if r.g is not None]
         self._records.clear()
         mask, self.mask = self.mask, None
@@ -283,11 +285,7 @@ def attach(model: nn.Module, clipping: str = "auto", loss_reduction: str = "mean
             continue
         rule = rule_for(module)
         if rule is None:
-            raise NotImplementedError(
-                f"torch_dpfast: module {path or '<root>'!r} ({type(module).__name__}) has "
-                f"trainable parameters {own} but no per-example gradient rule; freeze them with "
-                "requires_grad_(False), or register a rule with torch_dpfast.rules.register_rule"
-            )
+            raise NotImplementedError(unsupported_message(path, module, own))
         module.forward = _capturing_forward(attachment, module, rule, path)
         attachment.modules[path] = module
     names = {id(p): n for n, p in model.named_parameters()}

@@ -31,6 +31,12 @@ class Rule:
     def per_example_grads(self, module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def plan(self, module: nn.Module, x: Tensor, out: Tensor, clipping: str) -> tuple[str, int]:
+        """(norm method, multiply-adds per example) this rule will use on input ``x`` and output
+        ``out``; default: materialised gradients, about 2 multiply-adds per output element per
+        parameter element it touches (norm layers)."""
+        return "materialised", 2 * out[0].numel()
+
     def norm_sq(self, module: nn.Module, x: Tensor, g: Tensor, method: str = "auto") -> Tensor:
         """Default: from the materialised per-example gradients (cheap for small parameters)."""
         total = zero_norms(g)

@@ -4,6 +4,8 @@ first. The bias gradient of example i is g_i summed over output positions."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -11,6 +13,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..ops.conv import _grouped, conv_geometry
 from ._registry import Rule, register_rule, scaled_sum, zero_norms
+from .linear import plan_linear
 
 
 def _conv_args(module: nn.Module, x: Tensor) -> tuple[Tensor, dict]:
@@ -47,6 +50,12 @@ class ConvRule(Rule):
         if module.bias is not None and module.bias.requires_grad:
             out["bias"] = _spatial_sum(g)
         return out
+
+    def plan(self, module, x, out, clipping):
+        t = math.prod(out.shape[2:])
+        d_in = module.in_channels // module.groups * math.prod(module.kernel_size)
+        method, cost = plan_linear(clipping, t, d_in, module.out_channels // module.groups)
+        return method, cost * module.groups
 
     def norm_sq(self, module, x, g, method="auto"):
         x, kwargs = _conv_args(module, x)

@@ -35,6 +35,11 @@ class EmbeddingRule(Rule):
         table = g.new_zeros(batch * vocab, dim).index_add_(0, keys[valid], g[valid])
         return {"weight": table.reshape(batch, vocab, dim)}
 
+    def plan(self, module, ids, out, clipping):
+        if clipping == "per_example":
+            return "materialised", out[0].numel()
+        return "segment sum", out[0].numel()
+
     def norm_sq(self, module, ids, g, method="auto"):
         _check(module)
         if not module.weight.requires_grad:

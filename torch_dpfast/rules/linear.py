@@ -8,7 +8,16 @@ import math
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops._checks import norm_method
 from ._registry import Rule, register_rule, scaled_sum, zero_norms
+
+
+def plan_linear(clipping: str, t: int, d_in: int, d_out: int) -> tuple[str, int]:
+    """Norm method and its multiply-adds per example for a (T x d_in) -> (T x d_out) map."""
+    if clipping == "per_example":
+        return "materialised", t * d_in * d_out
+    method = norm_method("ghost" if clipping == "bk" else "auto", t, d_in, d_out)
+    return method, t * t * (d_in + d_out) if method == "ghost" else t * d_in * d_out
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -26,6 +35,10 @@ class LinearRule(Rule):
         if module.bias is not None and module.bias.requires_grad:
             out["bias"] = g.sum(dim=1)
         return out
+
+    def plan(self, module, x, out, clipping):
+        t, d_in, d_out = math.prod(x.shape[1:-1]), x.shape[-1], out.shape[-1]
+        return plan_linear(clipping, t, d_in, d_out)
 
     def norm_sq(self, module, x, g, method="auto"):
         x, g = _rows(x), _rows(g)

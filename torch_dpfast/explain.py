@@ -1,0 +1,132 @@
+"""``dpf.explain(model, example_input)``: which rule and norm method each parameter will get.
+
+Runs one forward pass (no gradients) to see the layers' actual shapes, then reports, per
+trainable parameter: its layer, the rule, the norm method the clipping mode picks for that layer
+(ghost or direct from the cost model of docs/ops.md, or materialised) and the estimated
+multiply-adds per example of the norm computation. Modules that cannot be made private are
+rejected with a message naming the module and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .rules import rule_for
+
+
+def is_batch_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def check_no_batch_statistics(model: nn.Module) -> None:
+    """Refuses BatchNorm layers that normalise with batch statistics (training mode), frozen or
+    not: they make each example's output, and so its gradient, depend on the others."""
+    for path, module in model.named_modules():
+        if is_batch_norm(module) and (module.training or not module.track_running_stats):
+            raise ValueError(
+                f"torch_dpfast: module {path!r} ({type(module).__name__}) normalises with batch "
+                "statistics, which couples the examples of a batch and breaks per-example "
+                "clipping. Replace it with GroupNorm or LayerNorm, or put it in eval mode with "
+                "frozen parameters"
+            )
+
+
+def unsupported_message(path: str, module: nn.Module, names: list[str]) -> str:
+    """The error for a module with trainable parameters and no rule."""
+    where = f"module {path or '<root>'!r} ({type(module).__name__})"
+    if is_batch_norm(module):
+        return (
+            f"torch_dpfast: {where} is a BatchNorm: it normalises with statistics of the whole "
+            "batch, so an example's gradient depends on the other examples and cannot be clipped "
+            "per example. Replace it with GroupNorm or LayerNorm (timm models take norm_layer=), "
+            "or freeze it and put it in eval mode"
+        )
+    return (
+        f"torch_dpfast: {where} has trainable parameters {names} but no per-example gradient "
+        "rule; freeze them with requires_grad_(False), or register a rule with "
+        "torch_dpfast.rules.register_rule"
+    )
+
+
+@dataclass
+class Explanation:
+    """One row per trainable parameter; ``str()`` is the table."""
+
+    clipping: str
+    rows: list[dict]
+
+    def __str__(self) -> str:
+        header = ("parameter", "shape", "layer", "rule", "norm method", "MACs/example")
+        table = [header] + [
+            (
+                r["parameter"],
+                str(tuple(r["shape"])),
+                r["layer"],
+                r["rule"],
+                r["method"],
+                f"{r['macs']:,}" if r["macs"] is not None else "-",
+            )
+            for r in self.rows
+        ]
+        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+        lines = [f"clipping={self.clipping!r}"]
+        for k, row in enumerate(table):
+            lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+            if k == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def explain(model: nn.Module, example_input, clipping: str = "auto") -> Explanation:
+    """Per-parameter plan of how ``attach(model, clipping)`` will clip, from one forward of
+    ``example_input`` (a tensor, or a tuple of positional arguments).
+
+    Raises:
+        NotImplementedError: a module owns trainable parameters and has no rule (BatchNorm, ...).
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    owners = {}
+    for path, module in model.named_modules():
+        own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if own:
+            if rule_for(module) is None:
+                raise NotImplementedError(unsupported_message(path, module, own))
+            owners[path] = module
+    seen: dict[str, tuple] = {}
+
+    def record(path):
+        def hook(module, args, out):
+            seen.setdefault(path, (args[0], out))  # first call; returns None: output unchanged
+
+        return hook
+
+    hooks = [module.register_forward_hook(record(path)) for path, module in owners.items()]
+    try:
+        args = example_input if isinstance(example_input, tuple) else (example_input,)
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    rows = []
+    for path, module in owners.items():
+        rule = rule_for(module)
+        method, macs = ("not reached by the forward", None)
+        if path in seen:
+            method, macs = rule.plan(module, *seen[path], clipping)
+        for p in rule.parameters(module).values():
+            rows.append(
+                dict(
+                    parameter=names[id(p)],
+                    shape=list(p.shape),
+                    layer=path,
+                    rule=type(rule).__name__,
+                    method=method,
+                    macs=macs,
+                )
+            )
+            macs = None  # the layer's cost is listed on its first parameter
+    return Explanation(clipping, rows)
