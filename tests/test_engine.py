@@ -55,10 +55,48 @@ def _mlp():
     return nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, 3))
 
 
+def _timm_vit():
+    import timm
+
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=16,
+        patch_size=8,
+        embed_dim=24,
+        num_heads=2,
+        depth=2,
+        num_classes=4,
+        init_values=0.1,
+        reg_tokens=2,
+    )
+
+
+def _timm_groupnorm_resnet():
+    import timm
+
+    return timm.create_model(
+        "resnet10t",
+        pretrained=False,
+        num_classes=4,
+        norm_layer=lambda channels, **kwargs: nn.GroupNorm(2, channels),
+    )
+
+
 CASES = {
     "mlp": (_mlp, lambda g: torch.randn(6, 5, generator=g, dtype=torch.float64), 3),
     "cnn": (ResidualCNN, lambda g: torch.randn(5, 3, 6, 6, generator=g, dtype=torch.float64), 5),
     "tied_lm": (TiedLM, lambda g: torch.randint(0, 11, (4, 7), generator=g), 11),
+    "timm_vit": (
+        _timm_vit,
+        lambda g: torch.randn(3, 3, 16, 16, generator=g, dtype=torch.float64),
+        4,
+    ),
+    "timm_resnet_gn": (
+        _timm_groupnorm_resnet,
+        lambda g: torch.randn(3, 3, 32, 32, generator=g, dtype=torch.float64),
+        4,
+    ),
 }
 
 

@@ -252,6 +252,32 @@ def _flag_leak(attachment: Attachment, name: str):
     return lambda p: attachment._leaked.add(name)
 
 
+def _parameter_capturing_forward(attachment: Attachment, module: nn.Module, rule, path: str):
+    """For rules with ``capture = "parameters"``: the module's own parameters are replaced by
+    per-example leaves for the duration of its forward (see rules/broadcast.py)."""
+    original = module.forward
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return original(*args, **kwargs)
+        if not args or not isinstance(args[0], Tensor):
+            raise TypeError(
+                f"torch_dpfast: {path!r} ({type(self).__name__}) must get the batch as its first "
+                "positional argument"
+            )
+        params = rule.parameters(self)
+        leaves = rule.expand(self, args[0].shape[0])
+        attachment._records.append(_Record(self, rule, params, x=leaves, g=args[0]))
+        saved = {n: self._parameters[n] for n in leaves}
+        try:
+            self._parameters.update(leaves)
+            return original(*args, **kwargs)
+        finally:
+            self._parameters.update(saved)
+
+    return types.MethodType(forward, module)
+
+
 def attach(model: nn.Module, clipping: str = "auto", loss_reduction: str = "mean") -> Attachment:
     """Makes every trainable parameter of ``model`` receive clipped per-example gradients.
 
@@ -286,7 +312,11 @@ def attach(model: nn.Module, clipping: str = "auto", loss_reduction: str = "mean
         rule = rule_for(module)
         if rule is None:
             raise NotImplementedError(unsupported_message(path, module, own))
-        module.forward = _capturing_forward(attachment, module, rule, path)
+        if getattr(rule, "capture", "io") == "parameters":
+            rule.check(module)
+            module.forward = _parameter_capturing_forward(attachment, module, rule, path)
+        else:
+            module.forward = _capturing_forward(attachment, module, rule, path)
         attachment.modules[path] = module
     names = {id(p): n for n, p in model.named_parameters()}
     for p in attachment.parameters():

@@ -122,7 +122,7 @@ def explain(model: nn.Module, example_input, clipping: str = "auto") -> Explanat
                 dict(
                     parameter=names[id(p)],
                     shape=list(p.shape),
-                    layer=path,
+                    layer=path or "<root>",
                     rule=type(rule).__name__,
                     method=method,
                     macs=macs,

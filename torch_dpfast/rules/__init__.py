@@ -2,16 +2,29 @@
 of a layer's own parameters, from its captured input and output gradient. One file per layer
 family; see ``_registry`` for the contract and docs/rules.md for the maths."""
 
-from . import conv, embedding, group_norm, instance_norm, layer_norm, linear, rms_norm, timm_layers
+from . import (
+    broadcast,
+    conv,
+    embedding,
+    group_norm,
+    instance_norm,
+    layer_norm,
+    layer_scale,
+    linear,
+    rms_norm,
+    timm_layers,
+)
 from ._registry import Rule, register_rule, rule_for, scaled_sum
 
 __all__ = [
     "Rule",
+    "broadcast",
     "conv",
     "embedding",
     "group_norm",
     "instance_norm",
     "layer_norm",
+    "layer_scale",
     "linear",
     "register_rule",
     "rms_norm",
