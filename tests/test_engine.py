@@ -83,6 +83,21 @@ def _timm_groupnorm_resnet():
     )
 
 
+def _timm_bit():
+    import functools
+
+    from timm.layers import GroupNormAct
+    from timm.models.resnetv2 import ResNetV2
+
+    return ResNetV2(
+        layers=(1, 1),
+        channels=(32, 64),
+        num_classes=4,
+        stem_chs=16,
+        norm_layer=functools.partial(GroupNormAct, num_groups=4),
+    )
+
+
 CASES = {
     "mlp": (_mlp, lambda g: torch.randn(6, 5, generator=g, dtype=torch.float64), 3),
     "cnn": (ResidualCNN, lambda g: torch.randn(5, 3, 6, 6, generator=g, dtype=torch.float64), 5),
@@ -90,6 +105,11 @@ CASES = {
     "timm_vit": (
         _timm_vit,
         lambda g: torch.randn(3, 3, 16, 16, generator=g, dtype=torch.float64),
+        4,
+    ),
+    "timm_bit_resnetv2": (
+        _timm_bit,
+        lambda g: torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64),
         4,
     ),
     "timm_resnet_gn": (

@@ -90,6 +90,22 @@ CASES = [
         lambda: timm_layers.GroupNormAct(4, num_groups=2),
         _floats(2, 4, 3, 3),
     ),
+    ("timm-stdconv", lambda: timm_layers.StdConv2d(3, 4, 3), _floats(2, 3, 6, 5)),
+    (
+        "timm-stdconv-bias-groups",
+        lambda: timm_layers.StdConv2d(4, 6, 3, stride=2, groups=2, bias=True),
+        _floats(3, 4, 7, 6),
+    ),
+    (
+        "timm-stdconv-same",
+        lambda: timm_layers.StdConv2dSame(2, 3, 4, stride=2),
+        _floats(2, 2, 7, 9),
+    ),
+    (
+        "timm-scaled-stdconv",
+        lambda: timm_layers.ScaledStdConv2d(3, 5, 3, padding=1),
+        _floats(2, 3, 5, 5),
+    ),
 ]
 
 

@@ -12,6 +12,7 @@ from . import (
     layer_scale,
     linear,
     rms_norm,
+    std_conv,
     timm_layers,
 )
 from ._registry import Rule, register_rule, rule_for, scaled_sum
@@ -30,5 +31,6 @@ __all__ = [
     "rms_norm",
     "rule_for",
     "scaled_sum",
+    "std_conv",
     "timm_layers",
 ]

@@ -37,16 +37,20 @@ def _spatial_sum(g: Tensor) -> Tensor:
     return g.sum(dim=tuple(range(2, g.dim()))) if g.dim() > 2 else g
 
 
+def weight_grads(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
+    """(B, *weight.shape) materialised per-example gradients of the conv weight."""
+    x, kwargs = _conv_args(module, x)
+    a4, g4 = _grouped(x, g, conv_geometry("conv rule", x, g, **kwargs), module.groups)
+    grads = torch.einsum("btgo,btgi->bgoi", g4, a4)
+    return grads.reshape(x.shape[0], *module.weight.shape)
+
+
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(Rule):
     def per_example_grads(self, module, x, g):
-        x, kwargs = _conv_args(module, x)
         out = {}
         if module.weight.requires_grad:
-            geometry = conv_geometry("conv rule", x, g, **kwargs)
-            a4, g4 = _grouped(x, g, geometry, module.groups)
-            grads = torch.einsum("btgo,btgi->bgoi", g4, a4)
-            out["weight"] = grads.reshape(x.shape[0], *module.weight.shape)
+            out["weight"] = weight_grads(module, x, g)
         if module.bias is not None and module.bias.requires_grad:
             out["bias"] = _spatial_sum(g)
         return out
