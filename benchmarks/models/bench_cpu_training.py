@@ -119,6 +119,33 @@ def worker(model_name: str, mode: str, batch: int, steps: int) -> dict:
     )
 
 
+def predicted_ratio(model_name: str, mode: str) -> float | None:
+    """FLOP model of a DP step relative to a non-private one, per example: non-private costs 3F
+    (forward F, backward 2F); our book-keeping modes replace the weight-gradient GEMMs by the
+    clipped-sum GEMMs (same multiply-adds) and add the norm computation N, so 3F / (3F + N).
+    per_example also does 3F multiply-adds (the per-example weight gradients instead of the
+    summed ones), so the model predicts 1.0 there; its cost is memory traffic."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import torch_dpfast as dpf
+
+    if mode == "non_private":
+        return 1.0
+    if not mode.startswith("dpfast"):
+        return None
+    clipping = mode.removeprefix("dpfast_")
+    if clipping == "per_example":
+        return 1.0
+    model, size = build_model(model_name)
+    x = torch.randn(1, 3, size, size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    forward_macs = counter.get_total_flops() / 2
+    norm_macs = sum(r["macs"] or 0 for r in dpf.explain(model, x, clipping).rows)
+    return 3 * forward_macs / (3 * forward_macs + norm_macs)
+
+
 def run(model_name: str, mode: str, batch: int, steps: int) -> dict:
     cmd = [
         sys.executable,
@@ -147,20 +174,24 @@ def markdown(env: dict, settings: dict, results: list[dict]) -> str:
         f"{settings['batch']}, median of {settings['steps']} steps after warm-up, each mode "
         "in its own process.",
         "",
-        "| model | mode | samples/s | vs non-private | peak RSS (MiB) |",
-        "|---|---|---|---|---|",
+        "| model | mode | samples/s | vs non-private | FLOP model predicts | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|",
     ]
     for model_name in dict.fromkeys(r["model"] for r in results):
         rows = [r for r in results if r["model"] == model_name]
         base = next((r for r in rows if r["mode"] == "non_private" and "error" not in r), None)
         for r in rows:
+            predicted = f"{r['predicted']:.2f}x" if r.get("predicted") else ""
             if "error" in r:
-                lines.append(f"| {MODELS[model_name]} | {r['mode']} | failed: {r['error']} | | |")
+                lines.append(
+                    f"| {MODELS[model_name]} | {r['mode']} | failed: {r['error']} | | "
+                    f"{predicted} | |"
+                )
                 continue
             ratio = f"{r['samples_per_s'] / base['samples_per_s']:.2f}x" if base else ""
             lines.append(
                 f"| {MODELS[model_name]} | {r['mode']} | {r['samples_per_s']:.2f} | "
-                f"{ratio} | {r['peak_rss_mib']:.0f} |"
+                f"{ratio} | {predicted} | {r['peak_rss_mib']:.0f} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -187,9 +218,9 @@ def main(argv=None) -> None:
     for model_name in models:
         for mode in modes:
             print(f"[bench_cpu_training] {model_name} / {mode} ...", flush=True)
-            results.append(
-                dict(model=model_name, mode=mode, **run(model_name, mode, args.batch, steps))
-            )
+            figures = run(model_name, mode, args.batch, steps)
+            predicted = predicted_ratio(model_name, mode)
+            results.append(dict(model=model_name, mode=mode, predicted=predicted, **figures))
     env, settings = environment(), dict(batch=args.batch, steps=steps, smoke=args.smoke)
     write_json(
         args.out / "bench_cpu_training.json",
