@@ -51,6 +51,41 @@ class TiedLM(nn.Module):
         return self.out(self.rms(h)).mean(dim=1)
 
 
+class AttentionLM(nn.Module):
+    """Embedding + nn.MultiheadAttention (through the generic fallback) + LayerNorm, with a
+    key padding mask, a causal attn_mask, bias_k/v and add_zero_attn, sequence-first."""
+
+    def __init__(self, vocab=9, dim=8, batch_first=False):
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.attn = nn.MultiheadAttention(
+            dim,
+            2,
+            bias=True,
+            add_bias_kv=True,
+            add_zero_attn=True,
+            batch_first=batch_first,
+            kdim=5,
+            vdim=6,
+        )
+        self.to_k, self.to_v = nn.Linear(dim, 5), nn.Linear(dim, 6)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, ids):
+        h = self.embed(ids)  # (B, T, d)
+        pad = ids == 0
+        causal = torch.triu(torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool), 1)
+        k, v = self.to_k(h), self.to_v(h)  # linear layers take the batch first
+        if not self.batch_first:
+            h_seq, k, v = h.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        q = h if self.batch_first else h_seq
+        out, _ = self.attn(q, k, v, key_padding_mask=pad, attn_mask=causal, need_weights=False)
+        out = out if self.batch_first else out.transpose(0, 1)
+        return self.head(self.norm(out + h).mean(dim=1))
+
+
 def _mlp():
     return nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, 3))
 
@@ -102,6 +137,12 @@ CASES = {
     "mlp": (_mlp, lambda g: torch.randn(6, 5, generator=g, dtype=torch.float64), 3),
     "cnn": (ResidualCNN, lambda g: torch.randn(5, 3, 6, 6, generator=g, dtype=torch.float64), 5),
     "tied_lm": (TiedLM, lambda g: torch.randint(0, 11, (4, 7), generator=g), 11),
+    "attention_lm": (AttentionLM, lambda g: torch.randint(1, 9, (3, 5), generator=g), 3),
+    "attention_lm_batch_first": (
+        lambda: AttentionLM(batch_first=True),
+        lambda g: torch.randint(1, 9, (3, 5), generator=g),
+        3,
+    ),
     "timm_vit": (
         _timm_vit,
         lambda g: torch.randn(3, 3, 16, 16, generator=g, dtype=torch.float64),
@@ -385,3 +426,37 @@ def test_a_parameter_used_outside_its_layer_is_an_error(gen):
     with pytest.raises(RuntimeError, match=r"\['embed.weight'\] received an ordinary"):
         att.clip_and_accumulate(1.0)
     att.detach()
+
+
+def test_the_fallback_refuses_modules_that_couple_examples(gen):
+    class BatchCentred(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, dtype=torch.float64))
+
+        def forward(self, x):
+            return (x - x.mean(dim=0)) * self.weight  # every example sees the others
+
+    model = nn.Sequential(BatchCentred(), nn.Linear(4, 2)).double()
+    att = dpf.attach(model)
+    F.cross_entropy(model(torch.randn(5, 4, dtype=torch.float64)), torch.zeros(5).long()).backward()
+    with pytest.raises(RuntimeError, match="couples the examples of a batch"):
+        att.clip_and_accumulate(1.0)
+    att.detach()
+
+
+def test_the_fallback_refuses_gradients_through_secondary_outputs():
+    mha = nn.MultiheadAttention(4, 2, batch_first=True).double()
+    att = dpf.attach(mha)
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    out, weights = mha(x, x, x)
+    with pytest.raises(RuntimeError, match="output 2"):
+        (out.sum() + weights.sum()).backward()
+    att.detach()
+
+
+def test_explain_reports_the_fallback():
+    rows = {r["parameter"]: r for r in dpf.explain(AttentionLM(), torch.randint(1, 9, (2, 5))).rows}
+    assert rows["attn.in_proj_bias"]["rule"] == "FallbackRule"
+    assert rows["attn.out_proj.weight"]["rule"] == "FallbackRule"  # covered with its parent
+    assert rows["to_k.weight"]["rule"] == "LinearRule"

@@ -23,23 +23,29 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .explain import check_no_batch_statistics, unsupported_message
+from .explain import check_no_batch_statistics, is_batch_norm, unsupported_message
 from .rules import rule_for, scaled_sum
 from .rules._registry import Rule
+from .rules.fallback import FALLBACK, _original_forward, batch_dim
 
 CLIPPING_MODES = ("auto", "bk", "per_example", "ghost")
 _NORM_METHOD = {"auto": "auto", "bk": "ghost"}
 
 
-@dataclass
+@dataclass(eq=False)
 class _Record:
     """One call of a captured layer: its input, and the output gradient once backward ran."""
 
     module: nn.Module
     rule: Rule
     params: dict[str, nn.Parameter]
-    x: Tensor | None = None
-    g: Tensor | None = None
+    x: object = None  # the layer input (or what the rule's capture kind records)
+    g: Tensor | None = None  # the output gradient, once backward ran
+    batch_grads: dict[str, Tensor] | None = None  # fallback: the batch gradient, for checking
+
+    @property
+    def batch(self) -> int:
+        return self.g.shape[batch_dim(self.module, self.g) if self.rule is FALLBACK else 0]
 
 
 class _Capture(torch.autograd.Function):
@@ -67,6 +73,58 @@ class _Capture(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+class _CaptureCall(torch.autograd.Function):
+    """The fallback's capture: runs ``call(*tensors)`` (the module on detached parameter leaves)
+    on its own graph; backward records the output gradient and the batch gradient of the
+    parameters, and returns the gradients of the tensor inputs. Only the first output is
+    differentiable."""
+
+    @staticmethod
+    def forward(ctx, anchor, call, record, *tensors):
+        ctx.set_materialize_grads(False)
+        with torch.enable_grad():
+            ins = [
+                t.detach().requires_grad_(t.is_floating_point() and t.requires_grad)
+                for t in tensors
+            ]
+            out, leaves, arguments = call(*ins)
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        ctx.ins, ctx.first, ctx.leaves, ctx.record, ctx.arguments = (
+            ins,
+            outs[0],
+            leaves,
+            record,
+            arguments,
+        )
+        ctx.save_for_backward(*tensors)  # version check against later in-place changes
+        # Secondary outputs stay differentiable so that a gradient reaching one is detected.
+        others = [o.detach() if isinstance(o, Tensor) else o for o in outs[1:]]
+        return (outs[0].detach(), *others)
+
+    @staticmethod
+    def backward(ctx, g, *others):
+        if any(o is not None for o in others):
+            raise RuntimeError(
+                "torch_dpfast: a gradient flows into output 2+ of "
+                f"{type(ctx.record.module).__name__}"
+                " (e.g. attention weights); the fallback clips through the first output only"
+            )
+        ctx.saved_tensors  # noqa: B018 - raises if an input was modified in place since
+        needs = [i for i, t in enumerate(ctx.ins) if t.requires_grad]
+        targets = list(ctx.leaves.values()) + [ctx.ins[i] for i in needs]
+        grads = torch.autograd.grad(ctx.first, targets, g, allow_unused=True)
+        n = len(ctx.leaves)
+        ctx.record.batch_grads = dict(zip(ctx.leaves, grads[:n]))
+        args, kwargs = ctx.arguments
+        detach = lambda v: v.detach() if isinstance(v, Tensor) else v  # noqa: E731
+        ctx.record.x = (tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()})
+        ctx.record.g = g.detach()
+        input_grads = [None] * len(ctx.ins)
+        for i, grad in zip(needs, grads[n:]):
+            input_grads[i] = grad
+        return (None, None, None, *input_grads)
+
+
 @contextlib.contextmanager
 def _detached(module: nn.Module, names):
     saved = {n: module._parameters[n] for n in names}
@@ -86,6 +144,7 @@ class Attachment:
     clipping: str
     loss_reduction: str
     modules: dict[str, nn.Module] = field(default_factory=dict)
+    rules: dict[str, Rule] = field(default_factory=dict)  # path -> the rule capturing it
     mask: Tensor | None = None  # (B,) rows to keep in the next clip_and_accumulate
     _records: list[_Record] = field(default_factory=list)
     _hooks: list = field(default_factory=list)
@@ -95,8 +154,8 @@ class Attachment:
     def parameters(self) -> list[nn.Parameter]:
         """The trainable parameters whose gradients this attachment makes private."""
         seen, out = set(), []
-        for module in self.modules.values():
-            for p in rule_for(module).parameters(module).values():
+        for path, module in self.modules.items():
+            for p in self.rules[path].parameters(module).values():
                 if id(p) not in seen:
                     seen.add(id(p))
                     out.append(p)
@@ -114,6 +173,7 @@ class Attachment:
             hook.remove()
         self._hooks.clear()
         self.modules.clear()
+        self.rules.clear()
         self.discard()
         _live.discard(self)
 
@@ -136,23 +196,30 @@ class Attachment:
         mask, self.mask = self.mask, None
         if not records:
             return torch.zeros(0)
-        batch = records[0].g.shape[0]
+        batch = records[0].batch
         for r in records:
-            if r.g.shape[0] != batch:
+            if r.batch != batch:
                 raise ValueError(
-                    f"layers saw different batch sizes ({batch} and {r.g.shape[0]}); per-example "
+                    f"layers saw different batch sizes ({batch} and {r.batch}); per-example "
                     "clipping needs dim 0 of every layer input to be the batch"
                 )
         # With a mean-reduced loss, autograd's g carries a factor 1/B; per-example gradients
         # are the gradients of the per-example losses, so multiply it back.
         loss_scale = float(batch) if self.loss_reduction == "mean" else 1.0
         uses = Counter(id(p) for r in records for p in r.params.values())
-        shared = [r for r in records if any(uses[id(p)] > 1 for p in r.params.values())]
-        plain = [r for r in records if all(uses[id(p)] == 1 for p in r.params.values())]
+        shared = [
+            r
+            for r in records
+            if r.rule is FALLBACK or any(uses[id(p)] > 1 for p in r.params.values())
+        ]
+        plain = [r for r in records if r not in shared]
         per_example: dict[int, tuple[nn.Parameter, Tensor]] = {}
         materialise = shared if self.clipping != "per_example" else records
         for r in materialise:
-            for name, grad in r.rule.per_example_grads(r.module, r.x, r.g).items():
+            grads = r.rule.per_example_grads(r.module, r.x, r.g)
+            if r.rule is FALLBACK:
+                _check_examples_independent(r, grads)
+            for name, grad in grads.items():
                 p = r.params[name]
                 prev = per_example.get(id(p))
                 per_example[id(p)] = (p, grad if prev is None else prev[1] + grad)
@@ -190,6 +257,24 @@ class Attachment:
         )
         _warn_non_finite(norm_sq, mask)
         return norm_sq
+
+
+def _check_examples_independent(record: _Record, grads: dict[str, Tensor]) -> None:
+    """The fallback is exact only if the module treats examples independently: then the
+    per-example gradients add up to the batch gradient."""
+    for name, grad in grads.items():
+        batch_grad = record.batch_grads.get(name)
+        total = grad.sum(dim=0)
+        if batch_grad is None:
+            batch_grad = torch.zeros_like(total)
+        tol = 1e-8 if total.dtype == torch.float64 else 1e-3
+        scale = batch_grad.abs().max().item() + total.abs().max().item() + 1e-30
+        if (total - batch_grad).abs().max().item() > tol * scale:
+            raise RuntimeError(
+                f"torch_dpfast: {type(record.module).__name__} couples the examples of a batch "
+                f"(the per-example gradients of {name!r} do not add up to the batch gradient), so "
+                "its gradient cannot be clipped per example. Give it a rule, or freeze it"
+            )
 
 
 def _mask_on(mask: Tensor | None, like: Tensor) -> Tensor | None:
@@ -252,6 +337,34 @@ def _flag_leak(attachment: Attachment, name: str):
     return lambda p: attachment._leaked.add(name)
 
 
+def _call_capturing_forward(attachment: Attachment, module: nn.Module, rule, path: str):
+    """For the fallback: any arguments; the module runs on detached parameter leaves."""
+    original = module.forward
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return original(*args, **kwargs)
+        params = rule.parameters(self)
+        record = _Record(self, rule, params)
+        attachment._records.append(record)
+        tensors = [a for a in args if isinstance(a, Tensor)]
+        tensors += [v for v in kwargs.values() if isinstance(v, Tensor)]
+
+        def call(*ins):
+            it = iter(ins)
+            args_in = tuple(next(it) if isinstance(a, Tensor) else a for a in args)
+            kwargs_in = {k: next(it) if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+            leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+            with _original_forward(self):
+                out = torch.func.functional_call(self, leaves, args_in, kwargs_in)
+            return out, leaves, (args_in, kwargs_in)
+
+        result = _CaptureCall.apply(attachment._anchor, call, record, *tensors)
+        return result if len(result) > 1 else result[0]
+
+    return types.MethodType(forward, module)
+
+
 def _parameter_capturing_forward(attachment: Attachment, module: nn.Module, rule, path: str):
     """For rules with ``capture = "parameters"``: the module's own parameters are replaced by
     per-example leaves for the duration of its forward (see rules/broadcast.py)."""
@@ -305,19 +418,27 @@ def attach(model: nn.Module, clipping: str = "auto", loss_reduction: str = "mean
     if attachments_of(p for p in model.parameters() if p.requires_grad):
         raise RuntimeError("this model is already attached; call .detach() on the old attachment")
     attachment = Attachment(model, clipping, loss_reduction)
+    covered: list[str] = []  # subtrees the fallback handles as a whole
     for path, module in model.named_modules():
+        if any(path.startswith(prefix + ".") for prefix in covered):
+            continue
         own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
         if not own:
             continue
         rule = rule_for(module)
         if rule is None:
-            raise NotImplementedError(unsupported_message(path, module, own))
-        if getattr(rule, "capture", "io") == "parameters":
+            if is_batch_norm(module):
+                raise NotImplementedError(unsupported_message(path, module, own))
+            rule = FALLBACK
+            covered.append(path)
+            module.forward = _call_capturing_forward(attachment, module, rule, path)
+        elif getattr(rule, "capture", "io") == "parameters":
             rule.check(module)
             module.forward = _parameter_capturing_forward(attachment, module, rule, path)
         else:
             module.forward = _capturing_forward(attachment, module, rule, path)
         attachment.modules[path] = module
+        attachment.rules[path] = rule
     names = {id(p): n for n, p in model.named_parameters()}
     for p in attachment.parameters():
         p.summed_grad = None

@@ -1,7 +1,8 @@
 """``dpf.explain(model, example_input)``: which rule and norm method each parameter will get.
 
 Runs one forward pass (no gradients) to see the layers' actual shapes, then reports, per
-trainable parameter: its layer, the rule, the norm method the clipping mode picks for that layer
+trainable parameter: its layer, the rule (``FallbackRule`` for modules without one: exact but
+slower, one example at a time), the norm method the clipping mode picks for that layer
 (ghost or direct from the cost model of docs/ops.md, or materialised) and the estimated
 multiply-adds per example of the norm computation. Modules that cannot be made private are
 rejected with a message naming the module and the fix.
@@ -85,21 +86,29 @@ def explain(model: nn.Module, example_input, clipping: str = "auto") -> Explanat
     ``example_input`` (a tensor, or a tuple of positional arguments).
 
     Raises:
-        NotImplementedError: a module owns trainable parameters and has no rule (BatchNorm, ...).
+        NotImplementedError: a BatchNorm owns trainable parameters (no per-example gradient).
     """
+    from .rules.fallback import FALLBACK
+
     names = {id(p): n for n, p in model.named_parameters()}
-    owners = {}
+    owners, rules, covered = {}, {}, []
     for path, module in model.named_modules():
+        if any(path.startswith(prefix + ".") for prefix in covered):
+            continue
         own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
         if own:
-            if rule_for(module) is None:
-                raise NotImplementedError(unsupported_message(path, module, own))
-            owners[path] = module
+            rule = rule_for(module)
+            if rule is None:
+                if is_batch_norm(module):
+                    raise NotImplementedError(unsupported_message(path, module, own))
+                rule = FALLBACK
+                covered.append(path)
+            owners[path], rules[path] = module, rule
     seen: dict[str, tuple] = {}
 
     def record(path):
         def hook(module, args, out):
-            seen.setdefault(path, (args[0], out))  # first call; returns None: output unchanged
+            seen.setdefault(path, (args[0] if args else None, out))  # returns None: output kept
 
         return hook
 
@@ -113,7 +122,7 @@ def explain(model: nn.Module, example_input, clipping: str = "auto") -> Explanat
             hook.remove()
     rows = []
     for path, module in owners.items():
-        rule = rule_for(module)
+        rule = rules[path]
         method, macs = ("not reached by the forward", None)
         if path in seen:
             method, macs = rule.plan(module, *seen[path], clipping)

@@ -1,0 +1,89 @@
+"""The generic fallback: exact per-example gradients for a module that has no rule, by running it
+on one example at a time (torch.func.functional_call) against its captured output gradient.
+
+It covers every trainable parameter in the module's subtree, so its children are not captured
+separately. It is exact for any module that treats the examples of a batch independently; the
+engine checks that on every step (the per-example gradients must add up to the batch gradient)
+and raises for a module that couples examples. Slower than a dedicated rule: ``dpf.explain``
+reports where it is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+
+from ._registry import Rule
+
+
+def batch_dim(module: nn.Module, t: Tensor) -> int:
+    """Where the batch sits in a tensor the module takes or returns: dim 1 for the 3-D inputs
+    of sequence-first modules (``batch_first=False``, as nn.MultiheadAttention defaults to)."""
+    return 1 if getattr(module, "batch_first", True) is False and t.dim() == 3 else 0
+
+
+def _example(module: nn.Module, value, i: int, batch: int):
+    """Example i's slice of an argument: tensors whose batch dim has size B; others as is."""
+    if isinstance(value, Tensor) and value.dim() > 0:
+        dim = batch_dim(module, value)
+        if value.shape[dim] == batch:
+            return value.narrow(dim, i, 1)
+        if (
+            isinstance(module, nn.MultiheadAttention)
+            and value.dim() == 3
+            and value.shape[0] == (batch * module.num_heads)
+        ):  # a per-example, per-head attn_mask (B * H, L, S)
+            return value.narrow(0, i * module.num_heads, module.num_heads)
+    return value
+
+
+@contextlib.contextmanager
+def _original_forward(module: nn.Module):
+    """Temporarily removes the engine's capturing forward, so calls reach the module's own."""
+    override = module.__dict__.pop("forward", None)
+    try:
+        yield
+    finally:
+        if override is not None:
+            module.forward = override
+
+
+def first_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class FallbackRule(Rule):
+    """torch.func per-example gradients of a module's whole subtree (see module docstring)."""
+
+    capture = "call"
+
+    def parameters(self, module):
+        return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+    def per_example_grads(self, module, x, g):
+        args, kwargs = x
+        batch = g.shape[batch_dim(module, g)]
+        params = self.parameters(module)
+        rows = {n: [] for n in params}
+        with _original_forward(module), torch.enable_grad():
+            for i in range(batch):
+                leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+                args_i = tuple(_example(module, a, i, batch) for a in args)
+                kwargs_i = {k: _example(module, v, i, batch) for k, v in kwargs.items()}
+                out = first_output(torch.func.functional_call(module, leaves, args_i, kwargs_i))
+                g_i = g.narrow(batch_dim(module, g), i, 1)
+                grads = torch.autograd.grad(out, list(leaves.values()), g_i, allow_unused=True)
+                for (n, leaf), grad in zip(leaves.items(), grads):
+                    rows[n].append(torch.zeros_like(leaf) if grad is None else grad)
+        return {
+            n: torch.stack(v) if v else params[n].new_zeros(0, *params[n].shape)
+            for n, v in rows.items()
+        }
+
+    def plan(self, module, x, out, clipping):
+        return "torch.func fallback (one example at a time)", None
+
+
+FALLBACK = FallbackRule()
