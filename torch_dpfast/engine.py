@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .explain import check_no_batch_statistics, is_batch_norm, unsupported_message
+from .explain import batch_norm_message, check_no_batch_statistics, is_batch_norm
 from .rules import rule_for, scaled_sum
 from .rules._registry import Rule
 from .rules.fallback import FALLBACK, _original_forward, batch_dim
@@ -395,8 +395,9 @@ def attach(model: nn.Module, clipping: str = "auto", loss_reduction: str = "mean
     """Makes every trainable parameter of ``model`` receive clipped per-example gradients.
 
     Args:
-        model: any module; each submodule that owns trainable parameters needs a rule
-            (``torch_dpfast.rules``), else this raises naming it.
+        model: any module. Submodules that own trainable parameters are captured by their rule
+            (``torch_dpfast.rules``), or else by the exact but slower generic fallback
+            (``rules/fallback.py``); a trainable BatchNorm is refused.
         clipping: ``"auto"`` (book-keeping, ghost or direct norm per layer by the cost model),
             ``"bk"`` (book-keeping with ghost norms), ``"per_example"`` (materialised per-example
             gradients, the Opacus-equivalent baseline). ``"ghost"`` (two backward passes) is not
@@ -428,7 +429,7 @@ def attach(model: nn.Module, clipping: str = "auto", loss_reduction: str = "mean
         rule = rule_for(module)
         if rule is None:
             if is_batch_norm(module):
-                raise NotImplementedError(unsupported_message(path, module, own))
+                raise NotImplementedError(batch_norm_message(path, module))
             rule = FALLBACK
             covered.append(path)
             module.forward = _call_capturing_forward(attachment, module, rule, path)

@@ -35,20 +35,13 @@ def check_no_batch_statistics(model: nn.Module) -> None:
             )
 
 
-def unsupported_message(path: str, module: nn.Module, names: list[str]) -> str:
-    """The error for a module with trainable parameters and no rule."""
-    where = f"module {path or '<root>'!r} ({type(module).__name__})"
-    if is_batch_norm(module):
-        return (
-            f"torch_dpfast: {where} is a BatchNorm: it normalises with statistics of the whole "
-            "batch, so an example's gradient depends on the other examples and cannot be clipped "
-            "per example. Replace it with GroupNorm or LayerNorm (timm models take norm_layer=), "
-            "or freeze it and put it in eval mode"
-        )
+def batch_norm_message(path: str, module: nn.Module) -> str:
+    """The error for a trainable BatchNorm: it has no per-example gradient."""
     return (
-        f"torch_dpfast: {where} has trainable parameters {names} but no per-example gradient "
-        "rule; freeze them with requires_grad_(False), or register a rule with "
-        "torch_dpfast.rules.register_rule"
+        f"torch_dpfast: module {path or '<root>'!r} ({type(module).__name__}) is a BatchNorm: it "
+        "normalises with statistics of the whole batch, so an example's gradient depends on the "
+        "other examples and cannot be clipped per example. Replace it with GroupNorm or "
+        "LayerNorm (timm models take norm_layer=), or freeze it and put it in eval mode"
     )
 
 
@@ -100,7 +93,7 @@ def explain(model: nn.Module, example_input, clipping: str = "auto") -> Explanat
             rule = rule_for(module)
             if rule is None:
                 if is_batch_norm(module):
-                    raise NotImplementedError(unsupported_message(path, module, own))
+                    raise NotImplementedError(batch_norm_message(path, module))
                 rule = FALLBACK
                 covered.append(path)
             owners[path], rules[path] = module, rule
