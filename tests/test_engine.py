@@ -55,9 +55,10 @@ class AttentionLM(nn.Module):
     """Embedding + nn.MultiheadAttention (through the generic fallback) + LayerNorm, with a
     key padding mask, a causal attn_mask, bias_k/v and add_zero_attn, sequence-first."""
 
-    def __init__(self, vocab=9, dim=8, batch_first=False):
+    def __init__(self, vocab=9, dim=8, batch_first=False, packed=False):
         super().__init__()
         self.batch_first = batch_first
+        kdim, vdim = (dim, dim) if packed else (5, 6)  # packed in_proj_weight, or q/k/v weights
         self.embed = nn.Embedding(vocab, dim, padding_idx=0)
         self.attn = nn.MultiheadAttention(
             dim,
@@ -66,10 +67,10 @@ class AttentionLM(nn.Module):
             add_bias_kv=True,
             add_zero_attn=True,
             batch_first=batch_first,
-            kdim=5,
-            vdim=6,
+            kdim=kdim,
+            vdim=vdim,
         )
-        self.to_k, self.to_v = nn.Linear(dim, 5), nn.Linear(dim, 6)
+        self.to_k, self.to_v = nn.Linear(dim, kdim), nn.Linear(dim, vdim)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, 3)
 
@@ -138,6 +139,11 @@ CASES = {
     "cnn": (ResidualCNN, lambda g: torch.randn(5, 3, 6, 6, generator=g, dtype=torch.float64), 5),
     "tied_lm": (TiedLM, lambda g: torch.randint(0, 11, (4, 7), generator=g), 11),
     "attention_lm": (AttentionLM, lambda g: torch.randint(1, 9, (3, 5), generator=g), 3),
+    "attention_lm_packed": (
+        lambda: AttentionLM(packed=True),
+        lambda g: torch.randint(1, 9, (3, 5), generator=g),
+        3,
+    ),
     "attention_lm_batch_first": (
         lambda: AttentionLM(batch_first=True),
         lambda g: torch.randint(1, 9, (3, 5), generator=g),
