@@ -283,10 +283,16 @@ def test_frozen_parameters_are_left_alone(gen):
 
 
 def test_bf16_autocast_matches_float64_within_bf16_error(gen):
+    """Under bf16 autocast our per-example norms and clipped sum are within twice PyTorch's own
+    error (per-example autograd under the same autocast) or 2^-6 relative, whichever is larger:
+    on a model this small a single draw's bf16 rounding varies too much for the 2x rule alone."""
     model, x, y = _setup("mlp", gen)
     per_example, _ = _per_example_grads(copy.deepcopy(model), x, y)
     expected, expected_norms = _clipped(per_example, 0.5)
     model = model.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch_per_example, _ = _per_example_grads(copy.deepcopy(model), x.float(), y)
+    torch_sum, torch_norms = _clipped(torch_per_example.double(), 0.5)
     att = dpf.attach(model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = F.cross_entropy(model(x.float()), y)
@@ -294,9 +300,16 @@ def test_bf16_autocast_matches_float64_within_bf16_error(gen):
     norm_sq = att.clip_and_accumulate(0.5)
     att.detach()
     summed = torch.cat([p.summed_grad.flatten() for p in model.parameters()])
-    assert norm_sq.dtype == torch.float32
-    torch.testing.assert_close(norm_sq.double(), expected_norms, rtol=5e-2, atol=1e-3)
-    torch.testing.assert_close(summed.double(), expected, rtol=5e-2, atol=5e-3)
+    assert norm_sq.dtype == torch.float32 and torch.isfinite(summed).all()
+
+    def error(a, b):
+        return (a.double() - b).norm().item()
+
+    def bound(reference, truth):
+        return max(2 * error(reference, truth), 2**-6 * truth.norm().item())
+
+    assert error(norm_sq, expected_norms) <= bound(torch_norms, expected_norms)
+    assert error(summed, expected) <= bound(torch_sum, expected)
 
 
 def test_attach_refuses_what_it_cannot_make_private():
