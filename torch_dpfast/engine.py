@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .explain import batch_norm_message, check_no_batch_statistics, is_batch_norm
-from .rules import rule_for, scaled_sum
+from .explain import assign_rules, check_no_batch_statistics
+from .rules import scaled_sum
 from .rules._registry import Rule
 from .rules.fallback import FALLBACK, _original_forward, batch_dim
 
@@ -419,19 +419,8 @@ def attach(model: nn.Module, clipping: str = "auto", loss_reduction: str = "mean
     if attachments_of(p for p in model.parameters() if p.requires_grad):
         raise RuntimeError("this model is already attached; call .detach() on the old attachment")
     attachment = Attachment(model, clipping, loss_reduction)
-    covered: list[str] = []  # subtrees the fallback handles as a whole
-    for path, module in model.named_modules():
-        if any(path.startswith(prefix + ".") for prefix in covered):
-            continue
-        own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if not own:
-            continue
-        rule = rule_for(module)
-        if rule is None:
-            if is_batch_norm(module):
-                raise NotImplementedError(batch_norm_message(path, module))
-            rule = FALLBACK
-            covered.append(path)
+    for path, (module, rule) in assign_rules(model).items():
+        if rule is FALLBACK:
             module.forward = _call_capturing_forward(attachment, module, rule, path)
         elif getattr(rule, "capture", "io") == "parameters":
             rule.check(module)

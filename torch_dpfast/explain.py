@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from .rules import rule_for
+from .rules._registry import Rule
+from .rules.fallback import FALLBACK
 
 
 def is_batch_norm(module: nn.Module) -> bool:
@@ -43,6 +45,30 @@ def batch_norm_message(path: str, module: nn.Module) -> str:
         "other examples and cannot be clipped per example. Replace it with GroupNorm or "
         "LayerNorm (timm models take norm_layer=), or freeze it and put it in eval mode"
     )
+
+
+def assign_rules(model: nn.Module) -> dict[str, tuple[nn.Module, Rule]]:
+    """{path: (module, rule)} for every module that owns trainable parameters: its registered
+    rule, or the generic fallback, which then covers the module's whole subtree.
+
+    Raises:
+        NotImplementedError: a BatchNorm owns trainable parameters (no per-example gradient).
+    """
+    assigned, covered = {}, []
+    for path, module in model.named_modules():
+        if any(path.startswith(prefix + ".") for prefix in covered):
+            continue
+        own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        rule = rule_for(module)
+        if rule is None:
+            if is_batch_norm(module):
+                raise NotImplementedError(batch_norm_message(path, module))
+            rule = FALLBACK
+            covered.append(path)
+        assigned[path] = (module, rule)
+    return assigned
 
 
 @dataclass
@@ -81,22 +107,10 @@ def explain(model: nn.Module, example_input, clipping: str = "auto") -> Explanat
     Raises:
         NotImplementedError: a BatchNorm owns trainable parameters (no per-example gradient).
     """
-    from .rules.fallback import FALLBACK
-
     names = {id(p): n for n, p in model.named_parameters()}
-    owners, rules, covered = {}, {}, []
-    for path, module in model.named_modules():
-        if any(path.startswith(prefix + ".") for prefix in covered):
-            continue
-        own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if own:
-            rule = rule_for(module)
-            if rule is None:
-                if is_batch_norm(module):
-                    raise NotImplementedError(batch_norm_message(path, module))
-                rule = FALLBACK
-                covered.append(path)
-            owners[path], rules[path] = module, rule
+    assigned = assign_rules(model)
+    owners = {path: module for path, (module, _) in assigned.items()}
+    rules = {path: rule for path, (_, rule) in assigned.items()}
     seen: dict[str, tuple] = {}
 
     def record(path):

@@ -22,16 +22,13 @@ per-example gradient is gamma/sqrt(n) <w_hat_r, G_ir>.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
 from ._registry import Rule, register_rule, scaled_sum, zero_norms
-from .conv import _conv_args, _spatial_sum, weight_grads
-from .linear import plan_linear
+from .conv import ConvRule, _conv_args, _spatial_sum, weight_grads
 
 try:
     from timm.layers import std_conv
@@ -155,7 +152,4 @@ if std_conv is not None:
             return out
 
         def plan(self, module, x, out, clipping):
-            t = math.prod(out.shape[2:])
-            d_in = module.in_channels // module.groups * math.prod(module.kernel_size)
-            method, cost = plan_linear(clipping, t, d_in, module.out_channels // module.groups)
-            return method, cost * module.groups
+            return ConvRule().plan(module, x, out, clipping)
