@@ -23,14 +23,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import torch_dpfast as dpf  # noqa: E402
 from benchmarks.common import environment, measure, summary, write_json  # noqa: E402
+from benchmarks.kernels.shapes import VIT_B_BLOCK  # noqa: E402
 from torch_dpfast.ops._checks import norm_method  # noqa: E402
 
 # (name, T, d_in, d_out): ViT-B/16 at 224 (T = 197) and a 512-token text layer.
 LINEAR_SHAPES = [
-    ("vit_b.qkv", 197, 768, 2304),
-    ("vit_b.proj", 197, 768, 768),
-    ("vit_b.fc1", 197, 768, 3072),
-    ("vit_b.fc2", 197, 3072, 768),
+    *VIT_B_BLOCK,
     ("vit_b.head", 1, 768, 1000),
     ("text512.ffn", 512, 768, 3072),
 ]

@@ -21,6 +21,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import torch_dpfast as dpf  # noqa: E402
 from benchmarks.common import environment, measure, summary, write_json  # noqa: E402
+from benchmarks.kernels.shapes import VIT_B_BLOCK  # noqa: E402
 
 # Dense peaks (FLOP/s) per precision and HBM bandwidth (B/s), from NVIDIA's datasheets (SXM).
 PEAKS = {
@@ -28,10 +29,7 @@ PEAKS = {
     "H200": {"ieee": 67e12, "tf32": 494.7e12, "bf16": 989.4e12, "bandwidth": 4.8e12},
 }
 LINEAR_SHAPES = [
-    ("vit_b.qkv", 197, 768, 2304),
-    ("vit_b.proj", 197, 768, 768),
-    ("vit_b.fc1", 197, 768, 3072),
-    ("vit_b.fc2", 197, 3072, 768),
+    *VIT_B_BLOCK,
     ("vit_b.head", 1, 768, 100),
 ]
 # (name, C_in, H, C_out, kernel, stride, padding, method)
