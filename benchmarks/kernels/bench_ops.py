@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import torch_dpfast as dpf  # noqa: E402
-from benchmarks.common import environment, measure, summary, write_json  # noqa: E402
+from benchmarks.common import environment, measure, pyplot, summary, write_json  # noqa: E402
 from benchmarks.kernels.shapes import VIT_B_BLOCK  # noqa: E402
 from torch_dpfast.ops._checks import norm_method  # noqa: E402
 
@@ -247,13 +247,8 @@ def markdown(env: dict, rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: pathlib.Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     norm_rows = [r for r in rows if r["group"] == "norm_method"]
     if not norm_rows:

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import torch_dpfast as dpf  # noqa: E402
-from benchmarks.common import environment, measure, summary, write_json  # noqa: E402
+from benchmarks.common import environment, measure, pyplot, summary, write_json  # noqa: E402
 from benchmarks.kernels.shapes import VIT_B_BLOCK  # noqa: E402
 
 # Dense peaks (FLOP/s) per precision and HBM bandwidth (B/s), from NVIDIA's datasheets (SXM).
@@ -160,13 +160,8 @@ def markdown(env: dict, settings: dict, rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: pathlib.Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     precisions = list(dict.fromkeys(r["precision"] for r in rows))
     fig, axes = plt.subplots(

@@ -23,35 +23,40 @@ MIN_BLOCK_T = 16  # smallest BLOCK_T among the configs: sizes the partial-sum bu
 
 
 @triton.jit
-def _gram_tile(
-    base,
-    rows_i,
-    rows_j,
-    in_i,
-    in_j,
-    D,
-    s_t,
-    s_d,
-    BLOCK_T: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+def _tile_product(
+    x_base,
+    x_idx,
+    in_x,
+    s_x,
+    s_xr,
+    y_base,
+    y_idx,
+    in_y,
+    s_y,
+    s_yr,
+    R,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """(BLOCK_T, BLOCK_T) tile x_i x_j^T of the Gram matrix of the rows of x (T x D)."""
-    acc = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        in_k = cols < D
-        x_i = tl.load(
-            base + rows_i[:, None] * s_t + cols[None, :] * s_d,
-            mask=in_i[:, None] & in_k[None, :],
+    """(BLOCK_M, BLOCK_N) tile sum_r X[m, r] Y[r, n], accumulated on chip over R in steps of
+    BLOCK_R; element (m, r) of X sits at x_base + x_idx[m] * s_x + r * s_xr (likewise Y)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        red = r0 + tl.arange(0, BLOCK_R)
+        in_r = red < R
+        x = tl.load(
+            x_base + x_idx[:, None] * s_x + red[None, :] * s_xr,
+            mask=in_x[:, None] & in_r[None, :],
             other=0.0,
         )
-        x_j = tl.load(
-            base + cols[:, None] * s_d + rows_j[None, :] * s_t,
-            mask=in_k[:, None] & in_j[None, :],
+        y = tl.load(
+            y_base + red[:, None] * s_yr + y_idx[None, :] * s_y,
+            mask=in_r[:, None] & in_y[None, :],
             other=0.0,
         )
-        acc = dot(x_i, x_j, acc, PRECISION)
+        acc = dot(x, y, acc, PRECISION)
     return acc
 
 
@@ -109,15 +114,20 @@ def _ghost_norm_kernel(
     rows_j = tj * BLOCK_T + tl.arange(0, BLOCK_T)
     in_i = rows_i < T
     in_j = rows_j < T
-    gram_g = _gram_tile(
-        g_ptr + b * s_gb + group * s_gg,
+    base = g_ptr + b * s_gb + group * s_gg  # Gram tile x_i x_j^T of the rows of a (T x d) matrix
+    gram_g = _tile_product(
+        base,
         rows_i,
-        rows_j,
         in_i,
-        in_j,
-        DG,
         s_gt,
         s_gd,
+        base,
+        rows_j,
+        in_j,
+        s_gt,
+        s_gd,
+        DG,
+        BLOCK_T,
         BLOCK_T,
         BLOCK_K,
         PRECISION,
@@ -130,15 +140,22 @@ def _ghost_norm_kernel(
             same = same & (ids_i[:, None] != padding_idx)
         product = tl.where(same, gram_g, 0.0)
     else:
-        gram_a = _gram_tile(
-            a_ptr + b * s_ab + group * s_ag,
+        base = (
+            a_ptr + b * s_ab + group * s_ag
+        )  # Gram tile x_i x_j^T of the rows of a (T x d) matrix
+        gram_a = _tile_product(
+            base,
             rows_i,
-            rows_j,
             in_i,
-            in_j,
-            DA,
             s_at,
             s_ad,
+            base,
+            rows_j,
+            in_j,
+            s_at,
+            s_ad,
+            DA,
+            BLOCK_T,
             BLOCK_T,
             BLOCK_K,
             PRECISION,
@@ -195,21 +212,23 @@ def _direct_norm_kernel(
     group = example % G
     a_base = a_ptr + b * s_ab + group * s_ag
     g_base = g_ptr + b * s_gb + group * s_gg
-    acc = tl.zeros((BLOCK_G, BLOCK_A), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        rows = t0 + tl.arange(0, BLOCK_T)
-        in_t = rows < T
-        g_t = tl.load(
-            g_base + cols_g[:, None] * s_gd + rows[None, :] * s_gt,
-            mask=in_g[:, None] & in_t[None, :],
-            other=0.0,
-        )
-        a_t = tl.load(
-            a_base + rows[:, None] * s_at + cols_a[None, :] * s_ad,
-            mask=in_t[:, None] & in_a[None, :],
-            other=0.0,
-        )
-        acc = dot(g_t, a_t, acc, PRECISION)
+    acc = _tile_product(  # g^T a over the T positions
+        g_base,
+        cols_g,
+        in_g,
+        s_gd,
+        s_gt,
+        a_base,
+        cols_a,
+        in_a,
+        s_ad,
+        s_at,
+        T,
+        BLOCK_G,
+        BLOCK_A,
+        BLOCK_T,
+        PRECISION,
+    )
     tl.store(out_ptr + example * n_slots + pid, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 
 
