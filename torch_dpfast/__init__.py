@@ -1,20 +1,27 @@
 """torch_dpfast: fast, correct differentially private training (DP-SGD) for PyTorch."""
 
-from . import ops, rules
+from . import accounting, ops, rules
+from .data_loader import DPDataLoader
 from .engine import Attachment, attach
 from .explain import Explanation, explain
+from .fix import fix
 from .optimizer import DPOptimizer
 from .precision import get_precision, precision, set_precision
+from .privacy_engine import PrivacyEngine
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "Attachment",
+    "DPDataLoader",
     "DPOptimizer",
     "Explanation",
+    "PrivacyEngine",
     "__version__",
+    "accounting",
     "attach",
     "explain",
+    "fix",
     "get_precision",
     "ops",
     "precision",

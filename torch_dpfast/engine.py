@@ -42,6 +42,7 @@ class _Record:
     x: object = None  # the layer input (or what the rule's capture kind records)
     g: Tensor | None = None  # the output gradient, once backward ran
     batch_grads: dict[str, Tensor] | None = None  # fallback: the batch gradient, for checking
+    generation: int = 0  # which physical batch (Attachment.begin_batch) the call belongs to
 
     @property
     def batch(self) -> int:
@@ -146,6 +147,7 @@ class Attachment:
     modules: dict[str, nn.Module] = field(default_factory=dict)
     rules: dict[str, Rule] = field(default_factory=dict)  # path -> the rule capturing it
     mask: Tensor | None = None  # (B,) rows to keep in the next clip_and_accumulate
+    generation: int = 0  # counts begin_batch calls
     _records: list[_Record] = field(default_factory=list)
     _hooks: list = field(default_factory=list)
     _leaked: set[str] = field(default_factory=set)  # parameters that got an ordinary gradient
@@ -160,6 +162,17 @@ class Attachment:
                     seen.add(id(p))
                     out.append(p)
         return out
+
+    def begin_batch(self, mask: Tensor | None) -> None:
+        """A new physical batch: ``mask`` (B,) marks its real rows (None: all are real)."""
+        self.generation += 1
+        self.mask = mask
+
+    def record(self, module: nn.Module, rule: Rule, params, **fields) -> _Record:
+        """Registers one call of a captured layer."""
+        record = _Record(module, rule, params, generation=self.generation, **fields)
+        self._records.append(record)
+        return record
 
     def discard(self) -> None:
         """Forgets captured layer calls (after a step, or a backward that will not be used)."""
@@ -196,6 +209,12 @@ class Attachment:
         mask, self.mask = self.mask, None
         if not records:
             return torch.zeros(0)
+        if len({r.generation for r in records}) > 1:
+            raise RuntimeError(
+                "torch_dpfast: the gradients of several physical batches reached one "
+                "optimizer.step(); call optimizer.step() after the backward of every physical "
+                "batch (it only clips and accumulates until the logical batch is complete)"
+            )
         batch = records[0].batch
         for r in records:
             if r.batch != batch:
@@ -203,6 +222,11 @@ class Attachment:
                     f"layers saw different batch sizes ({batch} and {r.batch}); per-example "
                     "clipping needs dim 0 of every layer input to be the batch"
                 )
+        if mask is not None and mask.shape != (batch,):
+            raise ValueError(
+                f"the layers saw a batch of {batch} examples in dim 0, but the physical batch has "
+                f"{mask.shape[0]} rows: the model must take its inputs batch first"
+            )
         # With a mean-reduced loss, autograd's g carries a factor 1/B; per-example gradients
         # are the gradients of the per-example losses, so multiply it back.
         loss_scale = float(batch) if self.loss_reduction == "mean" else 1.0
@@ -321,8 +345,7 @@ def _capturing_forward(attachment: Attachment, module: nn.Module, rule: Rule, pa
                 "with one tensor argument"
             )
         params = rule.parameters(self)
-        record = _Record(self, rule, params)
-        attachment._records.append(record)
+        record = attachment.record(self, rule, params)
 
         def call(x_in):
             with _detached(self, params):
@@ -345,8 +368,7 @@ def _call_capturing_forward(attachment: Attachment, module: nn.Module, rule, pat
         if not torch.is_grad_enabled():
             return original(*args, **kwargs)
         params = rule.parameters(self)
-        record = _Record(self, rule, params)
-        attachment._records.append(record)
+        record = attachment.record(self, rule, params)
         tensors = [a for a in args if isinstance(a, Tensor)]
         tensors += [v for v in kwargs.values() if isinstance(v, Tensor)]
 
@@ -380,7 +402,7 @@ def _parameter_capturing_forward(attachment: Attachment, module: nn.Module, rule
             )
         params = rule.parameters(self)
         leaves = rule.expand(self, args[0].shape[0])
-        attachment._records.append(_Record(self, rule, params, x=leaves, g=args[0]))
+        attachment.record(self, rule, params, x=leaves, g=args[0])
         saved = {n: self._parameters[n] for n in leaves}
         try:
             self._parameters.update(leaves)

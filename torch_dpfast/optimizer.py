@@ -10,11 +10,14 @@ wrapped optimizer step. Parameters that received no gradient still get noise.
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 
 import torch
 
 from . import ops
 from .engine import Attachment, attachments_of
+from .random_source import RandomSource
 
 
 class DPOptimizer(torch.optim.Optimizer):
@@ -26,6 +29,8 @@ class DPOptimizer(torch.optim.Optimizer):
         max_grad_norm: the clipping bound C > 0.
         expected_batch_size: q * N, the expected logical batch size the noisy sum is divided by.
         generator: source of the noise seeds (torch's default generator if None).
+        secure_mode: re-seed the noise from the OS CSPRNG at every step (see
+            random_source.py); excludes ``generator``.
     """
 
     def __init__(
@@ -33,8 +38,9 @@ class DPOptimizer(torch.optim.Optimizer):
         optimizer: torch.optim.Optimizer,
         noise_multiplier: float,
         max_grad_norm: float,
-        expected_batch_size: int,
+        expected_batch_size: float,
         generator: torch.Generator | None = None,
+        secure_mode: bool = False,
     ):
         if not isinstance(noise_multiplier, (int, float)) or not noise_multiplier >= 0:
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
@@ -42,18 +48,25 @@ class DPOptimizer(torch.optim.Optimizer):
             math.isfinite(max_grad_norm) and max_grad_norm > 0
         ):
             raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
-        if not isinstance(expected_batch_size, int) or expected_batch_size < 1:
+        if not isinstance(expected_batch_size, (int, float)) or not (
+            math.isfinite(expected_batch_size) and expected_batch_size > 0
+        ):
             raise ValueError(
-                f"expected_batch_size must be an int >= 1, got {expected_batch_size!r}"
+                f"expected_batch_size must be a number > 0 (q * N), got {expected_batch_size!r}"
             )
+        if secure_mode and generator is not None:
+            raise ValueError("secure_mode draws the noise seeds from the OS; give no generator")
         self.original_optimizer = optimizer
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)
         self.expected_batch_size = expected_batch_size
         self.generator = generator
+        self._secure = RandomSource(secure=True) if secure_mode else None
         self._skip_next = False
         self._accumulating = False
         self.steps_taken = 0
+        #: Called with this optimizer after every real (noisy) step: the accountant's hook.
+        self.step_hooks: list[Callable[[DPOptimizer], None]] = []
 
     # The wrapped optimizer owns the parameter groups, state and defaults.
     @property
@@ -96,6 +109,21 @@ class DPOptimizer(torch.optim.Optimizer):
         its logical batch)."""
         self._skip_next = do_skip
 
+    def start_logical_batch(self) -> None:
+        """A new logical batch begins: clipped sums of an unfinished one are dropped (with a
+        warning), never mixed into it; nothing was released from them, so no privacy is spent."""
+        if self._accumulating:
+            warnings.warn(
+                "torch_dpfast: a logical batch was abandoned before its last physical batch "
+                "(the loop broke off, or a new epoch began); its clipped sums are discarded",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            for p in self._params():
+                p.summed_grad = None
+            self._accumulating = False
+        self._skip_next = False
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clears ``p.grad`` and pending captures; clipped sums survive until the logical step."""
         for attachment in attachments_of(self._params()):
@@ -127,12 +155,14 @@ class DPOptimizer(torch.optim.Optimizer):
             sums,
             std=self.noise_multiplier * self.max_grad_norm,
             scale=1.0 / self.expected_batch_size,
-            generator=self.generator,
+            generator=self._secure.draw() if self._secure else self.generator,
         )
         for p in params:
             p.grad, p.summed_grad = p.summed_grad, None
         self._accumulating = False
         self.steps_taken += 1
+        for hook in self.step_hooks:
+            hook(self)
         return True
 
     def step(self, closure=None):
@@ -143,15 +173,46 @@ class DPOptimizer(torch.optim.Optimizer):
             return self.original_optimizer.step()
         return None
 
-    def state_dict(self) -> dict:
-        return {
-            "optimizer": self.original_optimizer.state_dict(),
-            "dp": {"steps_taken": self.steps_taken},
+    def dp_state_dict(self) -> dict:
+        """The DP state: steps taken, the clipped sums of a logical batch in progress, and the
+        noise generator's state (none in secure mode)."""
+        state = {
+            "steps_taken": self.steps_taken,
+            "accumulating": self._accumulating,
+            "skip_next": self._skip_next,
+            "summed_grads": [getattr(p, "summed_grad", None) for p in self._params()],
         }
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state()
+        return state
+
+    def load_dp_state_dict(self, state: dict) -> None:
+        params = self._params()
+        sums = state["summed_grads"]
+        if len(sums) != len(params):
+            raise ValueError(
+                f"the saved DP state has clipped sums for {len(sums)} parameters, this optimizer "
+                f"has {len(params)} trainable ones: it belongs to a different model or optimizer"
+            )
+        for p, summed in zip(params, sums):
+            if summed is not None and summed.shape != p.shape:
+                raise ValueError(
+                    f"saved clipped sum of shape {tuple(summed.shape)} does not fit a parameter "
+                    f"of shape {tuple(p.shape)}"
+                )
+            p.summed_grad = None if summed is None else summed.to(p.device, p.dtype)
+        self.steps_taken = state["steps_taken"]
+        self._accumulating = state["accumulating"]
+        self._skip_next = state["skip_next"]
+        if self.generator is not None and "generator" in state:
+            self.generator.set_state(state["generator"])
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.original_optimizer.state_dict(), "dp": self.dp_state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.original_optimizer.load_state_dict(state_dict["optimizer"])
-        self.steps_taken = state_dict["dp"]["steps_taken"]
+        self.load_dp_state_dict(state_dict["dp"])
 
     def __repr__(self) -> str:
         return (

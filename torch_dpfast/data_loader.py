@@ -1,0 +1,113 @@
+"""``DPDataLoader``: the user's DataLoader, re-batched by Poisson sampling into physical batches.
+
+It keeps the user's dataset, ``collate_fn``, ``num_workers`` (batches arrive in order),
+``pin_memory``, ``persistent_workers``, ``worker_init_fn``, ``prefetch_factor`` and
+``multiprocessing_context``; only the batching changes (see sampling.py). Each batch it yields
+is announced first to ``on_batch`` with its :class:`~torch_dpfast.sampling.PhysicalBatch`
+(mask, whether it ends its logical batch), which is how the PrivacyEngine tells the optimizer
+and the clipping which rows are real and when to step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch.utils.data import DataLoader, IterableDataset
+
+from .accounting import steps_per_epoch as default_steps_per_epoch
+from .random_source import RandomSource
+from .sampling import PhysicalBatch, PoissonBatchSampler
+
+
+class DPDataLoader(DataLoader):
+    """A DataLoader whose batches are Poisson-sampled, fixed-shape physical batches.
+
+    Args:
+        data_loader: the user's loader (its dataset and loading options are kept).
+        sample_rate: q; each example joins each logical batch with this probability.
+        physical_batch_size: rows per physical batch (None: one variable-size batch per step).
+        steps_per_epoch: logical steps per epoch (default round(1/q)).
+        random: source of the sample (default: seeded from torch's default generator).
+        on_batch: called with each batch's :class:`PhysicalBatch` just before it is yielded.
+    """
+
+    def __init__(
+        self,
+        data_loader: DataLoader,
+        sample_rate: float,
+        physical_batch_size: int | None,
+        steps_per_epoch: int | None = None,
+        random: RandomSource | None = None,
+        on_batch: Callable[[PhysicalBatch], None] | None = None,
+    ):
+        dataset = data_loader.dataset
+        check_map_style(dataset)
+        num_samples = len(dataset)
+        sampler = PoissonBatchSampler(
+            num_samples,
+            sample_rate,
+            steps_per_epoch or default_steps_per_epoch(sample_rate),
+            physical_batch_size,
+            random or RandomSource(),
+        )
+        options = dict(
+            num_workers=data_loader.num_workers,
+            collate_fn=data_loader.collate_fn,
+            pin_memory=data_loader.pin_memory,
+            timeout=data_loader.timeout,
+            worker_init_fn=data_loader.worker_init_fn,
+            multiprocessing_context=data_loader.multiprocessing_context,
+            generator=data_loader.generator,
+            persistent_workers=data_loader.persistent_workers,
+            pin_memory_device=data_loader.pin_memory_device,
+        )
+        if data_loader.num_workers > 0:
+            options["prefetch_factor"] = data_loader.prefetch_factor
+        super().__init__(dataset, batch_sampler=sampler, in_order=True, **options)
+        self.sample_rate = sample_rate
+        self.physical_batch_size = physical_batch_size
+        self.on_batch = on_batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batch_sampler.steps_per_epoch
+
+    @property
+    def expected_batch_size(self) -> float:
+        """q * N, what the noisy sum is divided by."""
+        return self.sample_rate * len(self.dataset)
+
+    def __iter__(self):
+        batches = super().__iter__()
+        queue = self.batch_sampler.latest_queue
+        for batch in batches:
+            info = queue.popleft()
+            self.batch_sampler.consumed = info.cursor
+            if self.on_batch is not None:
+                self.on_batch(info)
+            yield batch
+
+    def state_dict(self) -> dict:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.load_state_dict(state)
+
+
+def check_map_style(dataset) -> None:
+    """Poisson sampling needs random access to every example and the dataset size."""
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(
+            f"the data loader's dataset is an IterableDataset ({type(dataset).__name__}): Poisson "
+            "sampling needs random access to a dataset of known size. Use a map-style Dataset "
+            "(with __getitem__ and __len__), e.g. load the data into a TensorDataset"
+        )
+    try:
+        size = len(dataset)
+    except TypeError:
+        raise ValueError(
+            f"the data loader's dataset ({type(dataset).__name__}) has no len(); Poisson sampling "
+            "needs the dataset size"
+        ) from None
+    if size < 1:
+        raise ValueError("the data loader's dataset is empty")

@@ -1,0 +1,55 @@
+"""``dpf.fix(model)``: replaces every BatchNorm with a GroupNorm, which DP-SGD can clip.
+
+BatchNorm normalises with statistics of the whole batch, so one example's output (and gradient)
+depends on the others: there is no per-example gradient to clip. GroupNorm normalises each
+example on its own. Each BatchNorm over C channels becomes GroupNorm(G, C) with G the largest
+divisor of C that is at most 32 (32 groups, as in Wu & He 2018, where C allows), with the same
+eps and affine setting; timm's BatchNormAct2d keeps its activation and dropout. The new layers
+start from the identity affine map: BatchNorm's learned scale and shift do not carry over to a
+different normalisation.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def _groups(channels: int, max_groups: int = 32) -> int:
+    return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
+
+
+def _replacement(module: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        raise ValueError(
+            f"{type(module).__name__} does not know its number of channels yet: run one forward "
+            "pass through the model before dpf.fix(model)"
+        )
+    channels = module.num_features
+    norm = nn.GroupNorm(_groups(channels), channels, eps=module.eps, affine=module.affine)
+    if module.affine and module.weight is not None:
+        norm.weight.requires_grad_(module.weight.requires_grad)
+        norm.bias.requires_grad_(module.bias.requires_grad)
+    device = next((t.device for t in module.parameters()), None)
+    if device is None and module.running_mean is not None:
+        device = module.running_mean.device
+    if device is not None:
+        norm = norm.to(device)
+    extra = [getattr(module, name, None) for name in ("drop", "act")]  # timm BatchNormAct2d
+    extra = [m for m in extra if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
+    return nn.Sequential(norm, *extra) if extra else norm
+
+
+def fix(model: nn.Module) -> nn.Module:
+    """Replaces, in place, every BatchNorm (1d/2d/3d, SyncBatchNorm, lazy, timm's BatchNormAct2d)
+    in ``model`` by a GroupNorm, and returns the model; a BatchNorm root is returned replaced."""
+    if isinstance(model, nn.modules.batchnorm._BatchNorm):
+        return _replacement(model)
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, _replacement(child))
+        else:
+            fix(child)
+    return model
+
+
+__all__ = ["fix"]

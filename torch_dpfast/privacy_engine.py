@@ -1,0 +1,381 @@
+"""``PrivacyEngine``: makes a model, optimizer and data loader train with DP-SGD.
+
+``make_private`` attaches per-example clipping to the model (engine.py), wraps the optimizer
+(optimizer.py), replaces the data loader by Poisson-sampled fixed-shape physical batches
+(data_loader.py) and records every noisy step in the accountant (accounting/). The loader
+announces each physical batch to the engine before yielding it, and the engine tells the
+clipping which rows are real and the optimizer whether the batch ends its logical batch: the
+user's training loop stays the ordinary one.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import accounting
+from .data_loader import DPDataLoader, check_map_style
+from .engine import CLIPPING_MODES, Attachment, attach
+from .explain import is_batch_norm
+from .optimizer import DPOptimizer
+from .random_source import RandomSource
+from .sampling import PhysicalBatch
+
+# Opacus's names for the clipping choices that mean what we do (flat clipping over all layers).
+_OPACUS_CLIPPING = {"flat": "auto"}
+_OPACUS_GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch", "ghost", "no_op")
+
+
+class PrivacyEngine:
+    """DP-SGD for a model, an optimizer and a data loader, with privacy accounting.
+
+    Args:
+        accountant: "prv" (default; tight numerical composition) or "rdp".
+        secure_mode: draw the Poisson samples and the noise from generators re-seeded from the
+            OS CSPRNG before every draw (not reproducible; see docs/privacy_engine.md).
+    """
+
+    def __init__(self, accountant: str = "prv", secure_mode: bool = False):
+        self.accountant = accounting.create_accountant(accountant)
+        self.secure_mode = bool(secure_mode)
+        self.attachment: Attachment | None = None
+        self.optimizer: DPOptimizer | None = None
+        self.data_loader: DataLoader | None = None
+        self.sample_rate: float | None = None
+
+    def make_private(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data_loader: DataLoader,
+        max_grad_norm: float,
+        noise_multiplier: float | None = None,
+        target_epsilon: float | None = None,
+        target_delta: float | None = None,
+        epochs: float | None = None,
+        clipping: str = "auto",
+        physical_batch_size: int | None = None,
+        poisson_sampling: bool = True,
+        loss_reduction: str = "mean",
+        criterion: nn.Module | None = None,
+        noise_generator: torch.Generator | None = None,
+        sample_generator: torch.Generator | None = None,
+        batch_first: bool = True,
+        grad_sample_mode: str | None = None,
+    ):
+        """Returns ``(module, optimizer, data_loader)``: the same module with per-example
+        clipping attached, a :class:`DPOptimizer` around ``optimizer``, and a
+        :class:`DPDataLoader` of Poisson-sampled physical batches. With ``clipping="ghost"``,
+        ``(module, optimizer, criterion, data_loader)``.
+
+        Args:
+            module: the model (trained in place).
+            optimizer: any torch.optim optimizer over (some of) the module's parameters.
+            data_loader: a DataLoader over a map-style dataset; its ``batch_size`` is the
+                expected logical batch size: q = batch_size / len(dataset).
+            max_grad_norm: C, the per-example clipping bound.
+            noise_multiplier: sigma; or give ``target_epsilon``, ``target_delta`` and ``epochs``
+                to calibrate it.
+            clipping: "auto" | "bk" | "ghost" | "per_example" (see docs/clipping.md); Opacus's
+                "flat" means "auto".
+            physical_batch_size: rows per physical batch (the last one of a logical batch is
+                padded and masked); None: each logical batch is one variable-size batch.
+            poisson_sampling: False keeps the user's loader, whose batches are NOT what the
+                accountant assumes (a warning says so).
+            loss_reduction: "mean" or "sum", how the loss reduces over the batch.
+            criterion: the loss module, needed by ``clipping="ghost"``.
+            noise_generator: generator of the noise seeds (default: seeded from torch's).
+            sample_generator: generator of the Poisson sample (default: seeded from torch's).
+            batch_first: must be True (inputs are batch-first everywhere); for Opacus scripts.
+            grad_sample_mode: accepted for Opacus scripts: "ghost" means clipping="ghost"; the
+                others change nothing (our rules are exact).
+        """
+        if self.optimizer is not None:
+            raise RuntimeError(
+                "this PrivacyEngine already made a model private; create one PrivacyEngine per "
+                "model (its accountant tracks that model's privacy spending)"
+            )
+        clipping = _check_clipping(clipping, grad_sample_mode)
+        _check_positive("max_grad_norm", max_grad_norm)
+        if physical_batch_size is not None and (
+            not isinstance(physical_batch_size, int) or physical_batch_size < 1
+        ):
+            raise ValueError(
+                f"physical_batch_size must be an int >= 1 or None, got {physical_batch_size!r}"
+            )
+        if not batch_first:
+            raise ValueError(
+                "batch_first=False is not supported: every layer must see the batch in dim 0. "
+                "Transpose the inputs (and use batch_first=True modules)"
+            )
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if clipping == "ghost" and criterion is None:
+            raise ValueError(
+                "clipping='ghost' runs a second backward of the re-weighted per-example losses, "
+                "so it needs the loss: pass criterion= (it is returned wrapped)"
+            )
+        if not isinstance(data_loader, DataLoader):
+            raise ValueError(
+                f"data_loader must be a torch.utils.data.DataLoader, got {type(data_loader)}"
+            )
+        check_map_style(data_loader.dataset)
+        _check_model(module)
+        _check_optimizer(module, optimizer)
+        sample_rate = _sample_rate(data_loader)
+        if physical_batch_size is not None and not poisson_sampling:
+            raise ValueError("physical_batch_size needs poisson_sampling=True")
+        steps_per_epoch = (
+            accounting.steps_per_epoch(sample_rate) if poisson_sampling else len(data_loader)
+        )
+        noise_multiplier = self._noise_multiplier(
+            noise_multiplier, target_epsilon, target_delta, epochs, sample_rate, steps_per_epoch
+        )
+
+        self.attachment = attach(module, clipping=clipping, loss_reduction=loss_reduction)
+        expected_batch_size = sample_rate * len(data_loader.dataset)
+        self.optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            generator=noise_generator,
+            secure_mode=self.secure_mode,
+        )
+        self.optimizer.step_hooks.append(self._record_step)
+        self.sample_rate = sample_rate
+        if poisson_sampling:
+            self.data_loader = DPDataLoader(
+                data_loader,
+                sample_rate=sample_rate,
+                physical_batch_size=physical_batch_size,
+                steps_per_epoch=steps_per_epoch,
+                random=self._sample_source(sample_generator),
+                on_batch=self._on_batch,
+            )
+        else:
+            warnings.warn(
+                "torch_dpfast: poisson_sampling=False keeps the data loader's own batches "
+                "(shuffled or fixed), but the accountant assumes Poisson sampling; the epsilon "
+                "reported is then not a proven guarantee for this training run",
+                UserWarning,
+                stacklevel=2,
+            )
+            self.data_loader = data_loader
+        if clipping == "ghost":
+            return module, self.optimizer, criterion, self.data_loader
+        return module, self.optimizer, self.data_loader
+
+    def make_private_with_epsilon(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data_loader: DataLoader,
+        target_epsilon: float,
+        target_delta: float,
+        epochs: float,
+        max_grad_norm: float,
+        **kwargs,
+    ):
+        """``make_private`` with sigma calibrated so that ``epochs`` epochs spend just under
+        (target_epsilon, target_delta); Opacus's signature."""
+        if "noise_multiplier" in kwargs:
+            raise ValueError(
+                "make_private_with_epsilon calibrates noise_multiplier; do not give it"
+            )
+        return self.make_private(
+            module=module,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            max_grad_norm=max_grad_norm,
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            epochs=epochs,
+            **kwargs,
+        )
+
+    def get_epsilon(self, delta: float) -> float:
+        """Epsilon spent by the noisy steps taken so far, at ``delta``."""
+        return self.accountant.get_epsilon(delta)
+
+    @property
+    def noise_multiplier(self) -> float | None:
+        return None if self.optimizer is None else self.optimizer.noise_multiplier
+
+    # ------------------------------------------------------------------ internals
+
+    def _noise_multiplier(self, sigma, target_epsilon, target_delta, epochs, q, steps_per_epoch):
+        targets = {"target_epsilon": target_epsilon, "target_delta": target_delta, "epochs": epochs}
+        given = [k for k, v in targets.items() if v is not None]
+        if sigma is not None:
+            if target_epsilon is not None:
+                raise ValueError("give either noise_multiplier or target_epsilon, not both")
+            if not isinstance(sigma, (int, float)) or not (sigma >= 0 and math.isfinite(sigma)):
+                raise ValueError(f"noise_multiplier must be a finite number >= 0, got {sigma!r}")
+            if epochs is not None:
+                _check_positive("epochs", epochs)
+            return float(sigma)
+        if not given:
+            raise ValueError(
+                "give noise_multiplier, or target_epsilon with target_delta and epochs (sigma is "
+                "then calibrated to that budget)"
+            )
+        missing = [k for k, v in targets.items() if v is None]
+        if missing:
+            raise ValueError(f"calibrating the noise to a budget needs {', '.join(missing)} too")
+        _check_positive("epochs", epochs)
+        if not isinstance(target_delta, (int, float)) or not 0 < target_delta < 1:
+            raise ValueError(f"target_delta must be in (0, 1), got {target_delta!r}")
+        steps = max(1, round(epochs * steps_per_epoch))
+        return accounting.get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            sample_rate=q,
+            steps=steps,
+            accountant=self.accountant.mechanism,
+        )
+
+    def _sample_source(self, generator: torch.Generator | None) -> RandomSource:
+        if self.secure_mode:
+            if generator is not None:
+                raise ValueError("secure_mode draws the sample from the OS; give no generator")
+            return RandomSource(secure=True)
+        source = RandomSource()
+        if generator is not None:
+            source.generator = generator
+        return source
+
+    def _on_batch(self, batch: PhysicalBatch) -> None:
+        if batch.first:
+            self.optimizer.start_logical_batch()
+        self.attachment.begin_batch(batch.mask)
+        self.optimizer.signal_skip_step(not batch.last)
+
+    def _record_step(self, optimizer: DPOptimizer) -> None:
+        self.accountant.step(
+            noise_multiplier=optimizer.noise_multiplier, sample_rate=self.sample_rate
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """Accountant history, sampler position and the logical batch in progress (its clipped
+        sums): with the model's and optimizer's own state, a run resumes exactly."""
+        if self.optimizer is None:
+            raise RuntimeError("call make_private first")
+        state = {
+            "accountant": self.accountant.state_dict(),
+            "sample_rate": self.sample_rate,
+            "optimizer": self.optimizer.dp_state_dict(),
+        }
+        if isinstance(self.data_loader, DPDataLoader):
+            state["data_loader"] = self.data_loader.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores :meth:`state_dict` into an engine on which make_private was called with the
+        same settings."""
+        if self.optimizer is None:
+            raise RuntimeError("call make_private first, then load_state_dict")
+        if state["sample_rate"] != self.sample_rate:
+            raise ValueError(
+                f"the checkpoint was taken with sample rate {state['sample_rate']}, this engine "
+                f"samples with {self.sample_rate}: same data set and batch size needed to resume"
+            )
+        self.accountant.load_state_dict(state["accountant"])
+        self.optimizer.load_dp_state_dict(state["optimizer"])
+        if "data_loader" in state and isinstance(self.data_loader, DPDataLoader):
+            self.data_loader.load_state_dict(state["data_loader"])
+
+    def save_checkpoint(self, *, path, module: nn.Module, optimizer=None, checkpoint_dict=None):
+        """Saves module, optimizer and engine state to ``path`` (Opacus's method)."""
+        checkpoint = dict(checkpoint_dict or {})
+        checkpoint["module_state_dict"] = module.state_dict()
+        checkpoint["privacy_engine_state_dict"] = self.state_dict()
+        if optimizer is not None:
+            checkpoint["optimizer_state_dict"] = optimizer.state_dict()
+        torch.save(checkpoint, path)
+
+    def load_checkpoint(self, *, path, module: nn.Module, optimizer=None, map_location=None):
+        """Restores what :meth:`save_checkpoint` saved; returns the whole checkpoint dict."""
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        module.load_state_dict(checkpoint["module_state_dict"])
+        if optimizer is not None:
+            optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+        self.load_state_dict(checkpoint["privacy_engine_state_dict"])
+        return checkpoint
+
+
+def _check_positive(name: str, value) -> None:
+    if not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_clipping(clipping: str, grad_sample_mode: str | None) -> str:
+    clipping = _OPACUS_CLIPPING.get(clipping, clipping)
+    if clipping not in CLIPPING_MODES:
+        raise ValueError(
+            f"clipping must be one of {CLIPPING_MODES} (or Opacus's 'flat'), got {clipping!r}; "
+            "per-layer and adaptive clipping are not supported"
+        )
+    if grad_sample_mode is not None:
+        if grad_sample_mode not in _OPACUS_GRAD_SAMPLE_MODES:
+            raise ValueError(
+                f"grad_sample_mode must be one of {_OPACUS_GRAD_SAMPLE_MODES}, "
+                f"got {grad_sample_mode!r}"
+            )
+        if grad_sample_mode == "ghost":
+            clipping = "ghost"
+    return clipping
+
+
+def _check_model(module: nn.Module) -> None:
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"module must be a torch.nn.Module, got {type(module)}")
+    if not any(p.requires_grad for p in module.parameters()):
+        raise ValueError("the module has no trainable parameter: there is nothing to train")
+    for path, child in module.named_modules():
+        trainable = any(p.requires_grad for p in child.parameters(recurse=False))
+        if is_batch_norm(child) and (trainable or child.training or not child.track_running_stats):
+            raise ValueError(
+                f"module {path or '<root>'!r} ({type(child).__name__}) is a BatchNorm: it "
+                "normalises with the statistics of the whole batch, so examples have no "
+                "separate gradients to clip. Replace every BatchNorm with GroupNorm by "
+                "`model = torch_dpfast.fix(model)` before creating the optimizer"
+            )
+
+
+def _check_optimizer(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
+    if isinstance(optimizer, DPOptimizer):
+        raise ValueError("the optimizer is already a DPOptimizer; pass the original optimizer")
+    own = {id(p) for p in module.parameters()}
+    foreign = [
+        tuple(p.shape) for g in optimizer.param_groups for p in g["params"] if id(p) not in own
+    ]
+    if foreign:
+        raise ValueError(
+            f"the optimizer holds {len(foreign)} parameter(s) that are not the module's (shapes "
+            f"{foreign[:3]}); create the optimizer from module.parameters() (after dpf.fix, "
+            "which replaces layers)"
+        )
+
+
+def _sample_rate(data_loader: DataLoader) -> float:
+    """q = batch_size / N; for a loader built from a batch_sampler, 1 / len(loader)."""
+    size = len(data_loader.dataset)
+    if data_loader.batch_size is not None:
+        if data_loader.batch_size > size:
+            raise ValueError(
+                f"the data loader's batch_size ({data_loader.batch_size}) exceeds the dataset "
+                f"size ({size}); the sample rate q = batch_size / len(dataset) must be <= 1"
+            )
+        return data_loader.batch_size / size
+    return 1 / len(data_loader)

@@ -1,0 +1,187 @@
+"""Poisson sampling of logical batches, cut into fixed-shape physical batches.
+
+Every logical step includes each of the N examples independently with probability q. We draw
+this in two stages that give exactly the same distribution: the batch size s ~ Binomial(N, q),
+then a uniformly random subset of size s (for any set S, P(S) = q^|S| (1-q)^(N-|S|) either
+way). Drawing the sizes of a whole epoch first makes the number of physical batches in the epoch
+known in advance, so ``len(loader)`` is exact.
+
+A logical batch of s examples becomes max(1, ceil(s / P)) physical batches of exactly P rows;
+the last is padded with a filler example and a mask marks the real rows. An empty logical batch
+becomes one all-masked batch, so the step still happens (noise only), as the accountant assumes.
+With ``physical_batch_size=None`` each logical batch is one batch of s rows (1 masked row when
+s = 0).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .random_source import RandomSource
+
+
+@dataclass(frozen=True)
+class PhysicalBatch:
+    """What the loader knows about one physical batch it yields."""
+
+    epoch: int
+    step: int  # logical step within the epoch
+    index: int  # physical batch within the logical batch
+    count: int  # physical batches in this logical batch
+    mask: Tensor  # (rows,) bool: True for real examples, False for padding
+    cursor: dict  # the sampler state once this batch is consumed (for resuming)
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.count - 1
+
+
+def physical_count(size: int, physical_batch_size: int | None) -> int:
+    """Physical batches for a logical batch of ``size`` examples."""
+    if physical_batch_size is None:
+        return 1
+    return max(1, math.ceil(size / physical_batch_size))
+
+
+def split(indices: Tensor, physical_batch_size: int | None, filler: int):
+    """[(rows, mask)] for one logical batch: rows are dataset indices, padded with ``filler``."""
+    size = len(indices)
+    width = physical_batch_size if physical_batch_size is not None else max(size, 1)
+    batches = []
+    for k in range(physical_count(size, physical_batch_size)):
+        real = indices[k * width : (k + 1) * width].tolist()
+        mask = torch.zeros(width, dtype=torch.bool)
+        mask[: len(real)] = True
+        batches.append((real + [filler] * (width - len(real)), mask))
+    return batches
+
+
+class PoissonBatchSampler(torch.utils.data.Sampler):
+    """Yields physical batches of dataset indices for DP-SGD with Poisson sampling.
+
+    Args:
+        num_samples: N, the dataset size.
+        sample_rate: q in (0, 1].
+        steps_per_epoch: logical steps per epoch (usually round(1/q)).
+        physical_batch_size: P, rows per physical batch; None for one batch per logical step.
+        random: the source of the sample (seeded or secure).
+
+    The metadata of each yielded batch (:class:`PhysicalBatch`) is queued on the iteration that
+    produced it (``latest_queue``), for the loader to pop in step with the batches.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        sample_rate: float,
+        steps_per_epoch: int,
+        physical_batch_size: int | None,
+        random: RandomSource,
+    ):
+        self.num_samples = num_samples
+        self.sample_rate = sample_rate
+        self.steps_per_epoch = steps_per_epoch
+        self.physical_batch_size = physical_batch_size
+        self.random = random
+        self.epoch = 0
+        self._sizes: Tensor | None = None  # the planned logical batch sizes of the next epoch
+        self._resume: dict | None = None  # where to continue (set by load_state_dict)
+        self.consumed: dict | None = None  # the cursor of the last consumed batch
+        self.latest_queue: collections.deque = collections.deque()
+
+    def _plan(self) -> Tensor:
+        if self._sizes is None:
+            shape, n = (self.steps_per_epoch,), float(self.num_samples)
+            count = torch.full(shape, n, dtype=torch.float64)
+            prob = torch.full_like(count, self.sample_rate)
+            self._sizes = torch.binomial(count, prob, generator=self.random.draw()).long()
+        return self._sizes
+
+    def __len__(self) -> int:
+        """Physical batches in the coming (or resumed) epoch: exact, drawn in advance."""
+        if self._resume is not None:
+            cursor = self._resume
+            sizes = cursor["sizes"]
+            rest = physical_count(len(cursor["indices"]), self.physical_batch_size)
+            rest -= cursor["consumed"]
+            later = sizes[cursor["step"] + 1 :].tolist()
+            return rest + sum(physical_count(s, self.physical_batch_size) for s in later)
+        return sum(physical_count(s, self.physical_batch_size) for s in self._plan().tolist())
+
+    def __iter__(self):
+        queue = collections.deque()
+        self.latest_queue = queue
+        return self._generate(queue)
+
+    def _draw(self, size: int) -> Tensor:
+        if size == 0:
+            return torch.zeros(0, dtype=torch.long)
+        perm = torch.randperm(self.num_samples, generator=self.random.draw())
+        return perm[:size].sort().values
+
+    def _generate(self, queue):
+        if self._resume is not None:
+            cursor, self._resume = self._resume, None
+            epoch, sizes, start = cursor["epoch"], cursor["sizes"], cursor["step"]
+            resumed = (cursor["indices"], cursor["consumed"])
+            self.random.load_state_dict(cursor["random"])
+        else:
+            epoch, sizes, start, resumed = self.epoch, self._plan(), 0, None
+        self._sizes = None
+        for step in range(start, len(sizes)):
+            if resumed is not None:
+                indices, skip = resumed
+                resumed = None
+            else:
+                indices, skip = self._draw(int(sizes[step])), 0
+            random_state = self.random.state_dict()
+            filler = int(indices[0]) if len(indices) else 0
+            batches = split(indices, self.physical_batch_size, filler)
+            for k, (rows, mask) in enumerate(batches):
+                if k < skip:
+                    continue
+                cursor = {
+                    "epoch": epoch,
+                    "sizes": sizes,
+                    "step": step,
+                    "indices": indices,
+                    "consumed": k + 1,
+                    "random": random_state,
+                }
+                queue.append(PhysicalBatch(epoch, step, k, len(batches), mask, cursor))
+                yield rows
+        self.epoch = epoch + 1
+
+    def state_dict(self) -> dict:
+        """Where the last consumed batch left the sampling, to resume from."""
+        state = {"epoch": self.epoch, "random": self.random.state_dict()}
+        if self.consumed is not None:
+            state["cursor"] = self.consumed
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self._sizes, self._resume = None, None
+        cursor = self.consumed = state.get("cursor")
+        if cursor is None:
+            self.epoch = state["epoch"]
+            self.random.load_state_dict(state["random"])
+        elif _epoch_finished(cursor, self.physical_batch_size):
+            self.epoch = cursor["epoch"] + 1
+            self.random.load_state_dict(cursor["random"])
+        else:
+            self._resume = cursor
+
+
+def _epoch_finished(cursor: dict, physical_batch_size: int | None) -> bool:
+    last_step = cursor["step"] == len(cursor["sizes"]) - 1
+    count = physical_count(len(cursor["indices"]), physical_batch_size)
+    return last_step and cursor["consumed"] == count
