@@ -353,7 +353,14 @@ def _capturing_forward(attachment: Attachment, module: nn.Module, rule: Rule, pa
 
         return _Capture.apply(args[0], attachment._anchor, call, record)
 
-    return types.MethodType(forward, module)
+    return _bind(forward, module)
+
+
+def _bind(forward, module: nn.Module):
+    """The capturing forward as a method of ``module``. torch.compile runs it eagerly (a graph
+    break around each captured layer): its bookkeeping would otherwise be traced and guarded,
+    and recompile with every physical batch."""
+    return types.MethodType(torch.compiler.disable(forward, recursive=False), module)
 
 
 def _flag_leak(attachment: Attachment, name: str):
@@ -384,7 +391,7 @@ def _call_capturing_forward(attachment: Attachment, module: nn.Module, rule, pat
         result = _CaptureCall.apply(attachment._anchor, call, record, *tensors)
         return result if len(result) > 1 else result[0]
 
-    return types.MethodType(forward, module)
+    return _bind(forward, module)
 
 
 def _parameter_capturing_forward(attachment: Attachment, module: nn.Module, rule, path: str):
@@ -410,7 +417,7 @@ def _parameter_capturing_forward(attachment: Attachment, module: nn.Module, rule
         finally:
             self._parameters.update(saved)
 
-    return types.MethodType(forward, module)
+    return _bind(forward, module)
 
 
 def attach(model: nn.Module, clipping: str = "auto", loss_reduction: str = "mean") -> Attachment:
