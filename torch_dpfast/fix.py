@@ -29,11 +29,9 @@ def _replacement(module: nn.modules.batchnorm._BatchNorm) -> nn.Module:
     if module.affine and module.weight is not None:
         norm.weight.requires_grad_(module.weight.requires_grad)
         norm.bias.requires_grad_(module.bias.requires_grad)
-    device = next((t.device for t in module.parameters()), None)
-    if device is None and module.running_mean is not None:
-        device = module.running_mean.device
-    if device is not None:
-        norm = norm.to(device)
+    like = next(iter(module.parameters()), module.running_mean)
+    if like is not None:
+        norm = norm.to(device=like.device, dtype=like.dtype)
     extra = [getattr(module, name, None) for name in ("drop", "act")]  # timm BatchNormAct2d
     extra = [m for m in extra if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
     return nn.Sequential(norm, *extra) if extra else norm

@@ -137,13 +137,14 @@ class PrivacyEngine:
             noise_multiplier, target_epsilon, target_delta, epochs, sample_rate, steps_per_epoch
         )
 
+        noise_generator = self._noise_generator(noise_generator)
+        sample_source = self._sample_source(sample_generator)
         self.attachment = attach(module, clipping=clipping, loss_reduction=loss_reduction)
-        expected_batch_size = sample_rate * len(data_loader.dataset)
         self.optimizer = DPOptimizer(
             optimizer,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size,
+            expected_batch_size=sample_rate * len(data_loader.dataset),
             generator=noise_generator,
             secure_mode=self.secure_mode,
         )
@@ -155,7 +156,7 @@ class PrivacyEngine:
                 sample_rate=sample_rate,
                 physical_batch_size=physical_batch_size,
                 steps_per_epoch=steps_per_epoch,
-                random=self._sample_source(sample_generator),
+                random=sample_source,
                 on_batch=self._on_batch,
             )
         else:
@@ -240,6 +241,16 @@ class PrivacyEngine:
             steps=steps,
             accountant=self.accountant.mechanism,
         )
+
+    def _noise_generator(self, generator: torch.Generator | None) -> torch.Generator | None:
+        """The user's generator, or one seeded from torch's default generator: either way its
+        state goes into :meth:`state_dict`, so a resumed run draws the same noise. None in
+        secure mode (the optimizer then re-seeds from the OS at every step)."""
+        if self.secure_mode:
+            if generator is not None:
+                raise ValueError("secure_mode draws the noise from the OS; give no noise_generator")
+            return None
+        return generator if generator is not None else RandomSource().generator
 
     def _sample_source(self, generator: torch.Generator | None) -> RandomSource:
         if self.secure_mode:
