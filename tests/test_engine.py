@@ -198,7 +198,7 @@ def _clipped(per_example, max_norm, keep=None):
 def _attached_sum(model, x, y, mode, max_norm, reduction="mean", mask=None):
     att = dpf.attach(model, clipping=mode, loss_reduction=reduction)
     try:
-        att.mask = mask
+        att.begin_batch(mask)
         F.cross_entropy(model(x), y, reduction=reduction).backward()
         norm_sq = att.clip_and_accumulate(max_norm)
         params = [p for p in model.parameters() if p.requires_grad]
