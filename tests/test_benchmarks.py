@@ -42,5 +42,5 @@ def test_bench_cpu_training_smoke_run(tmp_path):
     bench_cpu_training.main(["--smoke", "--out", str(tmp_path)])
     payload = json.loads((tmp_path / "bench_cpu_training.json").read_text())
     modes = {row["mode"]: row for row in payload["results"]}
-    assert set(modes) == {"non_private", "dpfast_auto"}
+    assert set(modes) == {"non_private", "dpfast_auto", "dpfast_ghost"}
     assert all("error" not in row and row["samples_per_s"] > 0 for row in modes.values())

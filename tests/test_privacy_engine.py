@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 import torch_dpfast as dpf
 from torch_dpfast import accounting
 
-MODES = ["auto", "bk", "per_example"]
+MODES = ["auto", "bk", "per_example", "ghost"]
 
 
 def _mlp():
@@ -33,12 +33,18 @@ def _data(gen, n=30, huge=True):
 def _engine(model, dataset, batch_size=6, lr=1.0, **kwargs):
     kwargs.setdefault("max_grad_norm", 0.7)
     kwargs.setdefault("noise_multiplier", 0.0)
+    reduction = kwargs.get("loss_reduction", "mean")
     engine = dpf.PrivacyEngine()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     loader = DataLoader(dataset, batch_size=batch_size)
-    model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, **kwargs
-    )
+    if kwargs.get("clipping") == "ghost":
+        kwargs["criterion"] = nn.CrossEntropyLoss(reduction=reduction)
+    out = engine.make_private(module=model, optimizer=optimizer, data_loader=loader, **kwargs)
+    if len(out) == 4:
+        model, optimizer, engine.loss_of, loader = out
+    else:
+        model, optimizer, loader = out
+        engine.loss_of = lambda logits, y: F.cross_entropy(logits, y, reduction=reduction)
     return engine, model, optimizer, loader
 
 
@@ -57,7 +63,7 @@ def _brute_force_clipped_sum(model, x, y, max_norm):
     return total
 
 
-def _train_checking_every_step(engine, model, optimizer, loader, reference, reduction="mean"):
+def _train_checking_every_step(engine, model, optimizer, loader, reference):
     """Trains one epoch; after every logical step compares the parameters with the step that
     brute force predicts from the logical batch's real rows. Returns the number of steps."""
     infos = []
@@ -72,7 +78,7 @@ def _train_checking_every_step(engine, model, optimizer, loader, reference, redu
         rows_x.append(x[info.mask])
         rows_y.append(y[info.mask])
         optimizer.zero_grad()
-        F.cross_entropy(model(x), y, reduction=reduction).backward()
+        engine.loss_of(model(x), y).backward()
         optimizer.step()
         if info.last:
             steps += 1
@@ -100,21 +106,23 @@ def test_every_logical_step_equals_brute_force(mode, physical_batch_size, gen):
     assert steps == loader.steps_per_epoch == 5 == len(engine.accountant)
 
 
-def test_sum_reduction_equals_brute_force(gen):
+@pytest.mark.parametrize("mode", ["auto", "ghost"])
+def test_sum_reduction_equals_brute_force(mode, gen):
     model = _mlp().double()
     reference = copy.deepcopy(model)
     engine, model, optimizer, loader = _engine(
-        model, _data(gen), physical_batch_size=4, loss_reduction="sum"
+        model, _data(gen), physical_batch_size=4, loss_reduction="sum", clipping=mode
     )
-    _train_checking_every_step(engine, model, optimizer, loader, reference, reduction="sum")
+    _train_checking_every_step(engine, model, optimizer, loader, reference)
 
 
-def _final_parameters(dataset, physical_batch_size, seed=0):
+def _final_parameters(dataset, physical_batch_size, seed=0, clipping="auto"):
     torch.manual_seed(seed)
     model = _mlp().double()
     engine, model, optimizer, loader = _engine(
         model,
         dataset,
+        clipping=clipping,
         lr=0.3,
         noise_multiplier=1.3,
         physical_batch_size=physical_batch_size,
@@ -124,16 +132,17 @@ def _final_parameters(dataset, physical_batch_size, seed=0):
     for _ in range(2):
         for x, y in loader:
             optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
+            engine.loss_of(model(x), y).backward()
             optimizer.step()
     return torch.cat([p.detach().flatten() for p in model.parameters()]), engine
 
 
-def test_padding_has_no_effect_on_the_update(gen):
+@pytest.mark.parametrize("mode", MODES)
+def test_padding_has_no_effect_on_the_update(mode, gen):
     dataset = _data(gen, huge=False)
     reference, _ = _final_parameters(dataset, None)
     for physical_batch_size in (1, 4, 64):
-        params, _ = _final_parameters(dataset, physical_batch_size)
+        params, _ = _final_parameters(dataset, physical_batch_size, clipping=mode)
         torch.testing.assert_close(params, reference, rtol=1e-9, atol=1e-12)
     other_seed, _ = _final_parameters(dataset, 4, seed=1)
     assert not torch.allclose(other_seed, reference)  # the comparison can fail
@@ -438,6 +447,31 @@ def test_an_opacus_script_runs_with_only_its_import_changed(gen):
         warnings.simplefilter("ignore")
         opacus_accuracy, opacus_epsilon = opacus_style_training(opacus.PrivacyEngine, gen)
     assert opacus_accuracy > 0.75 and opacus_epsilon <= 5.0  # the script really is Opacus's
+
+
+def test_ghost_mode_refuses_a_plain_backward_and_criteria_without_reduction(gen):
+    model = _mlp().double()
+    engine, model, optimizer, loader = _engine(
+        model, _data(gen), physical_batch_size=4, clipping="ghost"
+    )
+    x, y = next(iter(loader))
+    loss = engine.loss_of(model(x), y)
+    assert isinstance(float(loss), float) and loss.detach().shape == ()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="wrapped loss"):
+        optimizer.step()
+    model = _mlp().double()
+    with pytest.raises(ValueError, match="reduction"):
+        dpf.PrivacyEngine().make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(_data(gen), batch_size=6),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            clipping="ghost",
+            criterion=lambda out, y: F.cross_entropy(out, y),
+        )
+    assert not dpf.engine.attachments_of(model.parameters())
 
 
 def test_the_same_loop_with_make_private_and_sigma(gen):

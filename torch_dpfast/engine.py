@@ -16,7 +16,6 @@ import contextlib
 import types
 import warnings
 import weakref
-from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +42,7 @@ class _Record:
     g: Tensor | None = None  # the output gradient, once backward ran
     batch_grads: dict[str, Tensor] | None = None  # fallback: the batch gradient, for checking
     generation: int = 0  # which physical batch (Attachment.begin_batch) the call belongs to
+    owner: Attachment | None = None  # told (_on_backward) once the backward ran
 
     @property
     def batch(self) -> int:
@@ -67,10 +67,13 @@ class _Capture(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        ctx.record.x, ctx.record.g = x.detach(), g.detach()
         grad_x = None
         if ctx.needs_input_grad[0]:
-            (grad_x,) = torch.autograd.grad(ctx.out, ctx.x_in, g)
+            # Ghost clipping runs a second backward through this small graph.
+            retain = ctx.record.owner._ghost is not None
+            (grad_x,) = torch.autograd.grad(ctx.out, ctx.x_in, g, retain_graph=retain)
+        ctx.record.x, ctx.record.g = x.detach(), g.detach()
+        ctx.record.owner._on_backward(ctx.record)
         return grad_x, None, None, None
 
 
@@ -113,13 +116,15 @@ class _CaptureCall(torch.autograd.Function):
         ctx.saved_tensors  # noqa: B018 - raises if an input was modified in place since
         needs = [i for i, t in enumerate(ctx.ins) if t.requires_grad]
         targets = list(ctx.leaves.values()) + [ctx.ins[i] for i in needs]
-        grads = torch.autograd.grad(ctx.first, targets, g, allow_unused=True)
+        retain = ctx.record.owner._ghost is not None  # ghost clipping's second backward
+        grads = torch.autograd.grad(ctx.first, targets, g, allow_unused=True, retain_graph=retain)
         n = len(ctx.leaves)
         ctx.record.batch_grads = dict(zip(ctx.leaves, grads[:n]))
         args, kwargs = ctx.arguments
         detach = lambda v: v.detach() if isinstance(v, Tensor) else v  # noqa: E731
         ctx.record.x = (tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()})
         ctx.record.g = g.detach()
+        ctx.record.owner._on_backward(ctx.record)
         input_grads = [None] * len(ctx.ins)
         for i, grad in zip(needs, grads[n:]):
             input_grads[i] = grad
@@ -148,6 +153,9 @@ class Attachment:
     rules: dict[str, Rule] = field(default_factory=dict)  # path -> the rule capturing it
     mask: Tensor | None = None  # (B,) rows to keep in the next clip_and_accumulate
     generation: int = 0  # counts begin_batch calls
+    _ghost: object = None  # the ghost pass in progress (ghost.py)
+    _ghost_norms: Tensor | None = None  # squared norms of the last ghost_backward
+    _stray_backward: bool = False  # ghost mode: a backward ran outside ghost_backward
     _records: list[_Record] = field(default_factory=list)
     _hooks: list = field(default_factory=list)
     _leaked: set[str] = field(default_factory=set)  # parameters that got an ordinary gradient
@@ -170,7 +178,7 @@ class Attachment:
 
     def record(self, module: nn.Module, rule: Rule, params, **fields) -> _Record:
         """Registers one call of a captured layer."""
-        record = _Record(module, rule, params, generation=self.generation, **fields)
+        record = _Record(module, rule, params, generation=self.generation, owner=self, **fields)
         self._records.append(record)
         return record
 
@@ -194,16 +202,9 @@ class Attachment:
         """Clips each example's gradient over all attached parameters to norm ``max_grad_norm``
         and adds sum_i c_i g_i to ``p.summed_grad``. Returns the (B,) squared norms (after the
         loss-reduction rescaling). Examples masked out by ``self.mask`` contribute nothing."""
-        if self._leaked:
-            leaked, self._leaked = sorted(self._leaked), set()
-            raise RuntimeError(
-                f"torch_dpfast: parameter(s) {leaked} received an ordinary, unclipped gradient: "
-                "something used them outside their own layer's forward (a parent module reading "
-                "child.weight directly, such as nn.MultiheadAttention's out_proj or an output "
-                "layer written as F.linear(h, embedding.weight)). Call the layer itself, or tie "
-                "weights by assigning the Parameter (self.out.weight = self.embed.weight)"
-            )
-        check_no_batch_statistics(self.model)
+        if self.clipping == "ghost":
+            return self._ghost_result()
+        self.check_no_leaks()
         records = [r for r in self._records if r.g is not None]
         self._records.clear()
         mask, self.mask = self.mask, None
@@ -217,36 +218,13 @@ class Attachment:
             )
         batch = records[0].batch
         for r in records:
-            if r.batch != batch:
-                raise ValueError(
-                    f"layers saw different batch sizes ({batch} and {r.batch}); per-example "
-                    "clipping needs dim 0 of every layer input to be the batch"
-                )
-        if mask is not None and mask.shape != (batch,):
-            raise ValueError(
-                f"the layers saw a batch of {batch} examples in dim 0, but the physical batch has "
-                f"{mask.shape[0]} rows: the model must take its inputs batch first"
-            )
+            check_batch(r.batch, batch, mask)
         # With a mean-reduced loss, autograd's g carries a factor 1/B; per-example gradients
         # are the gradients of the per-example losses, so multiply it back.
         loss_scale = float(batch) if self.loss_reduction == "mean" else 1.0
-        uses = Counter(id(p) for r in records for p in r.params.values())
-        shared = [
-            r
-            for r in records
-            if r.rule is FALLBACK or any(uses[id(p)] > 1 for p in r.params.values())
-        ]
+        shared = [r for r in records if not is_plain(r, records)]
         plain = [r for r in records if r not in shared]
-        per_example: dict[int, tuple[nn.Parameter, Tensor]] = {}
-        materialise = shared if self.clipping != "per_example" else records
-        for r in materialise:
-            grads = r.rule.per_example_grads(r.module, r.x, r.g)
-            if r.rule is FALLBACK:
-                _check_examples_independent(r, grads)
-            for name, grad in grads.items():
-                p = r.params[name]
-                prev = per_example.get(id(p))
-                per_example[id(p)] = (p, grad if prev is None else prev[1] + grad)
+        per_example = materialise(shared if self.clipping != "per_example" else records)
         if self.clipping == "per_example":
             return self._clip_materialised(per_example, max_grad_norm, loss_scale, mask, batch)
 
@@ -267,6 +245,40 @@ class Attachment:
             _accumulate(p, scaled_sum(grad, scale))
         return norm_sq
 
+    def check_no_leaks(self) -> None:
+        """Raises if a parameter got an ordinary gradient, or a BatchNorm uses batch statistics."""
+        if self._leaked:
+            leaked, self._leaked = sorted(self._leaked), set()
+            raise RuntimeError(
+                f"torch_dpfast: parameter(s) {leaked} received an ordinary, unclipped gradient: "
+                "something used them outside their own layer's forward (a parent module reading "
+                "child.weight directly, such as nn.MultiheadAttention's out_proj or an output "
+                "layer written as F.linear(h, embedding.weight)). Call the layer itself, or tie "
+                "weights by assigning the Parameter (self.out.weight = self.embed.weight)"
+            )
+        check_no_batch_statistics(self.model)
+
+    def _on_backward(self, record: _Record) -> None:
+        """Called by a captured layer's backward once its g is recorded."""
+        if self._ghost is not None:
+            self._ghost.on_backward(record)
+        elif self.clipping == "ghost":
+            self._stray_backward = True
+
+    def _ghost_result(self) -> Tensor:
+        """clip_and_accumulate in ghost mode: the two passes already accumulated the sums."""
+        stray, self._stray_backward = self._stray_backward, False
+        self._records.clear()
+        if stray:
+            raise RuntimeError(
+                "torch_dpfast: clipping='ghost' clips in two backward passes that the wrapped "
+                "loss runs: call backward() on the loss returned by the criterion that "
+                "make_private returned (or use torch_dpfast.ghost.ghost_backward), not on a "
+                "plain loss"
+            )
+        norm_sq, self._ghost_norms = self._ghost_norms, None
+        return norm_sq if norm_sq is not None else torch.zeros(0)
+
     def _clip_materialised(self, per_example, max_grad_norm, loss_scale, mask, batch) -> Tensor:
         params = [p for p, _ in per_example.values()]
         for p in params:
@@ -281,6 +293,46 @@ class Attachment:
         )
         _warn_non_finite(norm_sq, mask)
         return norm_sq
+
+
+def check_batch(batch: int, expected: int, mask: Tensor | None) -> None:
+    """Every layer must see the same batch in dim 0, of the mask's length."""
+    if batch != expected:
+        raise ValueError(
+            f"layers saw different batch sizes ({expected} and {batch}); per-example "
+            "clipping needs dim 0 of every layer input to be the batch"
+        )
+    if mask is not None and mask.shape != (batch,):
+        raise ValueError(
+            f"the layers saw a batch of {batch} examples in dim 0, but the physical batch has "
+            f"{mask.shape[0]} rows: the model must take its inputs batch first"
+        )
+
+
+def is_plain(record: _Record, records: list[_Record]) -> bool:
+    """Whether a layer call can take its rule's fast path: a rule of its own (not the fallback)
+    and parameters used by no other call. Otherwise per-example gradients are materialised
+    and summed over the uses."""
+    if record.rule is FALLBACK:
+        return False
+    mine = {id(p) for p in record.params.values()}
+    return not any(
+        other is not record and mine & {id(p) for p in other.params.values()} for other in records
+    )
+
+
+def materialise(records: list[_Record]) -> dict[int, tuple[nn.Parameter, Tensor]]:
+    """{id(p): (p, (B, *p.shape) per-example gradient summed over p's uses)}."""
+    per_example: dict[int, tuple[nn.Parameter, Tensor]] = {}
+    for r in records:
+        grads = r.rule.per_example_grads(r.module, r.x, r.g)
+        if r.rule is FALLBACK:
+            _check_examples_independent(r, grads)
+        for name, grad in grads.items():
+            p = r.params[name]
+            prev = per_example.get(id(p))
+            per_example[id(p)] = (p, grad if prev is None else prev[1] + grad)
+    return per_example
 
 
 def _check_examples_independent(record: _Record, grads: dict[str, Tensor]) -> None:
@@ -429,8 +481,9 @@ def attach(model: nn.Module, clipping: str = "auto", loss_reduction: str = "mean
             (``rules/fallback.py``); a trainable BatchNorm is refused.
         clipping: ``"auto"`` (book-keeping, ghost or direct norm per layer by the cost model),
             ``"bk"`` (book-keeping with ghost norms), ``"per_example"`` (materialised per-example
-            gradients, the Opacus-equivalent baseline). ``"ghost"`` (two backward passes) is not
-            implemented yet.
+            gradients, the Opacus-equivalent baseline), ``"ghost"`` (two backward passes, least
+            memory: use :func:`torch_dpfast.ghost.ghost_backward` on per-example losses, or the
+            criterion that ``PrivacyEngine.make_private`` returns).
         loss_reduction: ``"mean"`` or ``"sum"``: how the training loss reduces over the batch.
 
     Returns:
@@ -438,11 +491,6 @@ def attach(model: nn.Module, clipping: str = "auto", loss_reduction: str = "mean
     """
     if clipping not in CLIPPING_MODES:
         raise ValueError(f"clipping must be one of {CLIPPING_MODES}, got {clipping!r}")
-    if clipping == "ghost":
-        raise NotImplementedError(
-            "clipping='ghost' (two backward passes) is not implemented yet; use 'auto' or 'bk', "
-            "which clip exactly with one backward"
-        )
     if loss_reduction not in ("mean", "sum"):
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
     if attachments_of(p for p in model.parameters() if p.requires_grad):

@@ -21,6 +21,7 @@ from . import accounting
 from .data_loader import DPDataLoader, check_map_style
 from .engine import CLIPPING_MODES, Attachment, attach
 from .explain import is_batch_norm
+from .ghost import DPCriterion
 from .optimizer import DPOptimizer
 from .random_source import RandomSource
 from .sampling import PhysicalBatch
@@ -71,7 +72,8 @@ class PrivacyEngine:
         """Returns ``(module, optimizer, data_loader)``: the same module with per-example
         clipping attached, a :class:`DPOptimizer` around ``optimizer``, and a
         :class:`DPDataLoader` of Poisson-sampled physical batches. With ``clipping="ghost"``,
-        ``(module, optimizer, criterion, data_loader)``.
+        ``(module, optimizer, criterion, data_loader)``: the criterion, called like the original
+        one, returns a loss whose ``backward()`` runs the two passes.
 
         Args:
             module: the model (trained in place).
@@ -120,6 +122,8 @@ class PrivacyEngine:
                 "clipping='ghost' runs a second backward of the re-weighted per-example losses, "
                 "so it needs the loss: pass criterion= (it is returned wrapped)"
             )
+        if clipping == "ghost":
+            DPCriterion.check(criterion)
         if not isinstance(data_loader, DataLoader):
             raise ValueError(
                 f"data_loader must be a torch.utils.data.DataLoader, got {type(data_loader)}"
@@ -169,6 +173,7 @@ class PrivacyEngine:
             )
             self.data_loader = data_loader
         if clipping == "ghost":
+            criterion = DPCriterion(criterion, self.attachment, self.optimizer, loss_reduction)
             return module, self.optimizer, criterion, self.data_loader
         return module, self.optimizer, self.data_loader
 

@@ -29,6 +29,7 @@ MODES = [
     "dpfast_auto",
     "dpfast_bk",
     "dpfast_per_example",
+    "dpfast_ghost",
     "opacus_hooks",
     "opacus_ghost",
 ]
@@ -76,10 +77,15 @@ def worker(model_name: str, mode: str, batch: int, steps: int) -> dict:
     if mode.startswith("dpfast"):
         import torch_dpfast as dpf
 
-        dpf.attach(model, clipping=mode.removeprefix("dpfast_"))
+        clipping = mode.removeprefix("dpfast_")
+        attachment = dpf.attach(model, clipping=clipping)
         optimizer = dpf.DPOptimizer(
             base, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch
         )
+        if clipping == "ghost":
+            from torch_dpfast.ghost import DPCriterion
+
+            criterion = DPCriterion(criterion, attachment, optimizer, "mean")
     elif mode == "opacus_hooks":
         from opacus.grad_sample import GradSampleModule
         from opacus.optimizers import DPOptimizer
@@ -105,7 +111,8 @@ def worker(model_name: str, mode: str, batch: int, steps: int) -> dict:
     for _ in range(steps):
         start = time.perf_counter()
         optimizer.zero_grad()
-        loss = criterion(model(x), y) if mode == "opacus_ghost" else F.cross_entropy(model(x), y)
+        ghost = mode in ("opacus_ghost", "dpfast_ghost")
+        loss = criterion(model(x), y) if ghost else F.cross_entropy(model(x), y)
         loss.backward()
         optimizer.step()
         times.append(time.perf_counter() - start)
@@ -124,7 +131,9 @@ def predicted_ratio(model_name: str, mode: str) -> float | None:
     (forward F, backward 2F); our book-keeping modes replace the weight-gradient GEMMs by the
     clipped-sum GEMMs (same multiply-adds) and add the norm computation N, so 3F / (3F + N).
     per_example also does 3F multiply-adds (the per-example weight gradients instead of the
-    summed ones), so the model predicts 1.0 there; its cost is memory traffic."""
+    summed ones), so the model predicts 1.0 there; its cost is memory traffic. ghost runs a
+    second backward: input gradients twice (2F), the weight-gradient GEMMs once (F), plus N, so
+    3F / (4F + N)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -143,7 +152,8 @@ def predicted_ratio(model_name: str, mode: str) -> float | None:
         model(x)
     forward_macs = counter.get_total_flops() / 2
     norm_macs = sum(r["macs"] or 0 for r in dpf.explain(model, x, clipping).rows)
-    return 3 * forward_macs / (3 * forward_macs + norm_macs)
+    extra = forward_macs if clipping == "ghost" else 0
+    return 3 * forward_macs / (3 * forward_macs + extra + norm_macs)
 
 
 def run(model_name: str, mode: str, batch: int, steps: int) -> dict:
@@ -212,7 +222,7 @@ def main(argv=None) -> None:
     from benchmarks.common import environment, write_json
 
     models = ["smoke"] if args.smoke else args.models.split(",")
-    modes = ["non_private", "dpfast_auto"] if args.smoke else args.modes.split(",")
+    modes = ["non_private", "dpfast_auto", "dpfast_ghost"] if args.smoke else args.modes.split(",")
     steps = 3 if args.smoke else args.steps
     results = []
     for model_name in models:

@@ -1,0 +1,179 @@
+"""Ghost clipping in two backward passes (``clipping="ghost"``): the least memory.
+
+For one physical batch with per-example losses l_i (B,):
+
+1. backward of sum_i l_i (graph kept): as each captured layer's backward runs, its
+   contribution to every example's squared gradient norm is computed from (x, g) and g is
+   dropped at once, so no layer's output gradient outlives its own backward;
+2. the clip factors c_i = min(1, C / (||g_i|| + 1e-6)) (0 for masked or non-finite examples);
+3. backward of sum_i c_i l_i: each layer now sees g'_i = c_i g_i, so its ordinary weight
+   gradient sum_i g'_i^T x_i *is* its clipped sum, computed in that layer's backward and added
+   to ``p.summed_grad`` (examples with c_i = 0 are left out, so their NaN cannot spread).
+
+Layers whose parameters are shared with another call, the generic fallback and parameters
+captured per example (ViT tokens) materialise per-example gradients in pass 1 and are summed with
+the factors directly. Compared with book-keeping (``auto``/``bk``), ghost clipping costs a second
+backward through the activations and saves holding every layer's g until the end of backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .engine import (
+    Attachment,
+    _accumulate,
+    _mask_on,
+    _Record,
+    _warn_non_finite,
+    check_batch,
+    is_plain,
+    materialise,
+)
+from .rules import scaled_sum
+
+
+@dataclass(eq=False)
+class _GhostPass:
+    """State of one ghost_backward: which pass runs, and what pass 1 found."""
+
+    batch: int
+    mask: Tensor | None
+    plain: set[int]  # ids of records that take their rule's fast path
+    stage: int = 1
+    norm_sq: Tensor | None = None
+    include: Tensor | None = None  # (B,) 1.0 for examples with a non-zero clip factor
+    kept: list[_Record] = field(default_factory=list)  # records materialised after pass 1
+
+    def on_backward(self, record: _Record) -> None:
+        check_batch(record.batch, self.batch, self.mask)
+        if id(record) not in self.plain:
+            if self.stage == 1:
+                self.kept.append(record)
+            return
+        x, g = record.x, record.g
+        record.x = record.g = None  # nothing of this layer outlives its backward
+        if self.stage == 1:
+            contribution = record.rule.norm_sq(record.module, x, g, "auto")
+            self.norm_sq = contribution if self.norm_sq is None else self.norm_sq + contribution
+        else:
+            sums = record.rule.clipped_sums(record.module, x, g, self.include.to(g.device))
+            for name, summed in sums.items():
+                _accumulate(record.params[name], summed)
+
+
+def ghost_backward(attachment: Attachment, losses: Tensor, max_grad_norm: float) -> Tensor:
+    """Clips and accumulates one physical batch in two backward passes (module docstring).
+
+    Args:
+        attachment: an attachment made with ``clipping="ghost"``, whose model produced ``losses``.
+        losses: (B,) per-example losses (no reduction over the batch).
+        max_grad_norm: C.
+
+    Returns:
+        (B,) squared per-example gradient norms.
+    """
+    if attachment.clipping != "ghost":
+        raise ValueError(f"ghost_backward needs clipping='ghost', not {attachment.clipping!r}")
+    if losses.dim() != 1:
+        raise ValueError(
+            f"ghost_backward takes (B,) per-example losses, got shape {tuple(losses.shape)}"
+        )
+    attachment.check_no_leaks()
+    records = list(attachment._records)
+    mask, attachment.mask = attachment.mask, None
+    batch = losses.shape[0]
+    by_parameter = [r for r in records if getattr(r.rule, "capture", "io") == "parameters"]
+    plain = {id(r) for r in records if is_plain(r, records) and r not in by_parameter}
+    state = _GhostPass(batch, mask, plain)
+    attachment._ghost = state
+    try:
+        losses.sum().backward(retain_graph=True)
+        attachment.check_no_leaks()
+        per_example = materialise(state.kept + by_parameter)
+        for r in by_parameter:  # pass 2 must not add into the per-example leaves read above
+            for leaf in r.x.values():
+                leaf.grad = None
+        norm_sq = state.norm_sq
+        if norm_sq is None:
+            norm_sq = torch.zeros(batch, dtype=torch.float32, device=losses.device)
+        for _, grad in per_example.values():
+            norm_sq = norm_sq + grad.reshape(batch, -1).to(norm_sq.dtype).square().sum(dim=1)
+        factors = ops.clip_factors(norm_sq, max_grad_norm, _mask_on(mask, norm_sq))
+        _warn_non_finite(norm_sq, mask)
+        state.stage, state.include = 2, (factors > 0).to(norm_sq.dtype)
+        (losses * factors.to(losses.dtype)).sum().backward()
+        for p, grad in per_example.values():
+            _accumulate(p, scaled_sum(grad, factors))
+    finally:
+        attachment._ghost = None
+        attachment._records.clear()
+    attachment._ghost_norms = norm_sq
+    return norm_sq
+
+
+class GhostLoss:
+    """The loss of one physical batch under ghost clipping; ``backward()`` runs both passes.
+
+    Behaves like the reduced loss tensor for logging: ``item()``, ``float()``, ``detach()``.
+    """
+
+    def __init__(self, attachment: Attachment, optimizer, losses: Tensor, reduction: str):
+        self._attachment, self._optimizer, self.losses = attachment, optimizer, losses
+        self.value = losses.mean() if reduction == "mean" else losses.sum()
+
+    def backward(self) -> None:
+        ghost_backward(self._attachment, self.losses, self._optimizer.max_grad_norm)
+
+    def item(self) -> float:
+        return self.value.item()
+
+    def detach(self) -> Tensor:
+        return self.value.detach()
+
+    def __float__(self) -> float:
+        return self.item()
+
+    def __repr__(self) -> str:
+        return f"GhostLoss({self.value.item():.6g})"
+
+
+class DPCriterion:
+    """Wraps a torch loss module for ghost clipping: called like it, returns a :class:`GhostLoss`.
+
+    The per-example loss is the criterion with ``reduction="none"``, averaged (``loss_reduction
+    = "mean"``) or summed over any dimensions after the batch; the batch loss reported is their
+    mean or sum.
+    """
+
+    def __init__(self, criterion: nn.Module, attachment: Attachment, optimizer, reduction: str):
+        self.check(criterion)
+        self.criterion, self.reduction = criterion, reduction
+        self._attachment, self._optimizer = attachment, optimizer
+
+    @staticmethod
+    def check(criterion) -> None:
+        if not hasattr(criterion, "reduction"):
+            raise ValueError(
+                f"clipping='ghost' needs per-example losses, but the criterion "
+                f"({type(criterion).__name__}) has no `reduction` attribute; use a torch.nn loss "
+                "module (e.g. nn.CrossEntropyLoss())"
+            )
+
+    def __call__(self, *args, **kwargs) -> GhostLoss:
+        saved = self.criterion.reduction
+        self.criterion.reduction = "none"
+        try:
+            losses = self.criterion(*args, **kwargs)
+        finally:
+            self.criterion.reduction = saved
+        if losses.dim() == 0:
+            raise ValueError("the criterion returned a scalar with reduction='none'")
+        if losses.dim() > 1:
+            dims = tuple(range(1, losses.dim()))
+            losses = losses.mean(dims) if self.reduction == "mean" else losses.sum(dims)
+        return GhostLoss(self._attachment, self._optimizer, losses, self.reduction)
