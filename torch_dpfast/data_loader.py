@@ -29,6 +29,9 @@ class DPDataLoader(DataLoader):
         steps_per_epoch: logical steps per epoch (default round(1/q)).
         random: source of the sample (default: seeded from torch's default generator).
         on_batch: called with each batch's :class:`PhysicalBatch` just before it is yielded.
+        rank, world_size, plan_random: under torch.distributed, this rank samples its shard
+            of the dataset; ``plan_random`` (seeded alike on every rank) draws every rank's
+            batch sizes (see distributed.py).
     """
 
     def __init__(
@@ -39,6 +42,9 @@ class DPDataLoader(DataLoader):
         steps_per_epoch: int | None = None,
         random: RandomSource | None = None,
         on_batch: Callable[[PhysicalBatch], None] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        plan_random: RandomSource | None = None,
     ):
         dataset = data_loader.dataset
         check_map_style(dataset)
@@ -49,6 +55,9 @@ class DPDataLoader(DataLoader):
             steps_per_epoch or default_steps_per_epoch(sample_rate),
             physical_batch_size,
             random or RandomSource(),
+            rank=rank,
+            world_size=world_size,
+            plan_random=plan_random,
         )
         options = dict(
             num_workers=data_loader.num_workers,

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from . import ops
+from .distributed import all_reduce_sum, world
 from .engine import Attachment, attachments_of
 from .random_source import RandomSource
 
@@ -31,6 +32,9 @@ class DPOptimizer(torch.optim.Optimizer):
         generator: source of the noise seeds (torch's default generator if None).
         secure_mode: re-seed the noise from the OS CSPRNG at every step (see
             random_source.py); excludes ``generator``.
+        distributed: under torch.distributed, all-reduce the clipped sums across ranks once
+            per logical step, with the noise added by rank 0 only (see distributed.py). Every
+            rank must run the same number of physical batches per logical step.
     """
 
     def __init__(
@@ -41,6 +45,7 @@ class DPOptimizer(torch.optim.Optimizer):
         expected_batch_size: float,
         generator: torch.Generator | None = None,
         secure_mode: bool = False,
+        distributed: bool = False,
     ):
         if not isinstance(noise_multiplier, (int, float)) or not noise_multiplier >= 0:
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
@@ -62,6 +67,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self.expected_batch_size = expected_batch_size
         self.generator = generator
         self._secure = RandomSource(secure=True) if secure_mode else None
+        self.rank, self.world_size = world() if distributed else (0, 1)
+        self.bytes_communicated = 0  # by the all-reduces, over the optimizer's life
         self._skip_next = False
         self._accumulating = False
         self.steps_taken = 0
@@ -151,12 +158,16 @@ class DPOptimizer(torch.optim.Optimizer):
             if getattr(p, "summed_grad", None) is None:
                 p.summed_grad = torch.zeros_like(p)
             sums.append(p.summed_grad)
+        # Under torch.distributed the noise is added once, by rank 0, before the sum over ranks.
+        std = self.noise_multiplier * self.max_grad_norm if self.rank == 0 else 0.0
         ops.add_noise_(
             sums,
-            std=self.noise_multiplier * self.max_grad_norm,
+            std=std,
             scale=1.0 / self.expected_batch_size,
             generator=self._secure.draw() if self._secure else self.generator,
         )
+        if self.world_size > 1:
+            self.bytes_communicated += all_reduce_sum(sums)
         for p in params:
             p.grad, p.summed_grad = p.summed_grad, None
         self._accumulating = False

@@ -19,6 +19,8 @@ from torch.utils.data import DataLoader
 
 from . import accounting
 from .data_loader import DPDataLoader, check_map_style
+from .distributed import broadcast_module, check_not_ddp, world
+from .distributed import sources as distributed_sources
 from .engine import CLIPPING_MODES, Attachment, attach
 from .explain import is_batch_norm
 from .ghost import DPCriterion
@@ -129,6 +131,7 @@ class PrivacyEngine:
                 f"data_loader must be a torch.utils.data.DataLoader, got {type(data_loader)}"
             )
         check_map_style(data_loader.dataset)
+        check_not_ddp(module)
         _check_model(module)
         _check_optimizer(module, optimizer)
         sample_rate = _sample_rate(data_loader)
@@ -142,7 +145,14 @@ class PrivacyEngine:
         )
 
         noise_generator = self._noise_generator(noise_generator)
-        sample_source = self._sample_source(sample_generator)
+        rank, world_size = world()
+        if world_size > 1:  # every rank samples its shard; sizes from a shared stream
+            sample_source, plan_source = distributed_sources(
+                self.secure_mode, sample_generator, rank
+            )
+            broadcast_module(module)  # identical starting parameters on every rank
+        else:
+            sample_source, plan_source = self._sample_source(sample_generator), None
         self.attachment = attach(module, clipping=clipping, loss_reduction=loss_reduction)
         self.optimizer = DPOptimizer(
             optimizer,
@@ -151,6 +161,7 @@ class PrivacyEngine:
             expected_batch_size=sample_rate * len(data_loader.dataset),
             generator=noise_generator,
             secure_mode=self.secure_mode,
+            distributed=world_size > 1,
         )
         self.optimizer.step_hooks.append(self._record_step)
         self.sample_rate = sample_rate
@@ -162,6 +173,9 @@ class PrivacyEngine:
                 steps_per_epoch=steps_per_epoch,
                 random=sample_source,
                 on_batch=self._on_batch,
+                rank=rank,
+                world_size=world_size,
+                plan_random=plan_source,
             )
         else:
             warnings.warn(

@@ -11,6 +11,10 @@ the last is padded with a filler example and a mask marks the real rows. An empt
 becomes one all-masked batch, so the step still happens (noise only), as the accountant assumes.
 With ``physical_batch_size=None`` each logical batch is one batch of s rows (1 masked row when
 s = 0).
+
+Across W processes (distributed.py) each rank samples its own shard; the sizes of *all* ranks
+come from a generator seeded alike everywhere, so every rank pads its step to the largest
+physical batch count of any rank without communicating.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ class PhysicalBatch:
     epoch: int
     step: int  # logical step within the epoch
     index: int  # physical batch within the logical batch
-    count: int  # physical batches in this logical batch
+    count: int  # physical batches in this logical batch (the same on every rank)
     mask: Tensor  # (rows,) bool: True for real examples, False for padding
     cursor: dict  # the sampler state once this batch is consumed (for resuming)
 
@@ -52,17 +56,25 @@ def physical_count(size: int, physical_batch_size: int | None) -> int:
     return max(1, math.ceil(size / physical_batch_size))
 
 
-def split(indices: Tensor, physical_batch_size: int | None, filler: int):
-    """[(rows, mask)] for one logical batch: rows are dataset indices, padded with ``filler``."""
+def split(indices: Tensor, physical_batch_size: int | None, filler: int, count: int):
+    """[(rows, mask)] for one logical batch, ``count`` physical batches: rows are dataset
+    indices, padded with ``filler`` (whole all-masked batches where ``count`` asks for more)."""
     size = len(indices)
     width = physical_batch_size if physical_batch_size is not None else max(size, 1)
     batches = []
-    for k in range(physical_count(size, physical_batch_size)):
+    for k in range(count):
         real = indices[k * width : (k + 1) * width].tolist()
         mask = torch.zeros(width, dtype=torch.bool)
         mask[: len(real)] = True
         batches.append((real + [filler] * (width - len(real)), mask))
     return batches
+
+
+def _derived(random: RandomSource) -> RandomSource:
+    """A second source, seeded from ``random`` (or secure if it is)."""
+    if random.secure:
+        return RandomSource(secure=True)
+    return RandomSource(seed=int(torch.randint(2**62, (), generator=random.draw())))
 
 
 class PoissonBatchSampler(torch.utils.data.Sampler):
@@ -74,6 +86,10 @@ class PoissonBatchSampler(torch.utils.data.Sampler):
         steps_per_epoch: logical steps per epoch (usually round(1/q)).
         physical_batch_size: P, rows per physical batch; None for one batch per logical step.
         random: the source of the sample (seeded or secure).
+        rank, world_size: this process's place among W processes (each samples its shard).
+        plan_random: the source of all ranks' batch sizes, seeded alike on every rank
+            (default, for one process: a source seeded from ``random``). Sizes and subsets come
+            from separate streams, so when the next epoch's sizes are drawn does not matter.
 
     The metadata of each yielded batch (:class:`PhysicalBatch`) is queued on the iteration that
     produced it (``latest_queue``), for the loader to pop in step with the batches.
@@ -86,36 +102,47 @@ class PoissonBatchSampler(torch.utils.data.Sampler):
         steps_per_epoch: int,
         physical_batch_size: int | None,
         random: RandomSource,
+        rank: int = 0,
+        world_size: int = 1,
+        plan_random: RandomSource | None = None,
     ):
         self.num_samples = num_samples
         self.sample_rate = sample_rate
         self.steps_per_epoch = steps_per_epoch
         self.physical_batch_size = physical_batch_size
         self.random = random
+        self.plan_random = plan_random or _derived(random)
+        self.rank, self.world_size = rank, world_size
+        self.shard = torch.arange(rank, num_samples, world_size)  # this rank's examples
         self.epoch = 0
-        self._sizes: Tensor | None = None  # the planned logical batch sizes of the next epoch
+        self._sizes: Tensor | None = None  # (steps, W) planned logical batch sizes of all ranks
         self._resume: dict | None = None  # where to continue (set by load_state_dict)
         self.consumed: dict | None = None  # the cursor of the last consumed batch
         self.latest_queue: collections.deque = collections.deque()
 
     def _plan(self) -> Tensor:
         if self._sizes is None:
-            shape, n = (self.steps_per_epoch,), float(self.num_samples)
-            count = torch.full(shape, n, dtype=torch.float64)
+            shards = [
+                len(range(r, self.num_samples, self.world_size)) for r in range(self.world_size)
+            ]
+            count = torch.tensor(shards, dtype=torch.float64).expand(self.steps_per_epoch, -1)
             prob = torch.full_like(count, self.sample_rate)
-            self._sizes = torch.binomial(count, prob, generator=self.random.draw()).long()
+            generator = self.plan_random.draw()
+            self._sizes = torch.binomial(count.contiguous(), prob, generator=generator).long()
         return self._sizes
+
+    def _count(self, sizes_of_step: Tensor) -> int:
+        """Physical batches of a step: the most any rank needs."""
+        return max(physical_count(int(s), self.physical_batch_size) for s in sizes_of_step)
 
     def __len__(self) -> int:
         """Physical batches in the coming (or resumed) epoch: exact, drawn in advance."""
         if self._resume is not None:
             cursor = self._resume
             sizes = cursor["sizes"]
-            rest = physical_count(len(cursor["indices"]), self.physical_batch_size)
-            rest -= cursor["consumed"]
-            later = sizes[cursor["step"] + 1 :].tolist()
-            return rest + sum(physical_count(s, self.physical_batch_size) for s in later)
-        return sum(physical_count(s, self.physical_batch_size) for s in self._plan().tolist())
+            rest = self._count(sizes[cursor["step"]]) - cursor["consumed"]
+            return rest + sum(self._count(row) for row in sizes[cursor["step"] + 1 :])
+        return sum(self._count(row) for row in self._plan())
 
     def __iter__(self):
         queue = collections.deque()
@@ -125,8 +152,8 @@ class PoissonBatchSampler(torch.utils.data.Sampler):
     def _draw(self, size: int) -> Tensor:
         if size == 0:
             return torch.zeros(0, dtype=torch.long)
-        perm = torch.randperm(self.num_samples, generator=self.random.draw())
-        return perm[:size].sort().values
+        perm = torch.randperm(len(self.shard), generator=self.random.draw())
+        return self.shard[perm[:size]].sort().values
 
     def _generate(self, queue):
         if self._resume is not None:
@@ -134,18 +161,22 @@ class PoissonBatchSampler(torch.utils.data.Sampler):
             epoch, sizes, start = cursor["epoch"], cursor["sizes"], cursor["step"]
             resumed = (cursor["indices"], cursor["consumed"])
             self.random.load_state_dict(cursor["random"])
+            plan_state = cursor["plan_random"]
         else:
             epoch, sizes, start, resumed = self.epoch, self._plan(), 0, None
+            plan_state = self.plan_random.state_dict()  # after this epoch's sizes were drawn
         self._sizes = None
         for step in range(start, len(sizes)):
             if resumed is not None:
                 indices, skip = resumed
                 resumed = None
             else:
-                indices, skip = self._draw(int(sizes[step])), 0
+                indices, skip = self._draw(int(sizes[step, self.rank])), 0
             random_state = self.random.state_dict()
-            filler = int(indices[0]) if len(indices) else 0
-            batches = split(indices, self.physical_batch_size, filler)
+            filler = (
+                int(indices[0]) if len(indices) else int(self.shard[0]) if len(self.shard) else 0
+            )
+            batches = split(indices, self.physical_batch_size, filler, self._count(sizes[step]))
             for k, (rows, mask) in enumerate(batches):
                 if k < skip:
                     continue
@@ -156,6 +187,7 @@ class PoissonBatchSampler(torch.utils.data.Sampler):
                     "indices": indices,
                     "consumed": k + 1,
                     "random": random_state,
+                    "plan_random": plan_state,
                 }
                 queue.append(PhysicalBatch(epoch, step, k, len(batches), mask, cursor))
                 yield rows
@@ -163,7 +195,11 @@ class PoissonBatchSampler(torch.utils.data.Sampler):
 
     def state_dict(self) -> dict:
         """Where the last consumed batch left the sampling, to resume from."""
-        state = {"epoch": self.epoch, "random": self.random.state_dict()}
+        state = {
+            "epoch": self.epoch,
+            "random": self.random.state_dict(),
+            "plan_random": self.plan_random.state_dict(),
+        }
         if self.consumed is not None:
             state["cursor"] = self.consumed
         return state
@@ -174,14 +210,12 @@ class PoissonBatchSampler(torch.utils.data.Sampler):
         if cursor is None:
             self.epoch = state["epoch"]
             self.random.load_state_dict(state["random"])
-        elif _epoch_finished(cursor, self.physical_batch_size):
-            self.epoch = cursor["epoch"] + 1
+            self.plan_random.load_state_dict(state["plan_random"])
+            return
+        self.plan_random.load_state_dict(cursor["plan_random"])
+        sizes = cursor["sizes"]
+        if cursor["step"] == len(sizes) - 1 and cursor["consumed"] == self._count(sizes[-1]):
+            self.epoch = cursor["epoch"] + 1  # the epoch was finished
             self.random.load_state_dict(cursor["random"])
         else:
             self._resume = cursor
-
-
-def _epoch_finished(cursor: dict, physical_batch_size: int | None) -> bool:
-    last_step = cursor["step"] == len(cursor["sizes"]) - 1
-    count = physical_count(len(cursor["indices"]), physical_batch_size)
-    return last_step and cursor["consumed"] == count

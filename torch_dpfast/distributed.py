@@ -1,0 +1,135 @@
+"""DP-SGD across processes with torch.distributed (torchrun; NCCL on GPU, gloo on CPU).
+
+Each of the W ranks holds a disjoint shard of the dataset (rank r: indices r, r + W, ...; no
+example is duplicated, which would double its privacy cost) and Poisson-samples it with the
+*global* rate q = batch_size / N, so the union of the ranks' samples is a Poisson sample of the
+whole dataset. The logical batch sizes of every rank are drawn from one generator seeded
+identically on all ranks, so each rank knows how many physical batches the others will run and
+pads to the largest count without communicating; only the choice of examples inside a shard
+uses a per-rank generator. At the end of a logical step the clipped sums are all-reduced once
+(bucketed); rank 0 alone adds the Gaussian noise before the all-reduce, so it is added exactly
+once and every rank ends the step with the same gradient, hence the same parameters.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .random_source import RandomSource
+
+#: Bytes per all-reduce bucket.
+BUCKET_BYTES = 25 * 2**20
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(num_samples: int, rank: int, world_size: int) -> Tensor:
+    """The dataset indices rank ``rank`` holds: rank, rank + W, ... (disjoint, no padding)."""
+    return torch.arange(rank, num_samples, world_size)
+
+
+def _device() -> torch.device:
+    """Where collectives need their tensors: the current CUDA device under NCCL."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_seed(seed: int | None = None) -> int:
+    """A 63-bit seed equal on every rank: rank 0's ``seed`` (or one from the OS CSPRNG)."""
+    value = torch.tensor([seed if seed is not None else secrets.randbits(63)], dtype=torch.int64)
+    value = value.to(_device())
+    dist.broadcast(value, src=0)
+    return int(value.item())
+
+
+def broadcast_module(module: nn.Module) -> None:
+    """Copies rank 0's parameters and buffers to every rank (as DistributedDataParallel does)."""
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
+                staged = tensor.detach().to(_device())
+                dist.broadcast(staged, src=0)
+                tensor.copy_(staged)
+            else:
+                dist.broadcast(tensor.data, src=0)
+
+
+def all_reduce_sum(tensors: list[Tensor]) -> int:
+    """Sums ``tensors`` in place across ranks, in buckets of about 25 MiB (one all-reduce per
+    bucket, all in flight together). Returns the number of bytes reduced."""
+    total = 0
+    buckets: list[list[Tensor]] = []
+    size = BUCKET_BYTES
+    for t in tensors:
+        key = (t.dtype, t.device)
+        if (
+            not buckets
+            or size + t.numel() * t.element_size() > BUCKET_BYTES
+            or key
+            != (
+                buckets[-1][0].dtype,
+                buckets[-1][0].device,
+            )
+        ):
+            buckets.append([])
+            size = 0
+        buckets[-1].append(t)
+        size += t.numel() * t.element_size()
+    pending = []
+    for bucket in buckets:
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        staged = flat.to(_device()) if flat.device.type == "cpu" else flat
+        pending.append((bucket, staged, dist.all_reduce(staged, async_op=True)))
+        total += flat.numel() * flat.element_size()
+    for bucket, flat, work in pending:
+        work.wait()
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+    return total
+
+
+def check_not_ddp(module: nn.Module) -> None:
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        raise ValueError(
+            "the module is wrapped in DistributedDataParallel, whose per-backward gradient "
+            "all-reduce would bypass clipping (and never fires: attached layers produce no "
+            ".grad). Pass the unwrapped model (ddp_model.module): make_private detects the "
+            "process group and all-reduces the clipped, noised gradients once per logical step"
+        )
+
+
+class SharedSecureSource(RandomSource):
+    """Secure mode across ranks: before every draw, rank 0 takes a seed from the OS CSPRNG and
+    broadcasts it, so all ranks draw the same batch sizes and nobody can predict them."""
+
+    def __init__(self):
+        super().__init__(secure=True)
+
+    def draw(self) -> torch.Generator:
+        self.generator.manual_seed(broadcast_seed())
+        return self.generator
+
+
+def sources(secure: bool, sample_generator: torch.Generator | None, rank: int):
+    """(per-rank sample source, shared batch-size source) for a run across ranks."""
+    if secure:
+        if sample_generator is not None:
+            raise ValueError("secure_mode draws the sample from the OS; give no sample_generator")
+        return RandomSource(secure=True), SharedSecureSource()
+    base = broadcast_seed(int(torch.randint(2**62, ())))
+    sample = RandomSource(seed=(base + 1 + rank) % 2**63)
+    if sample_generator is not None:
+        sample.generator = sample_generator
+    return sample, RandomSource(seed=base)
