@@ -44,3 +44,28 @@ def test_bench_cpu_training_smoke_run(tmp_path):
     modes = {row["mode"]: row for row in payload["results"]}
     assert set(modes) == {"non_private", "dpfast_auto", "dpfast_ghost"}
     assert all("error" not in row and row["samples_per_s"] > 0 for row in modes.values())
+
+
+def test_bench_scaling_smoke_run(tmp_path):
+    from benchmarks.distributed import bench_scaling
+
+    payload = bench_scaling.main(
+        [
+            "--max-procs",
+            "2",
+            "--steps",
+            "1",
+            "--logical",
+            "16",
+            "--physical",
+            "8",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    rows = {(r["workers"], r["mode"]): r for r in payload["results"]}
+    assert set(rows) == {(1, "non_private"), (1, "dp"), (2, "non_private"), (2, "dp")}
+    # One all-reduce of the parameters per logical step for DP, one per physical batch for DDP.
+    assert rows[2, "dp"]["bytes_per_logical_step"] == payload["param_bytes"]
+    assert rows[2, "non_private"]["bytes_per_logical_step"] == 2 * payload["param_bytes"]
+    assert (tmp_path / "bench_scaling.md").exists()
