@@ -59,7 +59,7 @@ def _worker(rank, world_size, init_file, out_dir, config):
         dataset = _dataset(config["n"])
         if config.get("wide"):
             dataset = TensorDataset(torch.zeros(config["n"], 40, dtype=torch.float64))
-        engine = dpf.PrivacyEngine()
+        engine = dpf.PrivacyEngine(secure_mode=config.get("secure", False))
         clipping = config.get("clipping", "auto")
         out = engine.make_private(
             module=model,
@@ -143,13 +143,19 @@ def _clipped_sum(model, x, y, max_norm):
 
 
 @pytest.mark.parametrize(
-    "world_size, physical_batch_size, clipping",
-    [(2, 2, "auto"), (3, 3, "ghost"), (3, None, "per_example")],
+    "world_size, physical_batch_size, clipping, secure",
+    [
+        (2, 2, "auto", False),
+        (3, 3, "ghost", False),
+        (3, None, "per_example", False),
+        (2, 3, "bk", True),
+    ],
 )
 def test_ranks_agree_and_each_step_is_the_clipped_sum_over_all_ranks(
-    world_size, physical_batch_size, clipping, tmp_path
+    world_size, physical_batch_size, clipping, secure, tmp_path
 ):
     config = dict(
+        secure=secure,
         n=26,
         batch_size=6,
         lr=0.5,

@@ -111,14 +111,15 @@ def check_not_ddp(module: nn.Module) -> None:
 
 
 class SharedSecureSource(RandomSource):
-    """Secure mode across ranks: before every draw, rank 0 takes a seed from the OS CSPRNG and
-    broadcasts it, so all ranks draw the same batch sizes and nobody can predict them."""
+    """Secure mode across ranks: the batch-size stream is seeded once per run with 63 bits that
+    rank 0 takes from the OS CSPRNG and broadcasts; it is never stored. (Re-seeding per draw
+    would need a collective per draw, and every rank would have to draw at the same moments.)"""
 
     def __init__(self):
         super().__init__(secure=True)
+        self.generator.manual_seed(broadcast_seed())
 
     def draw(self) -> torch.Generator:
-        self.generator.manual_seed(broadcast_seed())
         return self.generator
 
 
