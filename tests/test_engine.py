@@ -145,6 +145,11 @@ CASES = {
         lambda g: torch.randint(1, 9, (3, 5), generator=g),
         3,
     ),
+    "attention_lm_square": (  # B == T: the shared (T, T) attn_mask must not be sliced
+        lambda: AttentionLM(batch_first=True),
+        lambda g: torch.randint(1, 9, (5, 5), generator=g),
+        3,
+    ),
     "attention_lm_batch_first": (
         lambda: AttentionLM(batch_first=True),
         lambda g: torch.randint(1, 9, (3, 5), generator=g),

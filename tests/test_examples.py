@@ -39,3 +39,53 @@ def test_torchrun_example_trains_on_two_processes():
     assert match, result.stdout
     accuracy, epsilon = map(float, match.groups())
     assert accuracy > 0.6 and 2.8 <= epsilon <= 3.0
+
+
+def _example(name: str):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_custom_loop_example_learns():
+    assert _example("custom_loop").main(["--epochs", "1"]) > 0.75
+
+
+def test_transformer_lm_example_runs_in_ghost_mode():
+    import math
+
+    loss = _example("transformer_lm").main(["--epochs", "1", "--clipping", "ghost"])
+    assert math.isfinite(loss) and loss < 4.0  # below the ~3.4 nats of a uniform guess + margin
+
+
+def test_timm_vit_example_on_an_image_folder(tmp_path):
+    import pytest
+
+    pytest.importorskip("timm")
+    pytest.importorskip("torchvision")
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(8):
+            pixels = (rng.random((16, 16, 3)) * 255).astype("uint8")
+            Image.fromarray(pixels).save(tmp_path / label / f"{i}.png")
+    argv = [
+        "--data",
+        str(tmp_path),
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--physical-batch-size",
+        "4",
+        "--train-head-only",
+    ]
+    epsilon = _example("finetune_timm_vit").main(argv)
+    assert 7.5 <= epsilon <= 8.0

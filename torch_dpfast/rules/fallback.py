@@ -24,18 +24,29 @@ def batch_dim(module: nn.Module, t: Tensor) -> int:
     return 1 if getattr(module, "batch_first", True) is False and t.dim() == 3 else 0
 
 
-def _example(module: nn.Module, value, i: int, batch: int):
-    """Example i's slice of an argument: tensors whose batch dim has size B; others as is."""
+#: nn.MultiheadAttention.forward's positional arguments, to recognise attn_mask by position.
+_MHA_ARGUMENTS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
+
+
+def argument_name(module: nn.Module, position: int) -> str | None:
+    """The name of positional argument ``position`` where the fallback needs to know it."""
+    if isinstance(module, nn.MultiheadAttention) and position < len(_MHA_ARGUMENTS):
+        return _MHA_ARGUMENTS[position]
+    return None
+
+
+def _example(module: nn.Module, value, i: int, batch: int, name: str | None = None):
+    """Example i's slice of an argument: tensors whose batch dim has size B; others as is.
+    nn.MultiheadAttention's attn_mask is per example only in its 3-D (B * H, L, S) form; the
+    2-D (L, S) form is shared, even when L happens to equal B."""
+    if isinstance(module, nn.MultiheadAttention) and name == "attn_mask":
+        if isinstance(value, Tensor) and value.dim() == 3:
+            return value.narrow(0, i * module.num_heads, module.num_heads)
+        return value
     if isinstance(value, Tensor) and value.dim() > 0:
         dim = batch_dim(module, value)
         if value.shape[dim] == batch:
             return value.narrow(dim, i, 1)
-        if (
-            isinstance(module, nn.MultiheadAttention)
-            and value.dim() == 3
-            and value.shape[0] == (batch * module.num_heads)
-        ):  # a per-example, per-head attn_mask (B * H, L, S)
-            return value.narrow(0, i * module.num_heads, module.num_heads)
     return value
 
 
@@ -70,8 +81,11 @@ class FallbackRule(Rule):
         with _original_forward(module), torch.enable_grad():
             for i in range(batch):
                 leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-                args_i = tuple(_example(module, a, i, batch) for a in args)
-                kwargs_i = {k: _example(module, v, i, batch) for k, v in kwargs.items()}
+                args_i = tuple(
+                    _example(module, a, i, batch, argument_name(module, k))
+                    for k, a in enumerate(args)
+                )
+                kwargs_i = {k: _example(module, v, i, batch, k) for k, v in kwargs.items()}
                 out = first_output(torch.func.functional_call(module, leaves, args_i, kwargs_i))
                 g_i = g.narrow(batch_dim(module, g), i, 1)
                 grads = torch.autograd.grad(out, list(leaves.values()), g_i, allow_unused=True)
