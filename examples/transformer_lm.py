@@ -3,8 +3,8 @@ LayerNorm and a tied output layer, on character-level text.
 
     python examples/transformer_lm.py [--epochs 2] [--clipping auto|ghost]
 
-nn.MultiheadAttention goes through the exact generic fallback (one example at a time; see
-`dpf.explain`); everything else through its own rule.
+Every layer has its own rule (`dpf.explain` lists them): the attention's q/k/v projections get
+the linear maths while attention itself runs on the fused scaled_dot_product_attention path.
 """
 
 from __future__ import annotations

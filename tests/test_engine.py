@@ -472,18 +472,115 @@ def test_the_fallback_refuses_modules_that_couple_examples(gen):
     att.detach()
 
 
+class _TwoOutputs(nn.Module):
+    """No rule: goes through the fallback, which clips through the first output only."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, dtype=torch.float64))
+
+    def forward(self, x):
+        y = x * self.weight
+        return y, y.sum(dim=-1)
+
+
 def test_the_fallback_refuses_gradients_through_secondary_outputs():
-    mha = nn.MultiheadAttention(4, 2, batch_first=True).double()
-    att = dpf.attach(mha)
-    x = torch.randn(2, 3, 4, dtype=torch.float64)
-    out, weights = mha(x, x, x)
+    module = _TwoOutputs()
+    att = dpf.attach(module)
+    out, aux = module(torch.randn(3, 4, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="output 2"):
-        (out.sum() + weights.sum()).backward()
+        (out.sum() + aux.sum()).backward()
     att.detach()
 
 
-def test_explain_reports_the_fallback():
+MHA_CONFIGS = {
+    "plain": dict(),
+    "packed_bias_kv_zero_attn": dict(add_bias_kv=True, add_zero_attn=True),
+    "kdim_vdim_sequence_first": dict(kdim=3, vdim=5, batch_first=False, add_bias_kv=True),
+    "no_bias": dict(bias=False),
+}
+
+
+def _mha_inputs(config, gen, batch=3, length=4, source=6):
+    first = config.get("batch_first", True)
+    shape = (lambda t, d: (batch, t, d)) if first else (lambda t, d: (t, batch, d))
+    q = torch.randn(*shape(length, 8), generator=gen, dtype=torch.float64)
+    k = torch.randn(*shape(source, config.get("kdim", 8)), generator=gen, dtype=torch.float64)
+    v = torch.randn(*shape(source, config.get("vdim", 8)), generator=gen, dtype=torch.float64)
+    pad = torch.zeros(batch, source, dtype=torch.bool)
+    pad[0, -2:] = True
+    return q, k, v, pad
+
+
+@pytest.mark.parametrize("config", MHA_CONFIGS)
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("mask_kind", ["none", "bool2d", "float3d"])
+def test_attention_rule_forward_matches_torch(config, need_weights, mask_kind, gen):
+    kwargs = dict(MHA_CONFIGS[config])
+    first = kwargs.pop("batch_first", True)
+    mha = nn.MultiheadAttention(8, 2, batch_first=first, **kwargs).double()
+    q, k, v, pad = _mha_inputs(MHA_CONFIGS[config], gen)
+    mask = None
+    if mask_kind == "bool2d":
+        mask = torch.rand(4, 6, generator=gen) > 0.7
+        mask[:, 0] = False
+    elif mask_kind == "float3d":
+        mask = torch.randn(3 * 2, 4, 6, generator=gen, dtype=torch.float64)
+    call = dict(key_padding_mask=pad, attn_mask=mask, need_weights=need_weights)
+    expected = mha(q, k, v, average_attn_weights=False, **call)
+    att = dpf.attach(mha)
+    try:
+        with torch.enable_grad():
+            got = mha(q, k, v, average_attn_weights=False, **call)
+    finally:
+        att.detach()
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-10, atol=1e-12)
+    if need_weights:
+        torch.testing.assert_close(got[1], expected[1], rtol=1e-10, atol=1e-12)
+    else:
+        assert got[1] is None and expected[1] is None
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_attention_rule_is_exact_through_the_attention_weights(mode, gen):
+    """Gradients that flow through the returned attention weights (which the fallback had to
+    refuse) are clipped exactly: against a per-example loop on an unattached copy."""
+    mha = nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True).double()
+    reference = copy.deepcopy(mha)
+    q, k, v, pad = _mha_inputs({}, gen)
+
+    def losses(module, q, k, v, pad):
+        out, weights = module(q, k, v, key_padding_mask=pad)
+        return out.square().sum(dim=(1, 2)) + 3 * weights.square().sum(dim=(1, 2))
+
+    params = [p for p in reference.parameters()]
+    rows = []
+    for i in range(q.shape[0]):
+        loss = losses(reference, q[i : i + 1], k[i : i + 1], v[i : i + 1], pad[i : i + 1]).sum()
+        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+    expected, _ = _clipped(torch.stack(rows), 0.3)
+    att = dpf.attach(mha, clipping=mode, loss_reduction="sum")
+    try:
+        per_example = losses(mha, q, k, v, pad)
+        if mode == "ghost":
+            ghost_backward(att, per_example, 0.3)
+        else:
+            per_example.sum().backward()
+            att.clip_and_accumulate(0.3)
+        summed = torch.cat([p.summed_grad.flatten() for p in mha.parameters()])
+    finally:
+        att.detach()
+    torch.testing.assert_close(summed, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_explain_reports_the_rules_and_the_fallback():
     rows = {r["parameter"]: r for r in dpf.explain(AttentionLM(), torch.randint(1, 9, (2, 5))).rows}
-    assert rows["attn.in_proj_bias"]["rule"] == "FallbackRule"
-    assert rows["attn.out_proj.weight"]["rule"] == "FallbackRule"  # covered with its parent
+    assert rows["attn.in_proj_bias"]["rule"] == "MultiheadAttentionRule"
+    assert "fused attention" in rows["attn.q_proj_weight"]["method"]
+    assert rows["attn.out_proj.weight"]["rule"] == "LinearRule"  # called as a module
     assert rows["to_k.weight"]["rule"] == "LinearRule"
+    model = nn.Sequential(_TwoOutputs(), nn.Identity())
+    rows = dpf.explain(
+        nn.Sequential(nn.Linear(4, 4).double(), model[0]), torch.randn(2, 4).double()
+    ).rows
+    assert {r["rule"] for r in rows} == {"LinearRule", "FallbackRule"}

@@ -45,8 +45,13 @@ class _Record:
     owner: Attachment | None = None  # told (_on_backward) once the backward ran
 
     @property
+    def device(self) -> torch.device:
+        return (self.g[0] if isinstance(self.g, tuple) else self.g).device
+
+    @property
     def batch(self) -> int:
-        return self.g.shape[batch_dim(self.module, self.g) if self.rule is FALLBACK else 0]
+        g = self.g[0] if isinstance(self.g, tuple) else self.g
+        return g.shape[batch_dim(self.module, g) if self.rule is FALLBACK else 0]
 
 
 class _Capture(torch.autograd.Function):
@@ -129,6 +134,37 @@ class _CaptureCall(torch.autograd.Function):
         for i, grad in zip(needs, grads[n:]):
             input_grads[i] = grad
         return (None, None, None, *input_grads)
+
+
+class _CaptureMany(torch.autograd.Function):
+    """Like _Capture for a call with several inputs and outputs (attention's q/k/v projections):
+    backward records the tuple of output gradients and returns the inputs' gradients."""
+
+    @staticmethod
+    def forward(ctx, anchor, call, record, *xs):
+        with torch.enable_grad():
+            ins = [x.detach().requires_grad_(x.is_floating_point() and x.requires_grad) for x in xs]
+            outs = call(*ins)
+        ctx.record, ctx.ins, ctx.outs = record, ins, outs
+        ctx.save_for_backward(*xs)  # version check against later in-place changes
+        return tuple(o.detach() for o in outs)
+
+    @staticmethod
+    def backward(ctx, *gs):
+        xs = ctx.saved_tensors
+        needs = [i for i, t in enumerate(ctx.ins) if t.requires_grad]
+        grads = [None] * len(ctx.ins)
+        if needs:
+            retain = ctx.record.owner._ghost is not None  # ghost clipping's second backward
+            found = torch.autograd.grad(
+                ctx.outs, [ctx.ins[i] for i in needs], gs, allow_unused=True, retain_graph=retain
+            )
+            for i, grad in zip(needs, found):
+                grads[i] = grad
+        ctx.record.x = tuple(x.detach() for x in xs)
+        ctx.record.g = tuple(g.detach() for g in gs)
+        ctx.record.owner._on_backward(ctx.record)
+        return (None, None, None, *grads)
 
 
 @contextlib.contextmanager
@@ -228,7 +264,7 @@ class Attachment:
         if self.clipping == "per_example":
             return self._clip_materialised(per_example, max_grad_norm, loss_scale, mask, batch)
 
-        norm_sq = torch.zeros(batch, dtype=torch.float32, device=records[0].g.device)
+        norm_sq = torch.zeros(batch, dtype=torch.float32, device=records[0].device)
         method = _NORM_METHOD[self.clipping]
         for r in plain:
             norm_sq = norm_sq + r.rule.norm_sq(r.module, r.x, r.g, method)
@@ -385,49 +421,59 @@ def attachments_of(params) -> list[Attachment]:
     return [a for a in list(_live) if any(id(p) in ids for p in a.parameters())]
 
 
-def _capturing_forward(attachment: Attachment, module: nn.Module, rule: Rule, path: str):
+def _bind(module: nn.Module, body):
+    """``module.forward`` replaced by ``body(self, original, params, args, kwargs)`` whenever
+    gradients are on (the original forward otherwise). torch.compile runs it eagerly (a graph
+    break around each captured layer): its bookkeeping would otherwise be traced and guarded,
+    and recompile with every physical batch."""
     original = module.forward
+    rule_params = body.rule.parameters
 
     def forward(self, *args, **kwargs):
         if not torch.is_grad_enabled():
             return original(*args, **kwargs)
+        return body(self, original, rule_params(self), args, kwargs)
+
+    return types.MethodType(torch.compiler.disable(forward, recursive=False), module)
+
+
+@dataclass
+class _IOCapture:
+    """The usual capture: one tensor in, the layer run on detached parameters (_Capture)."""
+
+    attachment: Attachment
+    rule: Rule
+    path: str
+
+    def __call__(self, module, original, params, args, kwargs):
         if len(args) != 1 or kwargs or not isinstance(args[0], Tensor):
             raise TypeError(
-                f"torch_dpfast: the captured layer {path!r} ({type(self).__name__}) must be called "
-                "with one tensor argument"
+                f"torch_dpfast: the captured layer {self.path!r} ({type(module).__name__}) must "
+                "be called with one tensor argument"
             )
-        params = rule.parameters(self)
-        record = attachment.record(self, rule, params)
+        record = self.attachment.record(module, self.rule, params)
 
         def call(x_in):
-            with _detached(self, params):
+            with _detached(module, params):
                 return original(x_in)
 
-        return _Capture.apply(args[0], attachment._anchor, call, record)
-
-    return _bind(forward, module)
-
-
-def _bind(forward, module: nn.Module):
-    """The capturing forward as a method of ``module``. torch.compile runs it eagerly (a graph
-    break around each captured layer): its bookkeeping would otherwise be traced and guarded,
-    and recompile with every physical batch."""
-    return types.MethodType(torch.compiler.disable(forward, recursive=False), module)
+        return _Capture.apply(args[0], self.attachment._anchor, call, record)
 
 
 def _flag_leak(attachment: Attachment, name: str):
     return lambda p: attachment._leaked.add(name)
 
 
-def _call_capturing_forward(attachment: Attachment, module: nn.Module, rule, path: str):
+@dataclass
+class _CallCapture:
     """For the fallback: any arguments; the module runs on detached parameter leaves."""
-    original = module.forward
 
-    def forward(self, *args, **kwargs):
-        if not torch.is_grad_enabled():
-            return original(*args, **kwargs)
-        params = rule.parameters(self)
-        record = attachment.record(self, rule, params)
+    attachment: Attachment
+    rule: Rule
+    path: str
+
+    def __call__(self, module, original, params, args, kwargs):
+        record = self.attachment.record(module, self.rule, params)
         tensors = [a for a in args if isinstance(a, Tensor)]
         tensors += [v for v in kwargs.values() if isinstance(v, Tensor)]
 
@@ -436,40 +482,67 @@ def _call_capturing_forward(attachment: Attachment, module: nn.Module, rule, pat
             args_in = tuple(next(it) if isinstance(a, Tensor) else a for a in args)
             kwargs_in = {k: next(it) if isinstance(v, Tensor) else v for k, v in kwargs.items()}
             leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-            with _original_forward(self):
-                out = torch.func.functional_call(self, leaves, args_in, kwargs_in)
+            with _original_forward(module):
+                out = torch.func.functional_call(module, leaves, args_in, kwargs_in)
             return out, leaves, (args_in, kwargs_in)
 
-        result = _CaptureCall.apply(attachment._anchor, call, record, *tensors)
+        result = _CaptureCall.apply(self.attachment._anchor, call, record, *tensors)
         return result if len(result) > 1 else result[0]
 
-    return _bind(forward, module)
+
+@dataclass
+class _ProjectionCapture:
+    """For rules with ``capture = "projections"`` (rules/attention.py): the rule re-implements
+    the forward and hands its parameterised part to ``capture(inputs, call)``."""
+
+    attachment: Attachment
+    rule: Rule
+    path: str
+
+    def __call__(self, module, original, params, args, kwargs):
+        record = self.attachment.record(module, self.rule, params)
+
+        def capture(inputs, call):
+            def detached_call(*xs):
+                with _detached(module, params):
+                    return call(*xs)
+
+            return _CaptureMany.apply(self.attachment._anchor, detached_call, record, *inputs)
+
+        return self.rule.forward(module, capture, *args, **kwargs)
 
 
-def _parameter_capturing_forward(attachment: Attachment, module: nn.Module, rule, path: str):
+@dataclass
+class _ParameterCapture:
     """For rules with ``capture = "parameters"``: the module's own parameters are replaced by
     per-example leaves for the duration of its forward (see rules/broadcast.py)."""
-    original = module.forward
 
-    def forward(self, *args, **kwargs):
-        if not torch.is_grad_enabled():
-            return original(*args, **kwargs)
+    attachment: Attachment
+    rule: Rule
+    path: str
+
+    def __call__(self, module, original, params, args, kwargs):
         if not args or not isinstance(args[0], Tensor):
             raise TypeError(
-                f"torch_dpfast: {path!r} ({type(self).__name__}) must get the batch as its first "
-                "positional argument"
+                f"torch_dpfast: {self.path!r} ({type(module).__name__}) must get the batch as its "
+                "first positional argument"
             )
-        params = rule.parameters(self)
-        leaves = rule.expand(self, args[0].shape[0])
-        attachment.record(self, rule, params, x=leaves, g=args[0])
-        saved = {n: self._parameters[n] for n in leaves}
+        leaves = self.rule.expand(module, args[0].shape[0])
+        self.attachment.record(module, self.rule, params, x=leaves, g=args[0])
+        saved = {n: module._parameters[n] for n in leaves}
         try:
-            self._parameters.update(leaves)
+            module._parameters.update(leaves)
             return original(*args, **kwargs)
         finally:
-            self._parameters.update(saved)
+            module._parameters.update(saved)
 
-    return _bind(forward, module)
+
+_CAPTURES = {
+    "io": _IOCapture,
+    "call": _CallCapture,
+    "projections": _ProjectionCapture,
+    "parameters": _ParameterCapture,
+}
 
 
 def attach(model: nn.Module, clipping: str = "auto", loss_reduction: str = "mean") -> Attachment:
@@ -497,13 +570,10 @@ def attach(model: nn.Module, clipping: str = "auto", loss_reduction: str = "mean
         raise RuntimeError("this model is already attached; call .detach() on the old attachment")
     attachment = Attachment(model, clipping, loss_reduction)
     for path, (module, rule) in assign_rules(model).items():
-        if rule is FALLBACK:
-            module.forward = _call_capturing_forward(attachment, module, rule, path)
-        elif getattr(rule, "capture", "io") == "parameters":
+        kind = getattr(rule, "capture", "io")
+        if kind == "parameters":
             rule.check(module)
-            module.forward = _parameter_capturing_forward(attachment, module, rule, path)
-        else:
-            module.forward = _capturing_forward(attachment, module, rule, path)
+        module.forward = _bind(module, _CAPTURES[kind](attachment, rule, path))
         attachment.modules[path] = module
         attachment.rules[path] = rule
     names = {id(p): n for n, p in model.named_parameters()}

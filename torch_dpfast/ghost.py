@@ -61,9 +61,13 @@ class _GhostPass:
             contribution = record.rule.norm_sq(record.module, x, g, "auto")
             self.norm_sq = contribution if self.norm_sq is None else self.norm_sq + contribution
         else:
-            sums = record.rule.clipped_sums(record.module, x, g, self.include.to(g.device))
+            sums = record.rule.clipped_sums(record.module, x, g, self.include.to(norm_device(g)))
             for name, summed in sums.items():
                 _accumulate(record.params[name], summed)
+
+
+def norm_device(g) -> torch.device:
+    return (g[0] if isinstance(g, tuple) else g).device
 
 
 def ghost_backward(attachment: Attachment, losses: Tensor, max_grad_norm: float) -> Tensor:

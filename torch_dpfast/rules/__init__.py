@@ -3,6 +3,7 @@ of a layer's own parameters, from its captured input and output gradient. One fi
 family; see ``_registry`` for the contract and docs/rules.md for the maths."""
 
 from . import (
+    attention,
     broadcast,
     conv,
     embedding,
@@ -19,6 +20,7 @@ from ._registry import Rule, register_rule, rule_for, scaled_sum
 
 __all__ = [
     "Rule",
+    "attention",
     "broadcast",
     "conv",
     "embedding",
