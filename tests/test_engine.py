@@ -109,6 +109,35 @@ def _timm_vit():
     )
 
 
+class RootOwned(nn.Module):
+    """The root owns a parameter and has no rule: the fallback covers the whole model, its
+    children included (they must not be captured a second time)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(5))
+        self.body = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+
+    def forward(self, x):
+        return self.body(x * self.scale)
+
+
+def _timm_vit_relpos():
+    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+
+    return VisionTransformerRelPos(
+        img_size=16,
+        patch_size=4,
+        embed_dim=16,
+        num_heads=2,
+        depth=1,
+        num_classes=4,
+        rel_pos_type="bias",
+        class_token=False,
+        global_pool="avg",
+    )
+
+
 def _timm_groupnorm_resnet():
     import timm
 
@@ -163,6 +192,12 @@ CASES = {
     "timm_bit_resnetv2": (
         _timm_bit,
         lambda g: torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64),
+        4,
+    ),
+    "root_fallback": (RootOwned, lambda g: torch.randn(4, 5, generator=g, dtype=torch.float64), 3),
+    "timm_vit_relpos": (  # RelPosBias tables through their own rule
+        _timm_vit_relpos,
+        lambda g: torch.randn(3, 3, 16, 16, generator=g, dtype=torch.float64),
         4,
     ),
     "timm_resnet_gn": (
@@ -579,8 +614,26 @@ def test_explain_reports_the_rules_and_the_fallback():
     assert "fused attention" in rows["attn.q_proj_weight"]["method"]
     assert rows["attn.out_proj.weight"]["rule"] == "LinearRule"  # called as a module
     assert rows["to_k.weight"]["rule"] == "LinearRule"
+    pytest.importorskip("timm")
+    rows = dpf.explain(_timm_vit_relpos(), torch.randn(1, 3, 16, 16)).rows
+    rules = {r["parameter"]: r["rule"] for r in rows}
+    assert rules["blocks.0.attn.rel_pos.relative_position_bias_table"] == "GatheredBiasRule"
+    assert "FallbackRule" not in rules.values()
+    rules = {r["parameter"]: r["rule"] for r in dpf.explain(RootOwned(), torch.randn(2, 5)).rows}
+    assert set(rules.values()) == {"FallbackRule"} and "body.0.weight" in rules
     model = nn.Sequential(_TwoOutputs(), nn.Identity())
     rows = dpf.explain(
         nn.Sequential(nn.Linear(4, 4).double(), model[0]), torch.randn(2, 4).double()
     ).rows
     assert {r["rule"] for r in rows} == {"LinearRule", "FallbackRule"}
+
+
+def test_relpos_attention_takes_its_unfused_path_only_while_attached():
+    pytest.importorskip("timm")
+    model = _timm_vit_relpos()
+    attention = model.blocks[0].attn
+    fused = attention.fused_attn
+    att = dpf.attach(model)
+    assert attention.fused_attn is False
+    att.detach()
+    assert attention.fused_attn == fused

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from . import ops
 from .explain import assign_rules, check_no_batch_statistics
 from .rules import scaled_sum
-from .rules._registry import Rule
+from .rules._registry import Rule, zero_norms
 from .rules.fallback import FALLBACK, _original_forward, batch_dim
 
 CLIPPING_MODES = ("auto", "bk", "per_example", "ghost")
@@ -194,6 +194,7 @@ class Attachment:
     _stray_backward: bool = False  # ghost mode: a backward ran outside ghost_backward
     _records: list[_Record] = field(default_factory=list)
     _hooks: list = field(default_factory=list)
+    _restores: list = field(default_factory=list)  # undo what rules changed (Rule.adapt)
     _leaked: set[str] = field(default_factory=set)  # parameters that got an ordinary gradient
     _anchor: Tensor = field(default_factory=lambda: torch.empty(0, requires_grad=True))
 
@@ -229,6 +230,8 @@ class Attachment:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        while self._restores:
+            self._restores.pop()()
         self.modules.clear()
         self.rules.clear()
         self.discard()
@@ -264,7 +267,7 @@ class Attachment:
         if self.clipping == "per_example":
             return self._clip_materialised(per_example, max_grad_norm, loss_scale, mask, batch)
 
-        norm_sq = torch.zeros(batch, dtype=torch.float32, device=records[0].device)
+        norm_sq = zero_norms(records[0].g)  # float64 for float64 gradients, else float32
         method = _NORM_METHOD[self.clipping]
         for r in plain:
             norm_sq = norm_sq + r.rule.norm_sq(r.module, r.x, r.g, method)
@@ -574,6 +577,10 @@ def attach(model: nn.Module, clipping: str = "auto", loss_reduction: str = "mean
         if kind == "parameters":
             rule.check(module)
         module.forward = _bind(module, _CAPTURES[kind](attachment, rule, path))
+        adapt = getattr(rule, "adapt", None)
+        restore = adapt(model, path, module) if adapt is not None else None
+        if restore is not None:
+            attachment._restores.append(restore)
         attachment.modules[path] = module
         attachment.rules[path] = rule
     names = {id(p): n for n, p in model.named_parameters()}

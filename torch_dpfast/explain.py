@@ -56,7 +56,7 @@ def assign_rules(model: nn.Module) -> dict[str, tuple[nn.Module, Rule]]:
     """
     assigned, covered = {}, []
     for path, module in model.named_modules():
-        if any(path.startswith(prefix + ".") for prefix in covered):
+        if any(prefix == "" or path.startswith(prefix + ".") for prefix in covered):
             continue
         own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
         if not own:

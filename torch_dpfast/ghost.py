@@ -104,7 +104,8 @@ def ghost_backward(attachment: Attachment, losses: Tensor, max_grad_norm: float)
                 leaf.grad = None
         norm_sq = state.norm_sq
         if norm_sq is None:
-            norm_sq = torch.zeros(batch, dtype=torch.float32, device=losses.device)
+            dtype = torch.float64 if losses.dtype == torch.float64 else torch.float32
+            norm_sq = torch.zeros(batch, dtype=dtype, device=losses.device)
         for _, grad in per_example.values():
             norm_sq = norm_sq + grad.reshape(batch, -1).to(norm_sq.dtype).square().sum(dim=1)
         factors = ops.clip_factors(norm_sq, max_grad_norm, _mask_on(mask, norm_sq))

@@ -41,7 +41,7 @@ class Rule:
         """Default: from the materialised per-example gradients (cheap for small parameters)."""
         total = zero_norms(g)
         for grad in self.per_example_grads(module, x, g).values():
-            total = total + grad.reshape(g.shape[0], -1).to(total.dtype).square().sum(dim=1)
+            total = total + grad.reshape(total.shape[0], -1).to(total.dtype).square().sum(dim=1)
         return total
 
     def clipped_sums(
@@ -53,8 +53,10 @@ class Rule:
         return {name: scaled_sum(grad, scale) for name, grad in grads.items()}
 
 
-def zero_norms(g: Tensor) -> Tensor:
-    """(B,) zeros to accumulate squared norms in: float64 for float64 gradients, else float32."""
+def zero_norms(g: Tensor | tuple[Tensor, ...]) -> Tensor:
+    """(B,) zeros to accumulate squared norms in: float64 for float64 gradients, else float32
+    (``g`` may be a tuple of output gradients, as for rules capturing several outputs)."""
+    g = g[0] if isinstance(g, tuple) else g
     dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
     return torch.zeros(g.shape[0], dtype=dtype, device=g.device)
 
