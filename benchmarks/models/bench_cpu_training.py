@@ -176,16 +176,43 @@ def run(model_name: str, mode: str, batch: int, steps: int) -> dict:
     return json.loads(lines[-1])
 
 
+def combine(rounds: list[dict], baseline: list[dict] | None) -> dict:
+    """One mode's figures over the rounds: the median throughput, and its ratio to non-private
+    taken within each round (adjacent in time, so slow spells of the machine cancel)."""
+    good = [r for r in rounds if "error" not in r]
+    if not good:
+        return dict(rounds=rounds, error=rounds[0]["error"])
+    out = dict(
+        rounds=rounds,
+        samples_per_s=statistics.median(r["samples_per_s"] for r in good),
+        peak_rss_mib=max(r["peak_rss_mib"] for r in good),
+    )
+    if baseline:
+        ratios = [
+            r["samples_per_s"] / b["samples_per_s"]
+            for r, b in zip(rounds, baseline)
+            if "error" not in r and "error" not in b
+        ]
+        if ratios:
+            out.update(
+                ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios)
+            )
+    return out
+
+
 def markdown(env: dict, settings: dict, results: list[dict]) -> str:
     lines = [
         f"# CPU training throughput ({env['cpu_threads']} threads, {env['cpu']})",
         "",
         f"torch {env['torch']}, commit {env['commit']}, {env['time_utc']}; physical batch "
         f"{settings['batch']}, median of {settings['steps']} steps after warm-up, each mode "
-        "in its own process.",
+        f"in its own process; {settings.get('rounds', 1)} round(s) of all modes, round-robin "
+        "(samples/s: median over rounds; vs non-private: median of the per-round ratios, with "
+        "their range).",
         "",
-        "| model | mode | samples/s | vs non-private | FLOP model predicts | peak RSS (MiB) |",
-        "|---|---|---|---|---|---|",
+        "| model | mode | samples/s | vs non-private | range over rounds | FLOP model predicts "
+        "| peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for model_name in dict.fromkeys(r["model"] for r in results):
         rows = [r for r in results if r["model"] == model_name]
@@ -194,14 +221,15 @@ def markdown(env: dict, settings: dict, results: list[dict]) -> str:
             predicted = f"{r['predicted']:.2f}x" if r.get("predicted") else ""
             if "error" in r:
                 lines.append(
-                    f"| {MODELS[model_name]} | {r['mode']} | failed: {r['error']} | | "
+                    f"| {MODELS[model_name]} | {r['mode']} | failed: {r['error']} | | | "
                     f"{predicted} | |"
                 )
                 continue
-            ratio = f"{r['samples_per_s'] / base['samples_per_s']:.2f}x" if base else ""
+            ratio = f"{r['ratio']:.2f}x" if base and "ratio" in r else ""
+            spread = f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}x" if ratio else ""
             lines.append(
                 f"| {MODELS[model_name]} | {r['mode']} | {r['samples_per_s']:.2f} | "
-                f"{ratio} | {predicted} | {r['peak_rss_mib']:.0f} |"
+                f"{ratio} | {spread} | {predicted} | {r['peak_rss_mib']:.0f} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -215,6 +243,12 @@ def main(argv=None) -> None:
     parser.add_argument("--models", default="vit_small,resnet18_gn")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--smoke", action="store_true", help="tiny model, 3 steps, our modes")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat all modes round-robin this many times (ratios taken within each round)",
+    )
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(*args.worker, args.batch, args.steps)))
@@ -226,12 +260,23 @@ def main(argv=None) -> None:
     steps = 3 if args.smoke else args.steps
     results = []
     for model_name in models:
+        runs = {mode: [] for mode in modes}
+        for k in range(args.rounds):
+            for mode in modes:
+                print(f"[bench_cpu_training] {model_name} / {mode} (round {k + 1}) ...", flush=True)
+                runs[mode].append(run(model_name, mode, args.batch, steps))
         for mode in modes:
-            print(f"[bench_cpu_training] {model_name} / {mode} ...", flush=True)
-            figures = run(model_name, mode, args.batch, steps)
             predicted = predicted_ratio(model_name, mode)
-            results.append(dict(model=model_name, mode=mode, predicted=predicted, **figures))
-    env, settings = environment(), dict(batch=args.batch, steps=steps, smoke=args.smoke)
+            results.append(
+                dict(
+                    model=model_name,
+                    mode=mode,
+                    predicted=predicted,
+                    **combine(runs[mode], runs.get("non_private")),
+                )
+            )
+    env = environment()
+    settings = dict(batch=args.batch, steps=steps, smoke=args.smoke, rounds=args.rounds)
     write_json(
         args.out / "bench_cpu_training.json",
         {"environment": env, "settings": settings, "results": results},
