@@ -85,7 +85,8 @@ def _worker(rank, world_size, init_file, out_dir, config):
                 rows.append([])
             optimizer.zero_grad()
             if config.get("wide"):
-                (model(batch[0]) * 0).sum().backward()  # zero gradient: the update is noise
+                zero = torch.zeros(len(batch[0]), dtype=torch.long)
+                criterion(model(batch[0]) * 0, zero).backward()  # zero gradient: noise only
             else:
                 x, y, idx = batch
                 rows[-1] += idx[info.mask].tolist()
@@ -102,6 +103,7 @@ def _worker(rank, world_size, init_file, out_dir, config):
                 batches=batches,
                 accountant=engine.accountant.history,
                 bytes=optimizer.bytes_communicated,
+                overlapped=optimizer.bytes_overlapped,
                 expected_batch_size=optimizer.expected_batch_size,
             ),
             os.path.join(out_dir, f"rank{rank}.pt"),
@@ -193,11 +195,15 @@ def test_ranks_agree_and_each_step_is_the_clipped_sum_over_all_ranks(
     # One all-reduce of the parameters per logical step, whatever the physical batch count.
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     assert results[0]["bytes"] == steps * param_bytes
+    # Ghost clipping launches the all-reduces of finished layers during its second backward.
+    assert (results[0]["overlapped"] > 0) == (clipping == "ghost")
 
 
-def test_noise_is_added_once_not_once_per_rank(tmp_path):
+@pytest.mark.parametrize("clipping", ["auto", "ghost"])  # ghost: noise added during backward
+def test_noise_is_added_once_not_once_per_rank(clipping, tmp_path):
     sigma, max_norm, lr, n, batch = 2.0, 0.5, 1.0, 40, 10
     config = dict(
+        clipping=clipping,
         n=n,
         batch_size=batch,
         lr=lr,

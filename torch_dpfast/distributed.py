@@ -134,3 +134,51 @@ def sources(secure: bool, sample_generator: torch.Generator | None, rank: int):
     if sample_generator is not None:
         sample.generator = sample_generator
     return sample, RandomSource(seed=base)
+
+
+class OverlappedReduction:
+    """All-reduces of clipped sums that are final before the backward ends (ghost clipping's
+    second pass computes each layer's sum inside that layer's backward): as parameters become
+    final, rank 0 adds their noise, every rank scales them, and a bucket's all-reduce is launched
+    while the rest of the backward runs. ``finish()`` launches the last bucket, waits for all and
+    returns the ids of the parameters done."""
+
+    def __init__(self, noise_and_scale):
+        self.noise_and_scale = noise_and_scale  # callable(list of tensors), in place
+        self.bucket: list[nn.Parameter] = []
+        self.size = 0
+        self.pending: list = []
+        self.done: set[int] = set()
+        self.bytes = 0
+
+    def ready(self, params) -> None:
+        for p in params:
+            if id(p) in self.done or getattr(p, "summed_grad", None) is None:
+                continue
+            self.done.add(id(p))
+            self.bucket.append(p)
+            self.size += p.summed_grad.numel() * p.summed_grad.element_size()
+            if self.size >= BUCKET_BYTES:
+                self._launch()
+
+    def _launch(self) -> None:
+        if not self.bucket:
+            return
+        sums = [p.summed_grad for p in self.bucket]
+        self.noise_and_scale(sums)
+        flat = torch.cat([t.reshape(-1) for t in sums])
+        staged = flat.to(_device()) if flat.device.type == "cpu" else flat
+        self.pending.append((sums, staged, dist.all_reduce(staged, async_op=True)))
+        self.bytes += flat.numel() * flat.element_size()
+        self.bucket, self.size = [], 0
+
+    def finish(self) -> set[int]:
+        self._launch()
+        for sums, flat, work in self.pending:
+            work.wait()
+            offset = 0
+            for t in sums:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+        self.pending.clear()
+        return self.done

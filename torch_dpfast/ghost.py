@@ -48,6 +48,7 @@ class _GhostPass:
     norm_sq: Tensor | None = None
     include: Tensor | None = None  # (B,) 1.0 for examples with a non-zero clip factor
     kept: list[_Record] = field(default_factory=list)  # records materialised after pass 1
+    on_final: object = None  # called with parameters whose clipped sums are final (pass 2)
 
     def on_backward(self, record: _Record) -> None:
         check_batch(record.batch, self.batch, self.mask)
@@ -64,19 +65,25 @@ class _GhostPass:
             sums = record.rule.clipped_sums(record.module, x, g, self.include.to(norm_device(g)))
             for name, summed in sums.items():
                 _accumulate(record.params[name], summed)
+            if self.on_final is not None:
+                self.on_final(list(record.params.values()))
 
 
 def norm_device(g) -> torch.device:
     return (g[0] if isinstance(g, tuple) else g).device
 
 
-def ghost_backward(attachment: Attachment, losses: Tensor, max_grad_norm: float) -> Tensor:
+def ghost_backward(
+    attachment: Attachment, losses: Tensor, max_grad_norm: float, on_final=None
+) -> Tensor:
     """Clips and accumulates one physical batch in two backward passes (module docstring).
 
     Args:
         attachment: an attachment made with ``clipping="ghost"``, whose model produced ``losses``.
         losses: (B,) per-example losses (no reduction over the batch).
         max_grad_norm: C.
+        on_final: called during the second pass with the parameters whose clipped sums are
+            complete (a layer's own parameters, used once), e.g. to start their all-reduce.
 
     Returns:
         (B,) squared per-example gradient norms.
@@ -93,7 +100,7 @@ def ghost_backward(attachment: Attachment, losses: Tensor, max_grad_norm: float)
     batch = losses.shape[0]
     by_parameter = [r for r in records if getattr(r.rule, "capture", "io") == "parameters"]
     plain = {id(r) for r in records if is_plain(r, records) and r not in by_parameter}
-    state = _GhostPass(batch, mask, plain)
+    state = _GhostPass(batch, mask, plain, on_final=on_final)
     attachment._ghost = state
     try:
         losses.sum().backward(retain_graph=True)
@@ -132,7 +139,8 @@ class GhostLoss:
         self.value = losses.mean() if reduction == "mean" else losses.sum()
 
     def backward(self) -> None:
-        ghost_backward(self._attachment, self.losses, self._optimizer.max_grad_norm)
+        on_final = self._optimizer.overlap() if hasattr(self._optimizer, "overlap") else None
+        ghost_backward(self._attachment, self.losses, self._optimizer.max_grad_norm, on_final)
 
     def item(self) -> float:
         return self.value.item()

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from . import ops
-from .distributed import all_reduce_sum, world
+from .distributed import OverlappedReduction, all_reduce_sum, world
 from .engine import Attachment, attachments_of
 from .random_source import RandomSource
 
@@ -69,6 +69,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self._secure = RandomSource(secure=True) if secure_mode else None
         self.rank, self.world_size = world() if distributed else (0, 1)
         self.bytes_communicated = 0  # by the all-reduces, over the optimizer's life
+        self.bytes_overlapped = 0  # of which launched during a backward (ghost clipping)
+        self._overlap: OverlappedReduction | None = None
         self._skip_next = False
         self._accumulating = False
         self.steps_taken = 0
@@ -153,21 +155,22 @@ class DPOptimizer(torch.optim.Optimizer):
             self._accumulating = True
             return False
         params = self._params()
+        done = set()
+        if self._overlap is not None:  # sums already noised, scaled and (being) all-reduced
+            overlap, self._overlap = self._overlap, None
+            done = overlap.finish()
+            self.bytes_communicated += overlap.bytes
+            self.bytes_overlapped += overlap.bytes
         sums = []
         for p in params:
             if getattr(p, "summed_grad", None) is None:
                 p.summed_grad = torch.zeros_like(p)
-            sums.append(p.summed_grad)
-        # Under torch.distributed the noise is added once, by rank 0, before the sum over ranks.
-        std = self.noise_multiplier * self.max_grad_norm if self.rank == 0 else 0.0
-        ops.add_noise_(
-            sums,
-            std=std,
-            scale=1.0 / self.expected_batch_size,
-            generator=self._secure.draw() if self._secure else self.generator,
-        )
-        if self.world_size > 1:
-            self.bytes_communicated += all_reduce_sum(sums)
+            if id(p) not in done:
+                sums.append(p.summed_grad)
+        if sums:
+            self._noise_and_scale(sums)
+            if self.world_size > 1:
+                self.bytes_communicated += all_reduce_sum(sums)
         for p in params:
             p.grad, p.summed_grad = p.summed_grad, None
         self._accumulating = False
@@ -175,6 +178,26 @@ class DPOptimizer(torch.optim.Optimizer):
         for hook in self.step_hooks:
             hook(self)
         return True
+
+    def _noise_and_scale(self, sums) -> None:
+        """Adds N(0, sigma^2 C^2) and divides by q N, in place. Under torch.distributed the
+        noise is added once, by rank 0, before the sum over ranks."""
+        std = self.noise_multiplier * self.max_grad_norm if self.rank == 0 else 0.0
+        ops.add_noise_(
+            sums,
+            std=std,
+            scale=1.0 / self.expected_batch_size,
+            generator=self._secure.draw() if self._secure else self.generator,
+        )
+
+    def overlap(self):
+        """For ghost clipping: a callback taking parameters whose clipped sums are final, to
+        noise and all-reduce them during the backward (see distributed.OverlappedReduction);
+        None unless this is the last physical batch of a logical step across processes."""
+        if self.world_size == 1 or self._skip_next:
+            return None
+        self._overlap = OverlappedReduction(self._noise_and_scale)
+        return self._overlap.ready
 
     def step(self, closure=None):
         if closure is not None:
