@@ -23,8 +23,12 @@ python3 -m pip install --no-build-isolation --no-deps -e . > /tmp/dpfast_build.l
   || { echo "build failed:"; tail -40 /tmp/dpfast_build.log; exit 1; }
 python3 -m torch_dpfast.info | tee -a "$out/info.txt"
 # Tests compile one Triton configuration per kernel (tuning every test shape takes minutes).
+# The CPU-only end-to-end suites (multi-process gloo, the command line, the examples) are left
+# to CI: they do not touch the GPU and would eat the 10-minute call.
 TORCH_DPFAST_TRITON_AUTOTUNE=0 timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -rfs \
-  --tb=short -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.log" | tail -40
+  --tb=short -p no:cacheprovider tests --ignore=tests/test_distributed.py \
+  --ignore=tests/test_cli.py --ignore=tests/test_examples.py 2>&1 \
+  | tee "$out/gpu_tests.log" | tail -40
 test_rc=${PIPESTATUS[0]}
 bench_rc=0
 for bench in ${BENCHMARKS:-bench_triton bench_ops}; do

@@ -32,7 +32,9 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, default=3.0)
     args = parser.parse_args()
 
-    cuda = torch.cuda.is_available()
+    # NCCL needs one GPU per process on a node; otherwise train on CPUs with gloo.
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= local_world
     dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else "cpu"
