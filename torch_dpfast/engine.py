@@ -16,6 +16,7 @@ import contextlib
 import types
 import warnings
 import weakref
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from . import ops
 from .explain import assign_rules, check_no_batch_statistics
 from .rules import scaled_sum
-from .rules._registry import Rule, zero_norms
+from .rules._registry import Rule, leading, zero_norms
 from .rules.fallback import FALLBACK, _original_forward, batch_dim
 
 CLIPPING_MODES = ("auto", "bk", "per_example", "ghost")
@@ -46,11 +47,11 @@ class _Record:
 
     @property
     def device(self) -> torch.device:
-        return (self.g[0] if isinstance(self.g, tuple) else self.g).device
+        return leading(self.g).device
 
     @property
     def batch(self) -> int:
-        g = self.g[0] if isinstance(self.g, tuple) else self.g
+        g = leading(self.g)
         return g.shape[batch_dim(self.module, g) if self.rule is FALLBACK else 0]
 
 
@@ -261,8 +262,9 @@ class Attachment:
         # With a mean-reduced loss, autograd's g carries a factor 1/B; per-example gradients
         # are the gradients of the per-example losses, so multiply it back.
         loss_scale = float(batch) if self.loss_reduction == "mean" else 1.0
-        shared = [r for r in records if not is_plain(r, records)]
-        plain = [r for r in records if r not in shared]
+        plain = plain_records(records)
+        plain_ids = {id(r) for r in plain}
+        shared = [r for r in records if id(r) not in plain_ids]
         per_example = materialise(shared if self.clipping != "per_example" else records)
         if self.clipping == "per_example":
             return self._clip_materialised(per_example, max_grad_norm, loss_scale, mask, batch)
@@ -348,16 +350,16 @@ def check_batch(batch: int, expected: int, mask: Tensor | None) -> None:
         )
 
 
-def is_plain(record: _Record, records: list[_Record]) -> bool:
-    """Whether a layer call can take its rule's fast path: a rule of its own (not the fallback)
-    and parameters used by no other call. Otherwise per-example gradients are materialised
-    and summed over the uses."""
-    if record.rule is FALLBACK:
-        return False
-    mine = {id(p) for p in record.params.values()}
-    return not any(
-        other is not record and mine & {id(p) for p in other.params.values()} for other in records
-    )
+def plain_records(records: list[_Record]) -> list[_Record]:
+    """The layer calls that can take their rule's fast path: a rule of their own (not the
+    fallback) and parameters used by no other call. The others materialise per-example
+    gradients, summed over the uses."""
+    uses = Counter(id(p) for r in records for p in r.params.values())
+    return [
+        r
+        for r in records
+        if r.rule is not FALLBACK and all(uses[id(p)] == 1 for p in r.params.values())
+    ]
 
 
 def materialise(records: list[_Record]) -> dict[int, tuple[nn.Parameter, Tensor]]:

@@ -31,10 +31,11 @@ from .engine import (
     _Record,
     _warn_non_finite,
     check_batch,
-    is_plain,
     materialise,
+    plain_records,
 )
 from .rules import scaled_sum
+from .rules._registry import leading
 
 
 @dataclass(eq=False)
@@ -62,15 +63,11 @@ class _GhostPass:
             contribution = record.rule.norm_sq(record.module, x, g, "auto")
             self.norm_sq = contribution if self.norm_sq is None else self.norm_sq + contribution
         else:
-            sums = record.rule.clipped_sums(record.module, x, g, self.include.to(norm_device(g)))
+            sums = record.rule.clipped_sums(record.module, x, g, self.include.to(leading(g).device))
             for name, summed in sums.items():
                 _accumulate(record.params[name], summed)
             if self.on_final is not None:
                 self.on_final(list(record.params.values()))
-
-
-def norm_device(g) -> torch.device:
-    return (g[0] if isinstance(g, tuple) else g).device
 
 
 def ghost_backward(
@@ -99,7 +96,7 @@ def ghost_backward(
     mask, attachment.mask = attachment.mask, None
     batch = losses.shape[0]
     by_parameter = [r for r in records if getattr(r.rule, "capture", "io") == "parameters"]
-    plain = {id(r) for r in records if is_plain(r, records) and r not in by_parameter}
+    plain = {id(r) for r in plain_records(records) if r not in by_parameter}
     state = _GhostPass(batch, mask, plain, on_final=on_final)
     attachment._ghost = state
     try:

@@ -53,10 +53,16 @@ class Rule:
         return {name: scaled_sum(grad, scale) for name, grad in grads.items()}
 
 
+def leading(g: Tensor | tuple[Tensor, ...]) -> Tensor:
+    """The first output gradient: ``g`` itself, or ``g[0]`` for rules capturing several
+    outputs (attention's q/k/v projections); its dim 0 is the batch."""
+    return g[0] if isinstance(g, tuple) else g
+
+
 def zero_norms(g: Tensor | tuple[Tensor, ...]) -> Tensor:
     """(B,) zeros to accumulate squared norms in: float64 for float64 gradients, else float32
-    (``g`` may be a tuple of output gradients, as for rules capturing several outputs)."""
-    g = g[0] if isinstance(g, tuple) else g
+    (``g`` may be a tuple of output gradients, see :func:`leading`)."""
+    g = leading(g)
     dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
     return torch.zeros(g.shape[0], dtype=dtype, device=g.device)
 
