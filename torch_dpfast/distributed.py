@@ -64,40 +64,55 @@ def broadcast_module(module: nn.Module) -> None:
                 dist.broadcast(tensor.data, src=0)
 
 
-def all_reduce_sum(tensors: list[Tensor]) -> int:
-    """Sums ``tensors`` in place across ranks, in buckets of about 25 MiB (one all-reduce per
-    bucket, all in flight together). Returns the number of bytes reduced."""
-    total = 0
-    buckets: list[list[Tensor]] = []
-    size = BUCKET_BYTES
-    for t in tensors:
-        key = (t.dtype, t.device)
-        if (
-            not buckets
-            or size + t.numel() * t.element_size() > BUCKET_BYTES
-            or key
-            != (
-                buckets[-1][0].dtype,
-                buckets[-1][0].device,
-            )
-        ):
-            buckets.append([])
-            size = 0
-        buckets[-1].append(t)
-        size += t.numel() * t.element_size()
-    pending = []
-    for bucket in buckets:
-        flat = torch.cat([t.reshape(-1) for t in bucket])
+class _Buckets:
+    """Sums tensors across ranks in place, in buckets of about 25 MiB of one dtype and device;
+    each bucket's all-reduce is launched as soon as it is full (after ``before_launch`` ran on
+    its tensors), all stay in flight until ``finish()``."""
+
+    def __init__(self, before_launch=None):
+        self.before_launch = before_launch
+        self.bucket: list[Tensor] = []
+        self.size = 0
+        self.pending: list = []
+        self.bytes = 0
+
+    def add(self, t: Tensor) -> None:
+        if self.bucket and (t.dtype, t.device) != (self.bucket[0].dtype, self.bucket[0].device):
+            self.launch()
+        self.bucket.append(t)
+        self.size += t.numel() * t.element_size()
+        if self.size >= BUCKET_BYTES:
+            self.launch()
+
+    def launch(self) -> None:
+        if not self.bucket:
+            return
+        if self.before_launch is not None:
+            self.before_launch(self.bucket)
+        flat = torch.cat([t.reshape(-1) for t in self.bucket])
         staged = flat.to(_device()) if flat.device.type == "cpu" else flat
-        pending.append((bucket, staged, dist.all_reduce(staged, async_op=True)))
-        total += flat.numel() * flat.element_size()
-    for bucket, flat, work in pending:
-        work.wait()
-        offset = 0
-        for t in bucket:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-    return total
+        self.pending.append((self.bucket, staged, dist.all_reduce(staged, async_op=True)))
+        self.bytes += flat.numel() * flat.element_size()
+        self.bucket, self.size = [], 0
+
+    def finish(self) -> None:
+        self.launch()
+        for tensors, flat, work in self.pending:
+            work.wait()
+            offset = 0
+            for t in tensors:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+        self.pending.clear()
+
+
+def all_reduce_sum(tensors: list[Tensor]) -> int:
+    """Sums ``tensors`` in place across ranks (bucketed, see _Buckets); returns the bytes."""
+    buckets = _Buckets()
+    for t in tensors:
+        buckets.add(t)
+    buckets.finish()
+    return buckets.bytes
 
 
 def check_not_ddp(module: nn.Module) -> None:
@@ -144,41 +159,20 @@ class OverlappedReduction:
     returns the ids of the parameters done."""
 
     def __init__(self, noise_and_scale):
-        self.noise_and_scale = noise_and_scale  # callable(list of tensors), in place
-        self.bucket: list[nn.Parameter] = []
-        self.size = 0
-        self.pending: list = []
+        self.buckets = _Buckets(before_launch=noise_and_scale)
         self.done: set[int] = set()
-        self.bytes = 0
+
+    @property
+    def bytes(self) -> int:
+        return self.buckets.bytes
 
     def ready(self, params) -> None:
         for p in params:
             if id(p) in self.done or getattr(p, "summed_grad", None) is None:
                 continue
             self.done.add(id(p))
-            self.bucket.append(p)
-            self.size += p.summed_grad.numel() * p.summed_grad.element_size()
-            if self.size >= BUCKET_BYTES:
-                self._launch()
-
-    def _launch(self) -> None:
-        if not self.bucket:
-            return
-        sums = [p.summed_grad for p in self.bucket]
-        self.noise_and_scale(sums)
-        flat = torch.cat([t.reshape(-1) for t in sums])
-        staged = flat.to(_device()) if flat.device.type == "cpu" else flat
-        self.pending.append((sums, staged, dist.all_reduce(staged, async_op=True)))
-        self.bytes += flat.numel() * flat.element_size()
-        self.bucket, self.size = [], 0
+            self.buckets.add(p.summed_grad)
 
     def finish(self) -> set[int]:
-        self._launch()
-        for sums, flat, work in self.pending:
-            work.wait()
-            offset = 0
-            for t in sums:
-                t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
-        self.pending.clear()
+        self.buckets.finish()
         return self.done
