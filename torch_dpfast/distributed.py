@@ -141,14 +141,11 @@ class SharedSecureSource(RandomSource):
 def sources(secure: bool, sample_generator: torch.Generator | None, rank: int):
     """(per-rank sample source, shared batch-size source) for a run across ranks."""
     if secure:
-        if sample_generator is not None:
-            raise ValueError("secure_mode draws the sample from the OS; give no sample_generator")
-        return RandomSource(secure=True), SharedSecureSource()
+        return RandomSource(secure=True, generator=sample_generator), SharedSecureSource()
     base = broadcast_seed(int(torch.randint(2**62, ())))
-    sample = RandomSource(seed=(base + 1 + rank) % 2**63)
     if sample_generator is not None:
-        sample.generator = sample_generator
-    return sample, RandomSource(seed=base)
+        return RandomSource(generator=sample_generator), RandomSource(seed=base)
+    return RandomSource(seed=(base + 1 + rank) % 2**63), RandomSource(seed=base)
 
 
 class OverlappedReduction:

@@ -152,7 +152,8 @@ class PrivacyEngine:
             )
             broadcast_module(module)  # identical starting parameters on every rank
         else:
-            sample_source, plan_source = self._sample_source(sample_generator), None
+            sample_source = RandomSource(secure=self.secure_mode, generator=sample_generator)
+            plan_source = None
         self.attachment = attach(module, clipping=clipping, loss_reduction=loss_reduction)
         self.optimizer = DPOptimizer(
             optimizer,
@@ -270,16 +271,6 @@ class PrivacyEngine:
                 raise ValueError("secure_mode draws the noise from the OS; give no noise_generator")
             return None
         return generator if generator is not None else RandomSource().generator
-
-    def _sample_source(self, generator: torch.Generator | None) -> RandomSource:
-        if self.secure_mode:
-            if generator is not None:
-                raise ValueError("secure_mode draws the sample from the OS; give no generator")
-            return RandomSource(secure=True)
-        source = RandomSource()
-        if generator is not None:
-            source.generator = generator
-        return source
 
     def _on_batch(self, batch: PhysicalBatch) -> None:
         if batch.first:

@@ -15,20 +15,29 @@ import torch
 
 
 class RandomSource:
-    """A torch.Generator on ``device``; ``draw()`` returns it ready for one draw."""
+    """A torch.Generator on ``device`` (or the user's ``generator``); ``draw()`` returns it ready
+    for one draw."""
 
-    def __init__(self, seed: int | None = None, secure: bool = False, device="cpu"):
-        if secure and seed is not None:
-            raise ValueError("secure_mode draws its seeds from the OS; do not also give a seed")
-        self.secure = secure
-        self.generator = torch.Generator(device=device)
-        if seed is not None:
-            self.generator.manual_seed(seed)
-        else:
-            # Drawn from torch's default generator: torch.manual_seed makes a run reproducible.
-            self.generator.manual_seed(
-                secrets.randbits(63) if secure else int(torch.randint(2**62, ()))
+    def __init__(
+        self,
+        seed: int | None = None,
+        secure: bool = False,
+        device="cpu",
+        generator: torch.Generator | None = None,
+    ):
+        if secure and (seed is not None or generator is not None):
+            raise ValueError(
+                "secure_mode draws its seeds from the OS; do not also give a seed or generator"
             )
+        self.secure = secure
+        if generator is not None:
+            self.generator = generator  # the user's, in the state the user left it
+            return
+        if seed is None:
+            # From torch's default generator, so that torch.manual_seed makes a run repeatable.
+            seed = secrets.randbits(63) if secure else int(torch.randint(2**62, ()))
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
 
     def draw(self) -> torch.Generator:
         if self.secure:
