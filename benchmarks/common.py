@@ -13,6 +13,7 @@ import pathlib
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -112,6 +113,39 @@ def write_json(path: pathlib.Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote {path}")
+
+
+def run_worker(script: str, args: list[str], timeout: float = 3600) -> dict:
+    """Runs ``python script *args`` in a fresh process; returns the last JSON object it printed,
+    or ``{"error": last line of stderr}`` when it failed or printed none."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, script, *args], capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": tail[:300]}
+    return json.loads(lines[-1])
+
+
+def write_run(out: pathlib.Path, name: str, settings: dict, results: list, table) -> dict:
+    """Writes out/name.json (environment, settings, results) and out/name.md
+    (``table(env, settings, results)``), prints the table; returns the JSON payload."""
+    env = environment()
+    if settings.get("device") == "cpu":
+        env["device"] = f"cpu ({env['cpu_threads']} threads)"
+    payload = {"environment": env, "settings": settings, "results": results}
+    write_json(out / f"{name}.json", payload)
+    (out / f"{name}.md").write_text(table(env, settings, results))
+    print((out / f"{name}.md").read_text())
+    return payload
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def pyplot():

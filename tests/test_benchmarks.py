@@ -36,16 +36,6 @@ def test_bench_triton_smoke_run_writes_json_table_and_plot(tmp_path):
     assert "| case | kernel | precision |" in (tmp_path / "bench_triton.md").read_text()
 
 
-def test_bench_cpu_training_smoke_run(tmp_path):
-    from benchmarks.models import bench_cpu_training
-
-    bench_cpu_training.main(["--smoke", "--out", str(tmp_path)])
-    payload = json.loads((tmp_path / "bench_cpu_training.json").read_text())
-    modes = {row["mode"]: row for row in payload["results"]}
-    assert set(modes) == {"non_private", "dpfast_auto", "dpfast_ghost"}
-    assert all("error" not in row and row["samples_per_s"] > 0 for row in modes.values())
-
-
 def test_bench_scaling_smoke_run(tmp_path):
     from benchmarks.distributed import bench_scaling
 

@@ -9,7 +9,9 @@ import sys
 from . import UsageError
 
 SCRIPTS = {
-    "cpu-training": "benchmarks/models/bench_cpu_training.py",
+    "throughput": "benchmarks/throughput.py",
+    "max-batch": "benchmarks/max_batch.py",
+    "profile": "benchmarks/profile.py",
     "kernels": "benchmarks/kernels/bench_ops.py",
     "triton": "benchmarks/kernels/bench_triton.py",
     "scaling": "benchmarks/distributed/bench_scaling.py",
@@ -17,7 +19,7 @@ SCRIPTS = {
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("suite", nargs="?", default="cpu-training", choices=sorted(SCRIPTS))
+    parser.add_argument("suite", nargs="?", default="throughput", choices=sorted(SCRIPTS))
     parser.add_argument("--smoke", action="store_true", help="a few seconds, to check it runs")
     parser.add_argument("--out", help="directory for the JSON and markdown results")
     parser.set_defaults(run=run)
