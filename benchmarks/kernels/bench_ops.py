@@ -156,32 +156,69 @@ def _loop_add_noise(grads, std, scale, generator):
         g.add_(torch.normal(0.0, std, g.shape, device=g.device, generator=generator)).mul_(scale)
 
 
-def bench_multi_tensor(device, batch, param_shapes, repeats, gen):
+def _foreach_add_noise(grads, std, scale, generator):
+    """torch._foreach_* for the arithmetic; the noise itself is still one draw per tensor."""
+    noise = [torch.randn(g.shape, device=g.device, generator=generator) for g in grads]
+    torch._foreach_add_(grads, noise, alpha=std)
+    torch._foreach_mul_(grads, scale)
+
+
+def _bit_parameter_shapes() -> list[tuple[int, ...]]:
+    """Parameter shapes of timm's BiT-R50x1 (resnetv2_50x1_bit), built on the meta device."""
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model("resnetv2_50x1_bit", num_classes=1000)
+    return [tuple(p.shape) for p in model.parameters()]
+
+
+def parameter_lists(device: str, smoke: bool) -> dict[str, list[tuple[int, ...]]]:
+    """The parameter lists the multi-tensor ops run on: ViT-B/16 (12 blocks on CUDA, 1 on CPU,
+    where per-example gradients of the whole model do not fit a quick run) and BiT-R50x1 (CUDA)."""
+    if smoke:
+        return {"smoke": [(3, 4), (5,)]}
+    if device == "cpu":
+        return {"ViT-B/16, 1 block": _vit_b_parameter_shapes(depth=1)}
+    return {"ViT-B/16": _vit_b_parameter_shapes(depth=12), "BiT-R50x1": _bit_parameter_shapes()}
+
+
+def bench_multi_tensor(device, batch, param_lists, repeats, gen):
+    rows = []
+    for name, param_shapes in param_lists.items():
+        rows += _bench_one_list(device, batch, name, param_shapes, repeats, gen)
+    return rows
+
+
+def _bench_one_list(device, batch, name, param_shapes, repeats, gen):
     rows = []
     n_params = sum(math.prod(s) for s in param_shapes)
-    per_example = [torch.randn(batch, *s, generator=gen).to(device) for s in param_shapes]
+    case = f"{name}: {len(param_shapes)} tensors"
     summed = [torch.zeros(s, device=device) for s in param_shapes]
+    per_example = [torch.randn(batch, *s, generator=gen).to(device) for s in param_shapes]
     variants = {"python_loop": lambda: _loop_clip_accumulate(per_example, summed, 1.0)}
     for backend in dpf.ops.available("clip_accumulate_"):
         if {"cpp": "cpu", "cuda": "cuda"}.get(backend, device) == device:
             variants[backend] = lambda b=backend: dpf.ops.clip_accumulate_(
                 per_example, summed, 1.0, backend=b
             )
-    shape = [batch, len(param_shapes), n_params]
     for variant, fn in variants.items():
         times = measure(fn, device, repeats)
         rows.append(
             dict(
                 group="clip_accumulate_",
-                case=f"{len(param_shapes)} tensors",
-                shape=shape,
+                case=case,
+                shape=[batch, len(param_shapes), n_params],
                 variant=variant,
                 times_ms=times,
                 **summary(times),
             )
         )
+    per_example.clear()  # frees the per-example gradients before the noise runs
     generator = torch.Generator(device=device).manual_seed(0)
-    variants = {"python_loop": lambda: _loop_add_noise(summed, 1.0, 0.5, generator)}
+    variants = {
+        "python_loop": lambda: _loop_add_noise(summed, 1.0, 0.5, generator),
+        "foreach": lambda: _foreach_add_noise(summed, 1.0, 0.5, generator),
+    }
     for backend in dpf.ops.available("add_noise_"):
         if {"cpp": "cpu", "cuda": "cuda"}.get(backend, device) == device:
             variants[backend] = lambda b=backend: dpf.ops.add_noise_(summed, 1.0, 0.5, None, b)
@@ -190,7 +227,7 @@ def bench_multi_tensor(device, batch, param_shapes, repeats, gen):
         rows.append(
             dict(
                 group="add_noise_",
-                case=f"{len(param_shapes)} tensors",
+                case=case,
                 shape=[len(param_shapes), n_params],
                 variant=variant,
                 times_ms=times,
@@ -215,7 +252,7 @@ def markdown(env: dict, rows: list[dict]) -> str:
         "norm_method": "Per-example norms (reference backend): ghost vs direct, and auto's pick",
         "clipped_sum": "Book-keeping clipped sum vs the non-private weight gradient",
         "clip_accumulate_": "clip_accumulate_ vs a per-parameter Python loop",
-        "add_noise_": "add_noise_ vs a per-parameter Python loop",
+        "add_noise_": "add_noise_ vs a per-parameter Python loop and torch._foreach_*",
     }
     for group, cases in groups.items():
         variants = list(dict.fromkeys(r["variant"] for c in cases.values() for r in c))
@@ -290,10 +327,10 @@ def main(argv=None) -> None:
     repeats = args.repeats or (2 if args.smoke else 20)
     gen = torch.Generator().manual_seed(0)
     if args.smoke:
-        batch, shapes, conv_shapes, params = 2, SMOKE_LINEAR, SMOKE_CONV, [(3, 4), (5,)]
+        batch, shapes, conv_shapes = 2, SMOKE_LINEAR, SMOKE_CONV
     else:
         batch, shapes, conv_shapes = 32, LINEAR_SHAPES, CONV_SHAPES
-        params = _vit_b_parameter_shapes(depth=1 if device == "cpu" else 2)
+    params = parameter_lists(device, args.smoke)
     env = environment()
     rows = []
     groups = {

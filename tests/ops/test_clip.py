@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torch_dpfast as dpf
+from tests.conftest import DEVICES
 from tests.helpers import assert_close, backends, randn
 
 INF, NAN = float("inf"), float("nan")
@@ -135,12 +136,17 @@ def test_each_example_contributes_at_most_max_norm(log_magnitude, max_norm, spec
     ]
     if special is not None:
         grads[0][0, 1, 1] = special
-    for backend in backends("clip_accumulate_", "cpu"):
-        summed = [torch.zeros(3, 5), torch.zeros(7, dtype=torch.float64)]
-        dpf.ops.clip_accumulate_(grads, summed, max_norm, backend=backend)
-        assert all(torch.isfinite(s).all() for s in summed)
-        total = math.sqrt(sum(s.double().square().sum().item() for s in summed))
-        assert total <= max_norm * (1 + 1e-6)
+    for device in DEVICES:
+        for backend in backends("clip_accumulate_", device):
+            summed = [
+                torch.zeros(3, 5, device=device),
+                torch.zeros(7, dtype=torch.float64, device=device),
+            ]
+            on_device = [g.to(device) for g in grads]
+            dpf.ops.clip_accumulate_(on_device, summed, max_norm, backend=backend)
+            assert all(torch.isfinite(s).all() for s in summed)
+            total = math.sqrt(sum(s.double().square().sum().item() for s in summed))
+            assert total <= max_norm * (1 + 1e-6)
 
 
 def test_bad_arguments_name_the_problem():

@@ -124,6 +124,7 @@ def clip_accumulate_reference(
 
 
 _backend.register_compiled("clip_accumulate_", "cpp", "CPU")
+_backend.register_compiled("clip_accumulate_", "cuda", "CUDA")
 
 
 def clip_accumulate_(
@@ -143,7 +144,7 @@ def clip_accumulate_(
         summed: accumulators, tensor k of shape shape_k; updated in place.
         max_norm: the clipping bound C > 0.
         mask: optional (B,) tensor; examples where it is False (0) are left out.
-        backend: ``"auto"``, ``"reference"`` or ``"cpp"``.
+        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"cuda"``.
 
     Returns:
         (B,) squared per-example norms n_i (float32, or float64 for float64 inputs).

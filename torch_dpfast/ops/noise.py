@@ -38,6 +38,7 @@ def add_noise_reference(grads: list[Tensor], std: float, scale: float, seed: int
 
 
 _backend.register_compiled("add_noise_", "cpp", "CPU")
+_backend.register_compiled("add_noise_", "cuda", "CUDA")
 
 
 def draw_seed(generator: torch.Generator | None = None) -> int:
@@ -57,14 +58,15 @@ def add_noise_(
     """Adds Gaussian noise and rescales every tensor in place: g <- (g + std * N(0, I)) * scale.
 
     In DP-SGD, ``std = noise_multiplier * max_norm`` and ``scale = 1 / expected_batch_size``.
-    Noise is drawn in float64 (C++) or float32 (reference) and added in at least float32.
+    Noise is drawn in float64 (``cpp`` and ``cuda``: the same Philox Box-Muller function, so
+    both give the same numbers) or float32 (reference) and added in at least float32.
 
     Args:
         grads: summed clipped gradients, any shapes and floating dtypes, on one device.
         std: standard deviation of the noise, >= 0.
         scale: factor applied after adding the noise.
         generator: source of the seed (advanced by one draw); torch's default if None.
-        backend: ``"auto"``, ``"reference"`` or ``"cpp"``.
+        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"cuda"``.
     """
     op = "add_noise_"
     grads = list(grads)
