@@ -39,8 +39,9 @@ def test_cuda_extension_registers_compiled_cuda_kernels():
     if not _ext.cuda_loaded:
         assert not REQUIRE_CUDA, f"torch_dpfast._C_cuda did not load: {_ext.cuda_error}"
         pytest.skip(f"torch_dpfast._C_cuda: {_ext.cuda_error}")
-    assert _ext.has_kernel("clip_factors", "CUDA")
-    assert "cuda" in dpf.ops.available("clip_factors")
+    for op in ("clip_factors", "clip_accumulate_", "add_noise_"):
+        assert _ext.has_kernel(op, "CUDA"), op
+        assert "cuda" in dpf.ops.available(op), op
 
 
 def test_package_falls_back_to_references_without_the_extension():
