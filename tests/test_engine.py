@@ -164,6 +164,26 @@ def _timm_bit():
     )
 
 
+def _timm_swin(version: int):
+    """Two Swin blocks on an 8 x 8 token grid with 4 x 4 windows: the second is shifted, so its
+    attention mask indexes the 4 windows of each image (folded into dim 0, example-major)."""
+    import timm
+
+    name = "swin_tiny_patch4_window7_224" if version == 1 else "swinv2_tiny_window8_256"
+    return timm.create_model(
+        name,
+        pretrained=False,
+        img_size=16,
+        patch_size=2,
+        window_size=4,
+        embed_dim=8,
+        depths=(2,),
+        num_heads=(2,),
+        num_classes=4,
+        drop_path_rate=0.0,  # stochastic depth draws differ between batched and looped runs
+    )
+
+
 CASES = {
     "mlp": (_mlp, lambda g: torch.randn(6, 5, generator=g, dtype=torch.float64), 3),
     "cnn": (ResidualCNN, lambda g: torch.randn(5, 3, 6, 6, generator=g, dtype=torch.float64), 5),
@@ -198,6 +218,16 @@ CASES = {
     "timm_vit_relpos": (  # RelPosBias tables through their own rule
         _timm_vit_relpos,
         lambda g: torch.randn(3, 3, 16, 16, generator=g, dtype=torch.float64),
+        4,
+    ),
+    "timm_swin": (
+        lambda: _timm_swin(1),
+        lambda g: torch.randn(3, 3, 16, 16, generator=g, dtype=torch.float64),
+        4,
+    ),
+    "timm_swin_v2": (
+        lambda: _timm_swin(2),
+        lambda g: torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64),
         4,
     ),
     "timm_resnet_gn": (
@@ -266,6 +296,28 @@ def test_clipped_sum_and_norms_match_brute_force(name, mode, max_norm, gen):
     summed, norm_sq = _attached_sum(model, x, y, mode, max_norm)
     torch.testing.assert_close(norm_sq, expected_norms, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(summed, expected, rtol=1e-8, atol=1e-10)
+
+
+class FoldsIntoBatch(nn.Module):
+    """Folds two halves of each example into dim 0 outside any window-attention module: the
+    engine cannot know which rows belong to which example, so it must refuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(3, 3)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        halves = self.inner(x.reshape(-1, 3))
+        return self.head(halves.reshape(x.shape[0], 6))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rows_folded_into_the_batch_are_refused_outside_window_attention(mode, gen):
+    model = FoldsIntoBatch().double()
+    x = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"different batch sizes \(4 and 8, the latter in Linear"):
+        _attached_sum(model, x, torch.tensor([0, 1, 0, 1]), mode, 1.0)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -26,7 +26,7 @@ from . import ops
 from .explain import assign_rules, check_no_batch_statistics
 from .rules import scaled_sum
 from .rules._registry import Rule, leading, zero_norms
-from .rules.fallback import FALLBACK, _original_forward, batch_dim
+from .rules.fallback import FALLBACK, WINDOW_ATTENTION, _original_forward, batch_dim
 
 CLIPPING_MODES = ("auto", "bk", "per_example", "ghost")
 _NORM_METHOD = {"auto": "auto", "bk": "ghost"}
@@ -43,6 +43,7 @@ class _Record:
     g: Tensor | None = None  # the output gradient, once backward ran
     batch_grads: dict[str, Tensor] | None = None  # fallback: the batch gradient, for checking
     generation: int = 0  # which physical batch (Attachment.begin_batch) the call belongs to
+    fold: int = 1  # rows of dim 0 per example (window attention: windows per image)
     owner: Attachment | None = None  # told (_on_backward) once the backward ran
 
     @property
@@ -256,9 +257,9 @@ class Attachment:
                 "optimizer.step(); call optimizer.step() after the backward of every physical "
                 "batch (it only clips and accumulates until the logical batch is complete)"
             )
-        batch = records[0].batch
+        batch = min(r.batch for r in records)  # window attention sees a multiple of it
         for r in records:
-            check_batch(r.batch, batch, mask)
+            check_batch(r, batch, mask)
         # With a mean-reduced loss, autograd's g carries a factor 1/B; per-example gradients
         # are the gradients of the per-example losses, so multiply it back.
         loss_scale = float(batch) if self.loss_reduction == "mean" else 1.0
@@ -336,13 +337,23 @@ class Attachment:
         return norm_sq
 
 
-def check_batch(batch: int, expected: int, mask: Tensor | None) -> None:
-    """Every layer must see the same batch in dim 0, of the mask's length."""
-    if batch != expected:
-        raise ValueError(
-            f"layers saw different batch sizes ({expected} and {batch}); per-example "
-            "clipping needs dim 0 of every layer input to be the batch"
-        )
+def check_batch(record: _Record, batch: int, mask: Tensor | None) -> None:
+    """Every layer must see the batch of B examples in dim 0 (B = the mask's length), except
+    window attention (timm's Swin), which sees B * W window rows, example-major: ``record.fold``
+    becomes W."""
+    rows = record.batch
+    if rows != batch:
+        if (
+            rows % batch
+            or record.rule is not FALLBACK
+            or not isinstance(record.module, WINDOW_ATTENTION)
+        ):
+            raise ValueError(
+                f"layers saw different batch sizes ({batch} and {rows}, the latter in "
+                f"{type(record.module).__name__}); per-example clipping needs dim 0 of every "
+                "layer input to be the batch"
+            )
+        record.fold = rows // batch
     if mask is not None and mask.shape != (batch,):
         raise ValueError(
             f"the layers saw a batch of {batch} examples in dim 0, but the physical batch has "
@@ -366,9 +377,11 @@ def materialise(records: list[_Record]) -> dict[int, tuple[nn.Parameter, Tensor]
     """{id(p): (p, (B, *p.shape) per-example gradient summed over p's uses)}."""
     per_example: dict[int, tuple[nn.Parameter, Tensor]] = {}
     for r in records:
-        grads = r.rule.per_example_grads(r.module, r.x, r.g)
         if r.rule is FALLBACK:
+            grads = FALLBACK.per_example_grads(r.module, r.x, r.g, rows=r.fold)
             _check_examples_independent(r, grads)
+        else:
+            grads = r.rule.per_example_grads(r.module, r.x, r.g)
         for name, grad in grads.items():
             p = r.params[name]
             prev = per_example.get(id(p))

@@ -52,7 +52,7 @@ class _GhostPass:
     on_final: object = None  # called with parameters whose clipped sums are final (pass 2)
 
     def on_backward(self, record: _Record) -> None:
-        check_batch(record.batch, self.batch, self.mask)
+        check_batch(record, self.batch, self.mask)
         if id(record) not in self.plain:
             if self.stage == 1:
                 self.kept.append(record)

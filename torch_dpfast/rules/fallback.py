@@ -6,6 +6,11 @@ separately. It is exact for any module that treats the examples of a batch indep
 engine checks that on every step (the per-example gradients must add up to the batch gradient)
 and raises for a module that couples examples. Slower than a dedicated rule: ``dpf.explain``
 reports where it is used.
+
+Window attention (timm's Swin) folds the windows of each image into dim 0: it sees B * W rows,
+example-major (example i owns rows i W .. i W + W - 1). For the modules in
+:data:`WINDOW_ATTENTION` the engine passes ``rows=W`` and example i is those W rows, called
+together (the shifted-window attention mask indexes them by window).
 """
 
 from __future__ import annotations
@@ -16,6 +21,16 @@ import torch
 from torch import Tensor, nn
 
 from ._registry import Rule
+
+try:  # timm's window attention modules, whose dim 0 holds B * W windows, example-major
+    from timm.models import swin_transformer, swin_transformer_v2
+
+    WINDOW_ATTENTION: tuple[type, ...] = (
+        swin_transformer.WindowAttention,
+        swin_transformer_v2.WindowAttention,
+    )
+except ImportError:  # timm is optional
+    WINDOW_ATTENTION = ()
 
 
 def batch_dim(module: nn.Module, t: Tensor) -> int:
@@ -35,18 +50,18 @@ def argument_name(module: nn.Module, position: int) -> str | None:
     return None
 
 
-def _example(module: nn.Module, value, i: int, batch: int, name: str | None = None):
-    """Example i's slice of an argument: tensors whose batch dim has size B; others as is.
-    nn.MultiheadAttention's attn_mask is per example only in its 3-D (B * H, L, S) form; the
-    2-D (L, S) form is shared, even when L happens to equal B."""
+def _example(module: nn.Module, value, i: int, batch: int, name=None, rows: int = 1):
+    """Example i's slice of an argument: rows i * rows .. of tensors whose batch dim has size
+    B * rows; others as is. nn.MultiheadAttention's attn_mask is per example only in its 3-D
+    (B * H, L, S) form; the 2-D (L, S) form is shared, even when L happens to equal B."""
     if isinstance(module, nn.MultiheadAttention) and name == "attn_mask":
         if isinstance(value, Tensor) and value.dim() == 3:
             return value.narrow(0, i * module.num_heads, module.num_heads)
         return value
     if isinstance(value, Tensor) and value.dim() > 0:
         dim = batch_dim(module, value)
-        if value.shape[dim] == batch:
-            return value.narrow(dim, i, 1)
+        if value.shape[dim] == batch * rows:
+            return value.narrow(dim, i * rows, rows)
     return value
 
 
@@ -73,27 +88,28 @@ class FallbackRule(Rule):
     def parameters(self, module):
         return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
-    def per_example_grads(self, module, x, g):
+    def per_example_grads(self, module, x, g, rows: int = 1):
+        """(B, *p.shape) per parameter; example i is ``rows`` consecutive rows of dim 0."""
         args, kwargs = x
-        batch = g.shape[batch_dim(module, g)]
+        batch = g.shape[batch_dim(module, g)] // rows
         params = self.parameters(module)
-        rows = {n: [] for n in params}
+        collected = {n: [] for n in params}
         with _original_forward(module), torch.enable_grad():
             for i in range(batch):
                 leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
                 args_i = tuple(
-                    _example(module, a, i, batch, argument_name(module, k))
+                    _example(module, a, i, batch, argument_name(module, k), rows)
                     for k, a in enumerate(args)
                 )
-                kwargs_i = {k: _example(module, v, i, batch, k) for k, v in kwargs.items()}
+                kwargs_i = {k: _example(module, v, i, batch, k, rows) for k, v in kwargs.items()}
                 out = first_output(torch.func.functional_call(module, leaves, args_i, kwargs_i))
-                g_i = g.narrow(batch_dim(module, g), i, 1)
+                g_i = g.narrow(batch_dim(module, g), i * rows, rows)
                 grads = torch.autograd.grad(out, list(leaves.values()), g_i, allow_unused=True)
                 for (n, leaf), grad in zip(leaves.items(), grads):
-                    rows[n].append(torch.zeros_like(leaf) if grad is None else grad)
+                    collected[n].append(torch.zeros_like(leaf) if grad is None else grad)
         return {
             n: torch.stack(v) if v else params[n].new_zeros(0, *params[n].shape)
-            for n, v in rows.items()
+            for n, v in collected.items()
         }
 
     def plan(self, module, x, out, clipping):
