@@ -142,7 +142,6 @@ def max_batch_figures(results: list[dict], out: pathlib.Path) -> list[pathlib.Pa
     _grouped_bars(
         ax, models, modes, lambda m, k: table.get((m, k), {}).get("max_batch", 0), "max batch"
     )
-    ax.set_yscale("log", base=2)
     fig.tight_layout()
     fig.savefig(out / "max_batch.png", dpi=120)
     plt.close(fig)

@@ -83,7 +83,7 @@ def label_opacus() -> None:
     on the classes, before any model is wrapped: hooks are bound when they are registered)."""
     import torch
     from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
-    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
     def labelled(fn, name):
         def wrapper(*args, **kwargs):
@@ -93,8 +93,11 @@ def label_opacus() -> None:
         return wrapper
 
     targets = {
-        "clip_and_accumulate": ((DPOptimizer,), "opacus::clip_and_accumulate"),
-        "add_noise": ((DPOptimizer,), "opacus::add_noise"),
+        "clip_and_accumulate": (
+            (DPOptimizer, DPOptimizerFastGradientClipping),
+            "opacus::clip_and_accumulate",
+        ),
+        "add_noise": ((DPOptimizer, DPOptimizerFastGradientClipping), "opacus::add_noise"),
         "capture_backprops_hook": (
             (GradSampleModule, GradSampleModuleFastGradientClipping),
             "opacus::per_example_gradients",

@@ -52,14 +52,16 @@ def worker(settings: Settings, steps: int) -> dict:
         run = Run(settings)
         if run.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(run.device)
-        examples, seconds = zip(*run.logical_steps(steps))
+        examples, rows, seconds = zip(*run.logical_steps(steps))
     except torch.OutOfMemoryError:
         return dict(error="out of memory")
     measured = slice(1, None) if steps > 1 else slice(None)
     return dict(
         examples=list(examples),
+        rows=list(rows),
         seconds=list(seconds),
         samples_per_s=sum(examples[measured]) / sum(seconds[measured]),
+        rows_per_s=sum(rows[measured]) / sum(seconds[measured]),
         peak_memory_mib=peak_memory_mib(run.device),
     )
 
@@ -108,15 +110,16 @@ def combine(rounds: list[dict], baseline: list[dict] | None) -> dict:
         samples_per_s=statistics.median(rates),
         samples_per_s_min=min(rates),
         samples_per_s_max=max(rates),
+        rows_per_s=statistics.median(r["rows_per_s"] for r in good),
         peak_memory_mib=max(r["peak_memory_mib"] for r in good),
     )
-    ratios = [
-        r["samples_per_s"] / b["samples_per_s"]
-        for r, b in zip(rounds, baseline or [])
-        if "error" not in r and "error" not in b
+    pairs = [
+        (r, b) for r, b in zip(rounds, baseline or []) if "error" not in r and "error" not in b
     ]
-    if ratios:
+    if pairs:
+        ratios = [r["samples_per_s"] / b["samples_per_s"] for r, b in pairs]
         out.update(ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
+        out["rows_ratio"] = statistics.median(r["rows_per_s"] / b["rows_per_s"] for r, b in pairs)
     return out
 
 
@@ -139,6 +142,7 @@ def measure_all(args, progress=print) -> list[dict]:
                 settings = Settings(
                     model, mode, precision, physical, max(args.logical, physical), args.device
                 )
+                settings.seed = k  # each round its own model, data and Poisson batch sizes
                 runs[mode].append(run_in_process(settings, args.steps))
                 if "error" in runs[mode][-1]:
                     progress(f"  failed: {runs[mode][-1]['error']}")
@@ -163,18 +167,21 @@ def markdown(env: dict, settings: dict, results: list[dict]) -> str:
         f"torch {env['torch']}, commit {env['commit']}, {env['time_utc']}. Poisson logical "
         f"batches of expected size {settings['logical']}, {settings['steps']} logical steps per "
         f"run (the first not timed), each run in its own process, {settings['repeats']} "
-        "round(s) of all modes. samples/s: median over rounds [range]; vs non-private: median "
-        "of the per-round ratios [range].",
+        "round(s) of all modes (round k draws model, data and batch sizes from seed k). "
+        "samples/s: real examples per second, median over rounds [range]; vs non-private: "
+        "median of the per-round ratios [range]; rows: the same for rows through the model, "
+        "the padding of fixed-shape physical batches included (Opacus cuts variable-size "
+        "physical batches: no padding).",
         "",
-        "| model | precision | physical batch | mode | samples/s | vs non-private | FLOP model "
-        "| peak memory (MiB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | precision | physical batch | mode | samples/s | vs non-private | rows vs "
+        "non-private | FLOP model | peak memory (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         head = f"| {MODELS[r['model']][2]} | {r['precision']} | {r['physical']} | {r['mode']} |"
         predicted = f"{r['flop_model']:.2f}x" if r.get("flop_model") else ""
         if "error" in r:
-            lines.append(f"{head} failed: {r['error']} | | {predicted} | |")
+            lines.append(f"{head} failed: {r['error']} | | | {predicted} | |")
             continue
         rate = (
             f"{r['samples_per_s']:.2f} [{r['samples_per_s_min']:.2f}-{r['samples_per_s_max']:.2f}]"
@@ -182,7 +189,10 @@ def markdown(env: dict, settings: dict, results: list[dict]) -> str:
         ratio = (
             f"{r['ratio']:.2f}x [{r['ratio_min']:.2f}-{r['ratio_max']:.2f}]" if "ratio" in r else ""
         )
-        lines.append(f"{head} {rate} | {ratio} | {predicted} | {r['peak_memory_mib']:.0f} |")
+        rows = f"{r['rows_ratio']:.2f}x" if "rows_ratio" in r else ""
+        lines.append(
+            f"{head} {rate} | {ratio} | {rows} | {predicted} | {r['peak_memory_mib']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

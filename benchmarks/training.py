@@ -13,7 +13,8 @@ the model's input size on the device. Every mode trains the same way the user wo
   the way Opacus's BatchMemoryManager does (skipped optimizer steps between them).
 
 :meth:`Run.logical_steps` yields, per logical step, the real examples it processed (padding
-rows excluded) and its wall time (CUDA synchronised). ``Run.phase(name)`` wraps the "forward",
+rows excluded), the rows it ran through the model (padding included) and its wall time (CUDA
+synchronised). ``Run.phase(name)`` wraps the "forward",
 "backward" and "step" phases of every physical batch (a no-op unless profile.py replaces it).
 """
 
@@ -50,7 +51,7 @@ MODELS = {
     "bit_50x3": ("resnetv2_50x3_bit", 224, "BiT-R50x3"),
     "bit_101x3": ("resnetv2_101x3_bit", 224, "BiT-R101x3"),
     "bit_152x4": ("resnetv2_152x4_bit", 224, "BiT-R152x4"),
-    "resnet18_gn": (None, 224, "ResNet-18 with GroupNorm (timm resnet18)"),
+    "resnet18_gn": (None, 224, "ResNet-18 (GroupNorm)"),
     "smoke_vit": (None, 32, "tiny ViT (2 blocks, 32x32)"),
     "smoke_bit": (None, 32, "tiny BiT ResNetV2 (4 blocks, 32x32)"),
 }
@@ -111,6 +112,7 @@ class Settings:
     logical: int = 16  # (expected) examples per logical batch
     device: str = "cpu"
     dataset_size: int = 0  # default: 8 logical batches' worth
+    seed: int = 0  # of the model, the data and the sampling
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -125,9 +127,9 @@ class Settings:
 class Run:
     """A model, its optimizer and its data loader set up for ``settings.mode``."""
 
-    def __init__(self, settings: Settings, seed: int = 0):
-        torch.manual_seed(seed)
+    def __init__(self, settings: Settings):
         self.settings = s = settings
+        torch.manual_seed(s.seed)
         self.device = torch.device(s.device)
         set_precision(s.precision)
         self.autocast = (
@@ -138,7 +140,7 @@ class Run:
         self.input_size = MODELS[s.model][1]
         model = build_model(s.model).to(self.device)
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        dataset = synthetic_cifar100(s.dataset_size, seed)
+        dataset = synthetic_cifar100(s.dataset_size, s.seed)
         loader = DataLoader(dataset, batch_size=s.logical)  # q = logical / dataset_size
         self.criterion = nn.CrossEntropyLoss()
         self.model, self.optimizer = model, optimizer
@@ -201,8 +203,8 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def logical_steps(self, count: int) -> Iterator[tuple[int, float]]:
-        """Trains ``count`` logical steps; yields (real examples, seconds) for each."""
+    def logical_steps(self, count: int) -> Iterator[tuple[int, int, float]]:
+        """Trains ``count`` logical steps; yields (real examples, rows, seconds) for each."""
         steps = {
             "non_private": self._steps_non_private,
             "opacus_hooks": self._steps_opacus,
@@ -216,7 +218,7 @@ class Run:
                 if produced == count:
                     return
 
-    def _steps_non_private(self) -> Iterator[tuple[int, float]]:
+    def _steps_non_private(self) -> Iterator[tuple[int, int, float]]:
         per_step = math.ceil(self.settings.logical / self.settings.physical)
         batches = iter(self.loader)
         while True:
@@ -230,24 +232,26 @@ class Run:
                 self._backward(images, labels)
             self._step()
             self._sync()
-            yield per_step * self.settings.physical, time.perf_counter() - start
+            rows = per_step * self.settings.physical
+            yield rows, rows, time.perf_counter() - start
 
-    def _steps_dpfast(self) -> Iterator[tuple[int, float]]:
+    def _steps_dpfast(self) -> Iterator[tuple[int, int, float]]:
         self._sync()
-        start, examples = time.perf_counter(), 0
+        start, examples, rows = time.perf_counter(), 0, 0
         for images, labels in self.loader:
             info = self._batch_info.pop()
             self.optimizer.zero_grad(set_to_none=True)
             self._backward(images, labels)
             self._step()
             examples += int(info.mask.sum())
+            rows += len(info.mask)
             if info.last:
                 self._sync()
-                yield examples, time.perf_counter() - start
+                yield examples, rows, time.perf_counter() - start
                 self._sync()
-                start, examples = time.perf_counter(), 0
+                start, examples, rows = time.perf_counter(), 0, 0
 
-    def _steps_opacus(self) -> Iterator[tuple[int, float]]:
+    def _steps_opacus(self) -> Iterator[tuple[int, int, float]]:
         physical = self.settings.physical
         self._sync()
         start = time.perf_counter()
@@ -261,7 +265,7 @@ class Run:
                 self.optimizer.signal_skip_step(do_skip=k < chunks - 1)
                 self._step()
             self._sync()
-            yield len(images), time.perf_counter() - start
+            yield len(images), len(images), time.perf_counter() - start  # chunks are not padded
             self._sync()
             start = time.perf_counter()
 

@@ -18,10 +18,10 @@ def test_dp_steps_count_real_examples_not_padding_rows():
     rows = []
     run.model.register_forward_hook(lambda m, args, out: rows.append(len(args[0])))
     steps = list(run.logical_steps(40))
-    examples = [n for n, _ in steps]
-    assert all(seconds > 0 for _, seconds in steps)
+    examples = [n for n, _, _ in steps]
+    assert all(seconds > 0 for _, _, seconds in steps)
     assert all(rows_seen == physical for rows_seen in rows)  # fixed-shape physical batches
-    assert sum(examples) <= len(rows) * physical
+    assert sum(examples) <= len(rows) * physical == sum(r for _, r, _ in steps)
     # Poisson sizes: Binomial(40, 1/8) has mean 5, sd 2.1; the mean of 40 draws is within
     # 5 sigma = 1.7 of 5, and padding counted as examples would give multiples of 3 only.
     assert abs(sum(examples) / len(examples) - logical) < 5 * math.sqrt(5 * 7 / 8 / 40)
@@ -31,7 +31,7 @@ def test_dp_steps_count_real_examples_not_padding_rows():
 def test_non_private_steps_accumulate_whole_physical_batches():
     run = Run(Settings("smoke_vit", "non_private", "fp32", 3, 7, "cpu", 60))
     steps = list(run.logical_steps(4))
-    assert [n for n, _ in steps] == [9, 9, 9, 9]  # ceil(7 / 3) = 3 batches of 3
+    assert [(n, r) for n, r, _ in steps] == [(9, 9)] * 4  # ceil(7 / 3) = 3 batches of 3
 
 
 def test_unknown_model_mode_or_precision_is_refused_by_name():
@@ -54,6 +54,9 @@ def test_throughput_smoke_run_writes_json_table_and_plots(tmp_path):
         assert len(round_["examples"]) == 3  # logical steps, the first not timed
         assert r["samples_per_s"] == pytest.approx(
             sum(round_["examples"][1:]) / sum(round_["seconds"][1:])
+        )
+        assert r["rows_per_s"] == pytest.approx(
+            sum(round_["rows"][1:]) / sum(round_["seconds"][1:])
         )
     assert rows["non_private"]["ratio"] == 1.0
     assert rows["dpfast_auto"]["ratio"] == pytest.approx(
