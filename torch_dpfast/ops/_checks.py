@@ -64,5 +64,9 @@ def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
 def drop_unscaled_rows(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Zeroes the examples with scale == 0 (B, ...) so that their non-finite values cannot leak
     into a sum as 0 * inf = NaN."""
-    keep = (scale != 0).reshape(-1, *([1] * (x.dim() - 1)))
+    keep = scale != 0
+    # Nothing to drop is the common case; on CPU, checking that needs no device synchronisation.
+    if x.device.type == "cpu" and bool(keep.all()):
+        return x
+    keep = keep.reshape(-1, *([1] * (x.dim() - 1)))
     return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
