@@ -184,3 +184,21 @@ def test_ops_trace_under_torch_compile_and_pass_opcheck(device, gen):
         torch.library.opcheck(
             torch.ops.torch_dpfast.clip_accumulate_, (grads, summed, 1.5, mask, backend)
         )
+
+
+@pytest.mark.parametrize("bad_row", [None, 1, 3, 4])
+def test_rows_with_zero_scale_are_zeroed_exactly_when_not_finite(bad_row, device, gen):
+    """drop_unscaled_rows: a zero-scale row holding NaN or Inf must be zeroed (0 * inf = NaN);
+    finite zero-scale rows may be left to the caller's multiplication by 0. Rows 1 (between
+    kept rows) and 3-4 (trailing, like padding) have zero scale."""
+    from torch_dpfast.ops._checks import drop_unscaled_rows
+
+    x = randn(5, 3, 4, gen=gen, dtype=torch.float32, device=device)
+    scale = torch.tensor([1.0, 0.0, 2.0, 0.0, 0.0], device=device)
+    if bad_row is not None:
+        x[bad_row, 1, 2] = NAN if bad_row == 1 else INF
+    out = drop_unscaled_rows(x, scale)
+    assert torch.isfinite(out * scale[:, None, None]).all()
+    torch.testing.assert_close(out[[0, 2]], x[[0, 2]])
+    if bad_row is not None:
+        assert (out[bad_row] == 0).all()

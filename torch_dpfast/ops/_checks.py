@@ -62,11 +62,25 @@ def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def drop_unscaled_rows(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Zeroes the examples with scale == 0 (B, ...) so that their non-finite values cannot leak
-    into a sum as 0 * inf = NaN."""
+    """Makes the examples with scale == 0 (rows of x, (B, ...)) safe to multiply by their zero
+    scale: zeroed where they hold a NaN or Inf (0 * inf = NaN would leak into the sum). Callers
+    multiply every row by its scale (directly, or through the other operand of a product).
+
+    On CPU, where checking needs no device synchronisation, x itself is returned when those
+    rows are finite, the common case (padding rows of a physical batch): multiplying them by 0
+    gives exactly 0, without a pass over all of x."""
     keep = scale != 0
-    # Nothing to drop is the common case; on CPU, checking that needs no device synchronisation.
-    if x.device.type == "cpu" and bool(keep.all()):
-        return x
+    if x.device.type == "cpu":
+        dropped = (~keep).nonzero().squeeze(1).tolist()
+        if not dropped:
+            return x
+        first, count = dropped[0], len(dropped)
+        rows = (  # the padding rows of a physical batch are its last ones: a view, no copy
+            x.narrow(0, first, count)
+            if dropped[-1] - first == count - 1
+            else x.index_select(0, torch.tensor(dropped))
+        )
+        if bool(torch.isfinite(rows.sum())):  # NaN or Inf anywhere makes the sum non-finite
+            return x
     keep = keep.reshape(-1, *([1] * (x.dim() - 1)))
     return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
