@@ -12,11 +12,18 @@ namespace {
 
 constexpr int64_t kPairsPerChunk = 256;
 
+// x86-64: an AVX2+FMA clone and a baseline clone, the loader picking the one the CPU runs (GCC
+// and Clang ifunc). Elsewhere (ARM, ...) one build for the target's own vector unit.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define DPFAST_X86_CLONES __attribute__((target_clones("avx2,fma", "default")))
+#else
+#define DPFAST_X86_CLONES
+#endif
+
 // z[2i], z[2i + 1] = the normal pair (seed, stream, first + i) for i < count <= kPairsPerChunk:
 // philox_block and box_muller of philox.h, with the lanes as the inner loop of every stage
-// (structure of arrays), so that each loop vectorises. Compiled for AVX2+FMA and for the
-// baseline; the loader picks the clone the CPU runs (GCC ifunc).
-__attribute__((target_clones("avx2,fma", "default"))) void normal_pairs(
+// (structure of arrays), so that each loop vectorises.
+DPFAST_X86_CLONES void normal_pairs(
     double* __restrict__ z, uint64_t seed, uint32_t stream, int64_t first, int64_t count) {
   uint32_t a[kPairsPerChunk], b[kPairsPerChunk], c[kPairsPerChunk], d[kPairsPerChunk];
   for (int64_t i = 0; i < count; ++i) {
