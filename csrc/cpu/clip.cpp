@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "clip_accumulate_args.h"
 #include "clip_factor.h"
 
 namespace dpfast {
@@ -106,22 +107,9 @@ void add_clipped(const at::Tensor& g, const std::vector<double>& c, at::Tensor& 
 
 at::Tensor clip_accumulate_cpu(at::TensorList per_example, at::TensorList summed,
                                double max_norm, const c10::optional<at::Tensor>& mask) {
-  TORCH_CHECK(per_example.size() == summed.size(), "clip_accumulate_: got ", per_example.size(),
-              " per-example tensors but ", summed.size(), " summed tensors");
-  TORCH_CHECK(!per_example.empty(), "clip_accumulate_: empty tensor list");
-  const int64_t batch = per_example[0].size(0);
-  check_mask(mask, batch);
-  bool any_double = false;
+  const int64_t batch = check_clip_accumulate_args(per_example, summed, mask);
   std::vector<at::Tensor> grads;
-  for (size_t k = 0; k < per_example.size(); ++k) {
-    const at::Tensor& g = per_example[k];
-    TORCH_CHECK(g.dim() >= 1 && g.size(0) == batch, "clip_accumulate_: per_example[", k,
-                "] has shape ", g.sizes(), ", expected (", batch, ", ...)");
-    TORCH_CHECK(g.sizes().slice(1) == summed[k].sizes(), "clip_accumulate_: per_example[", k,
-                "] has shape ", g.sizes(), " but summed[", k, "] has shape ", summed[k].sizes());
-    any_double = any_double || g.scalar_type() == at::kDouble;
-    grads.push_back(g.contiguous());
-  }
+  for (const auto& g : per_example) grads.push_back(g.contiguous());
   std::vector<double> norm_sq(batch, 0.0);
   for (const auto& g : grads) add_norms(g, norm_sq);
   const std::vector<double> c = factors_from(norm_sq, max_norm, mask);
@@ -135,8 +123,7 @@ at::Tensor clip_accumulate_cpu(at::TensorList per_example, at::TensorList summed
       out.add_(tmp);
     }
   }
-  return at::tensor(norm_sq, at::TensorOptions().dtype(at::kDouble))
-      .to(any_double ? at::kDouble : at::kFloat);
+  return at::tensor(norm_sq, at::TensorOptions().dtype(at::kDouble)).to(norms_dtype(per_example));
 }
 
 }  // namespace

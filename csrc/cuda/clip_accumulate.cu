@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "clip_accumulate_args.h"
 #include "clip_factor.h"
 #include "tensor_list.cuh"
 
@@ -91,33 +92,21 @@ __global__ void accumulate_kernel(TensorListView in, const int64_t* __restrict__
 
 at::Tensor clip_accumulate_cuda(at::TensorList per_example, at::TensorList summed,
                                 double max_norm, const c10::optional<at::Tensor>& mask) {
-  TORCH_CHECK(per_example.size() == summed.size(), "clip_accumulate_: got ", per_example.size(),
-              " per-example tensors but ", summed.size(), " summed tensors");
-  TORCH_CHECK(!per_example.empty(), "clip_accumulate_: empty tensor list");
+  const int64_t batch = check_clip_accumulate_args(per_example, summed, mask);
   const at::Device device = per_example[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  const int64_t batch = per_example[0].size(0);
   TORCH_CHECK(batch <= 65535, "clip_accumulate_ (cuda): at most 65535 examples per call, got ",
               batch);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor keep;
   if (mask.has_value()) {
-    TORCH_CHECK(mask->dim() == 1 && mask->size(0) == batch,
-                "mask must have shape (B,) = (", batch, ",), got ", mask->sizes());
     keep = mask->to(device, at::kBool).contiguous();
   }
-  bool any_double = false;
   std::vector<at::Tensor> grads, outs;
   for (size_t k = 0; k < per_example.size(); ++k) {
-    const at::Tensor& g = per_example[k];
-    TORCH_CHECK(g.dim() >= 1 && g.size(0) == batch, "clip_accumulate_: per_example[", k,
-                "] has shape ", g.sizes(), ", expected (", batch, ", ...)");
-    TORCH_CHECK(g.sizes().slice(1) == summed[k].sizes(), "clip_accumulate_: per_example[", k,
-                "] has shape ", g.sizes(), " but summed[", k, "] has shape ", summed[k].sizes());
-    TORCH_CHECK(g.device() == device && summed[k].device() == device,
+    TORCH_CHECK(per_example[k].device() == device && summed[k].device() == device,
                 "clip_accumulate_: all tensors must be on ", device);
-    any_double = any_double || g.scalar_type() == at::kDouble;
-    grads.push_back(g.contiguous());
+    grads.push_back(per_example[k].contiguous());
     outs.push_back(summed[k].is_contiguous() ? summed[k] : at::zeros_like(summed[k]).contiguous());
   }
   const auto options = at::TensorOptions().dtype(at::kDouble).device(device);
@@ -180,7 +169,7 @@ at::Tensor clip_accumulate_cuda(at::TensorList per_example, at::TensorList summe
   for (size_t k = 0; k < outs.size(); ++k) {
     if (!summed[k].is_contiguous()) summed[k].add_(outs[k]);
   }
-  return norm_sq.to(any_double ? at::kDouble : at::kFloat);
+  return norm_sq.to(norms_dtype(per_example));
 }
 
 }  // namespace
