@@ -44,6 +44,7 @@ PARTS = {
     "torch_dpfast::conv_clipped_sum": "clipped sums",
     "torch_dpfast::embedding_clipped_sum": "clipped sums",
     "torch_dpfast::clip_factors": "clip and accumulate",
+    "torch_dpfast::total_clip_factors": "clip and accumulate",
     "torch_dpfast::clip_accumulate_": "clip and accumulate",
     "torch_dpfast::add_noise_": "noise",
     "opacus::per_example_gradients": "per-example gradients (Opacus hooks)",

@@ -7,9 +7,15 @@
 TORCH_LIBRARY(dpfast_C, m) {
   m.def("clip_factors(Tensor norm_sq, float max_norm, Tensor? mask) -> Tensor");
   m.def(
+      "total_clip_factors(Tensor[] norm_sqs, float max_norm, Tensor? mask, float norm_scale) "
+      "-> (Tensor, Tensor)");
+  m.def(
       "clip_accumulate_(Tensor[] per_example, Tensor(a!)[] summed, float max_norm, "
       "Tensor? mask) -> Tensor");
   m.def("add_noise_(Tensor(a!)[] grads, float std, float scale, int seed) -> ()");
+  m.def("linear_norm_sq(Tensor a, Tensor g, str method) -> Tensor");
+  m.def("linear_clipped_sum(Tensor a, Tensor g, Tensor scale) -> Tensor");
+  m.def("embedding_norm_sq(Tensor ids, Tensor g, int num_embeddings, int? padding_idx) -> Tensor");
 }
 
 // An importable (empty) Python module, so that `import torch_dpfast._C` loads the library.

@@ -5,6 +5,7 @@ import json
 import torch
 
 from benchmarks.kernels import bench_ops
+from torch_dpfast import _ext
 
 
 def test_bench_ops_smoke_run_writes_json_table_and_plot(tmp_path):
@@ -12,7 +13,15 @@ def test_bench_ops_smoke_run_writes_json_table_and_plot(tmp_path):
     payload = json.loads((tmp_path / "bench_ops.json").read_text())
     assert payload["environment"]["torch"] and payload["settings"]["smoke"]
     groups = {row["group"] for row in payload["results"]}
-    assert groups == {"norm_method", "clipped_sum", "clip_accumulate_", "add_noise_"}
+    assert groups == {
+        "norm_method",
+        "clipped_sum",
+        "clip_accumulate_",
+        "add_noise_",
+        "layer_backends",
+    }
+    layer = {row["variant"] for row in payload["results"] if row["group"] == "layer_backends"}
+    assert "reference" in layer and ("cpp" in layer) == _ext.cpu_loaded
     assert all(row["median_ms"] > 0 and len(row["times_ms"]) == 2 for row in payload["results"])
     table = (tmp_path / "bench_ops.md").read_text()
     assert "| case | shape |" in table and "auto picks" in table

@@ -30,7 +30,8 @@ def test_cpu_extension_registers_its_kernels():
     if not _ext.cpu_loaded:
         assert not REQUIRE_CPP, f"torch_dpfast._C did not load: {_ext.cpu_error}"
         pytest.skip(f"torch_dpfast._C: {_ext.cpu_error}")
-    for op in ("clip_factors", "clip_accumulate_", "add_noise_"):
+    cpu_ops = ("linear_norm_sq", "linear_clipped_sum", "embedding_norm_sq", "total_clip_factors")
+    for op in ("clip_factors", "clip_accumulate_", "add_noise_", *cpu_ops):
         assert _ext.has_kernel(op, "CPU")
         assert "cpp" in dpf.ops.available(op)
 
@@ -39,7 +40,7 @@ def test_cuda_extension_registers_compiled_cuda_kernels():
     if not _ext.cuda_loaded:
         assert not REQUIRE_CUDA, f"torch_dpfast._C_cuda did not load: {_ext.cuda_error}"
         pytest.skip(f"torch_dpfast._C_cuda: {_ext.cuda_error}")
-    for op in ("clip_factors", "clip_accumulate_", "add_noise_"):
+    for op in ("clip_factors", "total_clip_factors", "clip_accumulate_", "add_noise_"):
         assert _ext.has_kernel(op, "CUDA"), op
         assert "cuda" in dpf.ops.available(op), op
 

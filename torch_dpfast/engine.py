@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from . import ops
 from .explain import assign_rules, check_no_batch_statistics
 from .rules import scaled_sum
-from .rules._registry import Rule, leading, zero_norms
+from .rules._registry import Rule, leading
 from .rules.fallback import FALLBACK, WINDOW_ATTENTION, _original_forward, batch_dim
 
 CLIPPING_MODES = ("auto", "bk", "per_example", "ghost")
@@ -263,21 +263,23 @@ class Attachment:
         # With a mean-reduced loss, autograd's g carries a factor 1/B; per-example gradients
         # are the gradients of the per-example losses, so multiply it back.
         loss_scale = float(batch) if self.loss_reduction == "mean" else 1.0
-        plain = plain_records(records)
+        # Layers whose rule has a fast path (no per-example gradients) take it; the others
+        # (shared parameters, the fallback, small rules such as the norm layers' that
+        # materialise anyway) are materialised once, for both their norms and their sums.
+        plain = [r for r in plain_records(records) if has_fast_path(r.rule)]
         plain_ids = {id(r) for r in plain}
-        shared = [r for r in records if id(r) not in plain_ids]
-        per_example = materialise(shared if self.clipping != "per_example" else records)
+        rest = [r for r in records if id(r) not in plain_ids]
+        per_example = materialise(rest if self.clipping != "per_example" else records)
         if self.clipping == "per_example":
             return self._clip_materialised(per_example, max_grad_norm, loss_scale, mask, batch)
 
-        norm_sq = zero_norms(records[0].g)  # float64 for float64 gradients, else float32
         method = _NORM_METHOD[self.clipping]
-        for r in plain:
-            norm_sq = norm_sq + r.rule.norm_sq(r.module, r.x, r.g, method)
-        for _, grad in per_example.values():
-            norm_sq = norm_sq + grad.reshape(batch, -1).to(norm_sq.dtype).square().sum(dim=1)
-        norm_sq = norm_sq * loss_scale**2
-        factors = ops.clip_factors(norm_sq, max_grad_norm, _mask_on(mask, norm_sq))
+        parts = [r.rule.norm_sq(r.module, r.x, r.g, method) for r in plain]
+        parts += [per_example_norm_sq(grad, batch) for _, grad in per_example.values()]
+        device = leading(records[0].g).device
+        norm_sq, factors = ops.total_clip_factors(
+            parts, max_grad_norm, _mask_on(mask, device), norm_scale=loss_scale**2
+        )
         _warn_non_finite(norm_sq, mask)
         scale = factors * loss_scale
         for r in plain:
@@ -331,7 +333,7 @@ class Attachment:
             grads,
             [p.summed_grad for p in params],
             max_grad_norm,
-            _mask_on(mask, grads[0]) if mask is not None else None,
+            _mask_on(mask, grads[0].device),
         )
         _warn_non_finite(norm_sq, mask)
         return norm_sq
@@ -373,6 +375,12 @@ def plain_records(records: list[_Record]) -> list[_Record]:
     ]
 
 
+def has_fast_path(rule: Rule) -> bool:
+    """Whether ``rule`` computes norms without materialising per-example gradients (it
+    overrides the default :meth:`Rule.norm_sq`)."""
+    return type(rule).norm_sq is not Rule.norm_sq
+
+
 def materialise(records: list[_Record]) -> dict[int, tuple[nn.Parameter, Tensor]]:
     """{id(p): (p, (B, *p.shape) per-example gradient summed over p's uses)}."""
     per_example: dict[int, tuple[nn.Parameter, Tensor]] = {}
@@ -407,8 +415,14 @@ def _check_examples_independent(record: _Record, grads: dict[str, Tensor]) -> No
             )
 
 
-def _mask_on(mask: Tensor | None, like: Tensor) -> Tensor | None:
-    return None if mask is None else mask.to(device=like.device, dtype=torch.bool)
+def _mask_on(mask: Tensor | None, device: torch.device) -> Tensor | None:
+    return None if mask is None else mask.to(device=device, dtype=torch.bool)
+
+
+def per_example_norm_sq(grad: Tensor, batch: int) -> Tensor:
+    """(B,) squared norms of materialised per-example gradients (B, ...), in float32 or better."""
+    dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    return grad.reshape(batch, -1).to(dtype).square().sum(dim=1)
 
 
 def _warn_non_finite(norm_sq: Tensor, mask: Tensor | None) -> None:

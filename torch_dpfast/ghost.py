@@ -32,6 +32,7 @@ from .engine import (
     _warn_non_finite,
     check_batch,
     materialise,
+    per_example_norm_sq,
     plain_records,
 )
 from .rules import scaled_sum
@@ -106,13 +107,15 @@ def ghost_backward(
         for r in by_parameter:  # pass 2 must not add into the per-example leaves read above
             for leaf in r.x.values():
                 leaf.grad = None
-        norm_sq = state.norm_sq
-        if norm_sq is None:
+        parts = [per_example_norm_sq(grad, batch) for _, grad in per_example.values()]
+        if state.norm_sq is not None:
+            parts.append(state.norm_sq)
+        if not parts:
             dtype = torch.float64 if losses.dtype == torch.float64 else torch.float32
-            norm_sq = torch.zeros(batch, dtype=dtype, device=losses.device)
-        for _, grad in per_example.values():
-            norm_sq = norm_sq + grad.reshape(batch, -1).to(norm_sq.dtype).square().sum(dim=1)
-        factors = ops.clip_factors(norm_sq, max_grad_norm, _mask_on(mask, norm_sq))
+            parts.append(torch.zeros(batch, dtype=dtype, device=losses.device))
+        norm_sq, factors = ops.total_clip_factors(
+            parts, max_grad_norm, _mask_on(mask, losses.device)
+        )
         _warn_non_finite(norm_sq, mask)
         state.stage, state.include = 2, (factors > 0).to(norm_sq.dtype)
         (losses * factors.to(losses.dtype)).sum().backward()

@@ -4,7 +4,9 @@ Measures, side by side in one process:
   * norm methods: ghost vs direct per-example norms (and which one ``method="auto"`` picks);
   * book-keeping clipped sums vs the non-private weight-gradient GEMM of the same layer;
   * multi-tensor clip_accumulate_ and add_noise_ per backend vs a per-parameter Python loop
-    (how Opacus clips and noises).
+    (how Opacus clips and noises);
+  * the layer ops (norms, clipped sums) on every backend of the device against the reference
+    (on CPU: the C++ kernels; Triton is left out there, its interpreter is not a kernel).
 
 Usage:  python benchmarks/kernels/bench_ops.py [--out DIR] [--smoke] [--repeats N]
 Writes DIR/bench_ops.json (environment + raw timings), DIR/bench_ops.md and DIR/bench_ops.png.
@@ -13,6 +15,7 @@ Writes DIR/bench_ops.json (environment + raw timings), DIR/bench_ops.md and DIR/
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import pathlib
 import sys
@@ -23,7 +26,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import torch_dpfast as dpf  # noqa: E402
 from benchmarks.common import environment, measure, pyplot, summary, write_json  # noqa: E402
-from benchmarks.kernels.shapes import VIT_B_BLOCK  # noqa: E402
+from benchmarks.kernels.shapes import VIT_B_BLOCK, VIT_S_BLOCK  # noqa: E402
 from torch_dpfast.ops._checks import norm_method  # noqa: E402
 
 # (name, T, d_in, d_out): ViT-B/16 at 224 (T = 197) and a 512-token text layer.
@@ -40,6 +43,7 @@ CONV_SHAPES = [
     ("resnet50.l3.3x3", 256, 14, 256, 3, 1, 1),
     ("resnet50.l4.3x3", 512, 7, 512, 3, 1, 1),
 ]
+VIT_S_PATCH = ("vit_s.patch_embed", 3, 224, 384, 16, 16, 0)
 SMOKE_LINEAR = [("smoke.seq", 5, 8, 6), ("smoke.flat", 1, 8, 6)]
 SMOKE_CONV = [("smoke.conv", 3, 8, 4, 3, 1, 1)]
 
@@ -115,13 +119,18 @@ def bench_norm_methods(device, batch, shapes, conv_shapes, repeats, gen):
     return rows
 
 
+def _linear_inputs(device, batch, t, d_in, d_out, gen):
+    """A linear layer's a (B, T, d_in), g (B, T, d_out) and per-example scales (B,)."""
+    a = torch.randn(batch, t, d_in, generator=gen).to(device)
+    g = torch.randn(batch, t, d_out, generator=gen).to(device)
+    return a, g, torch.rand(batch, generator=gen).to(device)
+
+
 def bench_clipped_sums(device, batch, shapes, repeats, gen):
     """BK clipped sum vs the plain weight gradient g^T a of the same layer (non-private)."""
     rows = []
     for name, t, d_in, d_out in shapes:
-        a = torch.randn(batch, t, d_in, generator=gen).to(device)
-        g = torch.randn(batch, t, d_out, generator=gen).to(device)
-        scale = torch.rand(batch, generator=gen).to(device)
+        a, g, scale = _linear_inputs(device, batch, t, d_in, d_out, gen)
         variants = {
             "non_private_weight_grad": lambda a=a, g=g: g.flatten(0, 1).mT @ a.flatten(0, 1),
             "linear_clipped_sum": lambda a=a, g=g, c=scale: dpf.ops.linear_clipped_sum(
@@ -136,6 +145,63 @@ def bench_clipped_sums(device, batch, shapes, repeats, gen):
                     case=name,
                     shape=[batch, t, d_in, d_out],
                     variant=variant,
+                    times_ms=times,
+                    **summary(times),
+                )
+            )
+    return rows
+
+
+def _device_backends(op: str, device: str) -> list[str]:
+    """The backends of ``op`` that run compiled on ``device`` (Triton only on CUDA)."""
+    runs_on = {"cpp": "cpu", "cuda": "cuda", "triton": "cuda"}
+    return [b for b in dpf.ops.available(op) if runs_on.get(b, device) == device]
+
+
+def _layer_calls(device, batch, shapes, conv_shapes, gen):
+    """(op, case, shape, call(backend)) for every layer op on the given layer shapes."""
+    calls = []
+    for name, t, d_in, d_out in shapes:
+        a, g, c = _linear_inputs(device, batch, t, d_in, d_out, gen)
+        shape = [batch, t, d_in, d_out]
+        for m in ("ghost", "direct"):
+            norm = functools.partial(dpf.ops.linear_norm_sq, a, g, m)
+            calls.append(("linear_norm_sq", f"{name} {m}", shape, norm))
+        clipped = functools.partial(dpf.ops.linear_clipped_sum, a, g, c)
+        calls.append(("linear_clipped_sum", name, shape, clipped))
+    for name, c_in, h, c_out, k, s, p in conv_shapes:
+        x = torch.randn(batch, c_in, h, h, generator=gen).to(device)
+        h_out = (h + 2 * p - k) // s + 1
+        g = torch.randn(batch, c_out, h_out, h_out, generator=gen).to(device)
+        c = torch.rand(batch, generator=gen).to(device)
+        shape, geometry = [batch, c_in, h, c_out, k, s, p], dict(stride=s, padding=p)
+        norm = functools.partial(dpf.ops.conv_norm_sq, x, g, k, **geometry)
+        clipped = functools.partial(dpf.ops.conv_clipped_sum, x, g, c, k, **geometry)
+        calls.append(("conv_norm_sq", f"{name} auto", shape, lambda b, f=norm: f(backend=b)))
+        calls.append(("conv_clipped_sum", name, shape, lambda b, f=clipped: f(backend=b)))
+    vocab, t, d = 30522, 128, 768  # a BERT-base token embedding; frequent tokens repeat
+    ids = torch.randint(0, 2000, (batch, t), generator=gen).to(device)
+    g = torch.randn(batch, t, d, generator=gen).to(device)
+    norm = functools.partial(dpf.ops.embedding_norm_sq, ids, g, vocab)
+    shape = [batch, t, vocab, d]
+    calls.append(("embedding_norm_sq", "bert.tokens", shape, lambda b, f=norm: f(backend=b)))
+    return calls
+
+
+def bench_layer_backends(device, batch, shapes, conv_shapes, repeats, gen):
+    """Every compiled backend of each layer op against the reference, on the same inputs."""
+    rows = []
+    for op, case, shape, call in _layer_calls(device, batch, shapes, conv_shapes, gen):
+        for backend in ["reference"] + [
+            b for b in _device_backends(op, device) if b != "reference"
+        ]:
+            times = measure(lambda b=backend, f=call: f(b), device, repeats)
+            rows.append(
+                dict(
+                    group="layer_backends",
+                    case=f"{op}: {case}",
+                    shape=shape,
+                    variant=backend,
                     times_ms=times,
                     **summary(times),
                 )
@@ -253,6 +319,7 @@ def markdown(env: dict, rows: list[dict]) -> str:
         "clipped_sum": "Book-keeping clipped sum vs the non-private weight gradient",
         "clip_accumulate_": "clip_accumulate_ vs a per-parameter Python loop",
         "add_noise_": "add_noise_ vs a per-parameter Python loop and torch._foreach_*",
+        "layer_backends": "Layer ops: each compiled backend vs the reference",
     }
     for group, cases in groups.items():
         variants = list(dict.fromkeys(r["variant"] for c in cases.values() for r in c))
@@ -319,8 +386,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--groups",
-        default="norm_method,clipped_sum,multi_tensor",
-        help="comma-separated subset of norm_method, clipped_sum, multi_tensor",
+        default="norm_method,clipped_sum,multi_tensor,layer_backends",
+        help="comma-separated subset of norm_method, clipped_sum, multi_tensor, layer_backends",
     )
     args = parser.parse_args(argv)
     device = args.device
@@ -331,6 +398,13 @@ def main(argv=None) -> None:
     else:
         batch, shapes, conv_shapes = 32, LINEAR_SHAPES, CONV_SHAPES
     params = parameter_lists(device, args.smoke)
+    # CPU: ViT-S/16 at batch 8 (the CPU training benchmark) and ViT-B/16; CUDA: ViT-B/16 at 32.
+    if args.smoke:
+        layer_setup = (batch, shapes, conv_shapes)
+    elif device == "cpu":
+        layer_setup = (8, VIT_S_BLOCK + LINEAR_SHAPES[:4], [VIT_S_PATCH, *CONV_SHAPES[1:3]])
+    else:
+        layer_setup = (batch, LINEAR_SHAPES, [VIT_S_PATCH, *CONV_SHAPES])
     env = environment()
     rows = []
     groups = {
@@ -339,6 +413,7 @@ def main(argv=None) -> None:
         "multi_tensor": lambda: bench_multi_tensor(
             device, batch if args.smoke else 8, params, repeats, gen
         ),
+        "layer_backends": lambda: bench_layer_backends(device, *layer_setup, repeats, gen),
     }
     chosen = args.groups.split(",")
     unknown = set(chosen) - set(groups)

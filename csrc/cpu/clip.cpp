@@ -5,10 +5,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
 
 #include "clip_accumulate_args.h"
 #include "clip_factor.h"
+#include "cpu/reduce.h"
 
 namespace dpfast {
 namespace {
@@ -42,24 +44,32 @@ at::Tensor clip_factors_cpu(const at::Tensor& norm_sq, double max_norm,
   return at::tensor(c, n.options()).to(norm_sq.scalar_type());
 }
 
-// Sum of squares in double with kLanes independent accumulators, so that the loop vectorises
-// without reassociating a single floating-point chain.
-constexpr int kLanes = 8;
-
-template <typename scalar_t>
-double sum_squares(const scalar_t* p, int64_t n) {
-  double lanes[kLanes] = {0.0};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const double v = static_cast<double>(p[j + l]);
-      lanes[l] += v * v;
-    }
+// n_i = norm_scale * sum_k norm_sqs[k][i] in double (the per-layer squared norms of example i)
+// and c_i from it, both returned in float32 (float64 if any input is float64).
+std::tuple<at::Tensor, at::Tensor> total_clip_factors_cpu(at::TensorList norm_sqs,
+                                                          double max_norm,
+                                                          const c10::optional<at::Tensor>& mask,
+                                                          double norm_scale) {
+  TORCH_CHECK(!norm_sqs.empty(), "total_clip_factors: empty list of norms");
+  const int64_t batch = norm_sqs[0].numel();
+  check_mask(mask, batch);
+  std::vector<double> total(batch, 0.0);
+  bool wide = false;
+  for (size_t k = 0; k < norm_sqs.size(); ++k) {
+    const at::Tensor n = norm_sqs[k].contiguous();
+    TORCH_CHECK(n.dim() == 1 && n.size(0) == batch, "total_clip_factors: norm_sqs[", k,
+                "] has shape ", n.sizes(), ", expected (", batch, ",)");
+    wide |= n.scalar_type() == at::kDouble;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, n.scalar_type(), "total_norms", [&] {
+      const scalar_t* p = n.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < batch; ++i) total[i] += static_cast<double>(p[i]);
+    });
   }
-  double total = 0.0;
-  for (; j < n; ++j) total += static_cast<double>(p[j]) * static_cast<double>(p[j]);
-  for (int l = 0; l < kLanes; ++l) total += lanes[l];
-  return total;
+  for (double& n : total) n *= norm_scale;
+  const std::vector<double> c = factors_from(total, max_norm, mask);
+  const at::TensorOptions opts = at::TensorOptions().dtype(at::kDouble);
+  const at::ScalarType dtype = wide ? at::kDouble : at::kFloat;
+  return {at::tensor(total, opts).to(dtype), at::tensor(c, opts).to(dtype)};
 }
 
 // norm_sq[i] += sum_j g[i, j]^2 (double accumulation), g viewed as (B, n).
@@ -67,7 +77,7 @@ void add_norms(const at::Tensor& g, std::vector<double>& norm_sq) {
   const int64_t batch = g.size(0), n = g.numel() / std::max<int64_t>(batch, 1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "add_norms", [&] {
     const scalar_t* p = g.data_ptr<scalar_t>();
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, batch, grain_for(n), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) norm_sq[i] += sum_squares(p + i * n, n);
     });
   });
@@ -130,6 +140,7 @@ at::Tensor clip_accumulate_cpu(at::TensorList per_example, at::TensorList summed
 
 TORCH_LIBRARY_IMPL(dpfast_C, CPU, m) {
   m.impl("clip_factors", &clip_factors_cpu);
+  m.impl("total_clip_factors", &total_clip_factors_cpu);
   m.impl("clip_accumulate_", &clip_accumulate_cpu);
 }
 

@@ -18,7 +18,8 @@ def test_auto_prefers_compiled_kernels_on_their_device():
     cpu = torch.device("cpu")
     expected = "cpp" if _ext.cpu_loaded else "reference"
     assert _backend.resolve("clip_accumulate_", "auto", cpu) == expected
-    assert _backend.resolve("linear_norm_sq", "auto", cpu) == "reference"
+    assert _backend.resolve("linear_norm_sq", "auto", cpu) == expected
+    assert _backend.resolve("embedding_clipped_sum", "auto", cpu) == "reference"  # no C++ twin
     assert _backend.resolve("clip_factors", "auto", torch.device("meta")) == "reference"
 
 

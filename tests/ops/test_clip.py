@@ -49,6 +49,55 @@ def test_clip_factors_of_an_empty_batch(device):
         assert out.shape == (0,)
 
 
+@pytest.mark.parametrize("dtypes", [[torch.float32] * 3, [torch.float32, torch.float64]])
+@pytest.mark.parametrize("batch", [0, 1, 9])
+def test_total_clip_factors_sum_the_layers_then_clip(dtypes, batch, device, gen):
+    parts = [torch.rand(batch, generator=gen, dtype=torch.float64) * 3.0 for _ in dtypes]
+    if batch == 9:
+        parts[0][[2, 5]] = torch.tensor([INF, NAN], dtype=torch.float64)
+        parts[-1][7] = 1e30
+    parts = [p.to(dtype) for p, dtype in zip(parts, dtypes)]
+    scale, max_norm = 2.5**2, 0.5 + torch.rand((), generator=gen).item()
+    total = [scale * sum(float(p[i]) for p in parts) for i in range(batch)]
+    expected = torch.tensor([_factor(n, max_norm) for n in total], dtype=torch.float64)
+    mask = torch.rand(batch, generator=gen) > 0.3
+    out_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+    for backend in backends("total_clip_factors", device):
+        on_device = [p.to(device) for p in parts]
+        norm_sq, factors = dpf.ops.total_clip_factors(
+            on_device, max_norm, norm_scale=scale, backend=backend
+        )
+        assert norm_sq.dtype == factors.dtype == out_dtype and norm_sq.shape == (batch,)
+        torch.testing.assert_close(
+            norm_sq.cpu().double(),
+            torch.tensor(total, dtype=torch.float64).to(out_dtype).double(),
+            rtol=1e-6,
+            atol=0.0,
+            equal_nan=True,
+        )
+        assert_close(factors, expected, out_dtype)
+        _, masked = dpf.ops.total_clip_factors(
+            on_device, max_norm, mask.to(device), scale, backend=backend
+        )
+        assert_close(masked, expected * mask, out_dtype)
+
+
+def test_total_clip_factors_bad_arguments_name_the_problem():
+    ones = torch.ones(3)
+    with pytest.raises(ValueError, match="needs one or more"):
+        dpf.ops.total_clip_factors([], 1.0)
+    with pytest.raises(ValueError, match=r"norm_sqs\[1\] must have shape \(B,\)"):
+        dpf.ops.total_clip_factors([ones, torch.ones(4)], 1.0)
+    with pytest.raises(ValueError, match="norm_scale must be a finite number > 0"):
+        dpf.ops.total_clip_factors([ones], 1.0, norm_scale=0.0)
+    with pytest.raises(ValueError, match="max_norm must be a finite number > 0"):
+        dpf.ops.total_clip_factors([ones], -1.0)
+    with pytest.raises(TypeError, match="must be a floating-point tensor"):
+        dpf.ops.total_clip_factors([torch.ones(3, dtype=torch.long)], 1.0)
+    with pytest.raises(ValueError, match=r"mask must be a tensor of shape \(B,\)"):
+        dpf.ops.total_clip_factors([ones], 1.0, mask=torch.ones(2, dtype=torch.bool))
+
+
 def _per_example_list(batch, gen, dtypes, device):
     shapes = [(3, 4), (1,), (), (5, 2, 3), (17,)]  # scalars, 1-element and odd sizes
     return [
@@ -179,6 +228,10 @@ def test_ops_trace_under_torch_compile_and_pass_opcheck(device, gen):
     torch.testing.assert_close(compiled(grads, norm_sq), step(grads, norm_sq))
     for backend in backends("clip_factors", device):
         torch.library.opcheck(torch.ops.torch_dpfast.clip_factors, (norm_sq, 1.5, mask, backend))
+    for backend in backends("total_clip_factors", device):
+        torch.library.opcheck(
+            torch.ops.torch_dpfast.total_clip_factors, ([norm_sq, norm_sq], 1.5, mask, 4.0, backend)
+        )
     for backend in backends("clip_accumulate_", device):
         summed = [torch.zeros(g.shape[1:], device=device) for g in grads]
         torch.library.opcheck(

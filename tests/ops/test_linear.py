@@ -5,7 +5,7 @@ import torch
 
 import torch_dpfast as dpf
 from tests import brute_force
-from tests.helpers import assert_close, backends, randn
+from tests.helpers import INTERPRET, assert_close, backends, randn
 
 # a's shape (B, *, d_in) and d_out: 2-D inputs, T = 1, zero batch, odd sizes, two middle dims.
 SHAPES = [
@@ -52,6 +52,62 @@ def test_clipped_sum_matches_per_example_autograd(a_shape, d_out, dtype, device,
             torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-2, atol=1e-2)
         else:
             assert_close(out, expected, dtype, scale=a.shape[0] * a.numel() ** 0.5)
+
+
+# Shapes that cross the C++ kernels' block sizes (csrc/cpu/linear.cpp): T over one ghost tile
+# of ~48 positions and not a multiple of it, a direct-norm block of 2^20 elements of G over the
+# batch (B d_in d_out above it), and clipped-sum chunks of 2048 rows (T above it, so one example
+# per chunk, and runs of kept examples broken by zero scales).
+TILED_SHAPES = [
+    ((2, 49, 6), 5),
+    ((3, 97, 11), 4),
+    ((1, 200, 3), 7),
+    ((3, 5, 700), 600),
+    ((5, 2100, 3), 2),
+]
+
+
+def _tiled_backends(op: str, device: str, a: torch.Tensor) -> list[str]:
+    found = backends(op, device, torch.float32)
+    if INTERPRET and device == "cpu" and a.numel() > 10_000:  # the interpreter is too slow
+        found = [b for b in found if b != "triton"]
+    return found
+
+
+@pytest.mark.parametrize("a_shape,d_out", TILED_SHAPES)
+def test_norms_and_clipped_sums_across_kernel_block_sizes(a_shape, d_out, device, gen):
+    a, g = _inputs(a_shape, d_out, gen, torch.float32, device)
+    grads = brute_force.linear_grads(a, g)
+    expected_norms = brute_force.norms_sq(grads)
+    scale = torch.rand(a.shape[0], generator=gen, dtype=torch.float64)
+    scale[1::3] = 0.0
+    expected_sum = brute_force.clipped_sum(grads, scale)
+    for backend in _tiled_backends("linear_norm_sq", device, a):
+        for method in ("ghost", "direct"):
+            out = dpf.ops.linear_norm_sq(a, g, method=method, backend=backend)
+            torch.testing.assert_close(out.double().cpu(), expected_norms, rtol=1e-4, atol=1e-3)
+    for backend in _tiled_backends("linear_clipped_sum", device, a):
+        out = dpf.ops.linear_clipped_sum(a, g, scale.to(device), backend=backend)
+        torch.testing.assert_close(out.double().cpu(), expected_sum, rtol=1e-4, atol=1e-3)
+
+
+def test_norms_of_non_finite_examples_are_not_finite(device, gen):
+    """A NaN or Inf anywhere in an example's a or g must reach its norm (so that its clip factor
+    is 0), in every tile of the C++ ghost kernel and every block of the direct one."""
+    for positions in (3, 97):
+        for where in ("a_first", "a_last", "g_middle"):
+            a, g = _inputs((3, positions, 5), 4, gen, torch.float32, device)
+            if where == "a_first":
+                a[1, 0, 2] = float("inf")
+            elif where == "a_last":
+                a[1, -1, 0] = float("nan")
+            else:
+                g[1, positions // 2, 3] = float("-inf")
+            for backend in backends("linear_norm_sq", device, torch.float32):
+                for method in ("ghost", "direct"):
+                    out = dpf.ops.linear_norm_sq(a, g, method=method, backend=backend).cpu()
+                    assert not torch.isfinite(out[1]), (backend, method, where, positions)
+                    assert torch.isfinite(out[[0, 2]]).all(), (backend, method, where)
 
 
 def test_clipped_sum_drops_non_finite_examples_with_zero_scale(device, gen):

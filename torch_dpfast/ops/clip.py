@@ -81,6 +81,90 @@ def clip_factors(
     return _clip_factors(norm_sq, max_norm, mask, backend)
 
 
+# ---------------------------------------------------------------- total_clip_factors
+
+
+@torch.library.custom_op("torch_dpfast::total_clip_factors", mutates_args=())
+def _total_clip_factors(
+    norm_sqs: list[Tensor], max_norm: float, mask: Tensor | None, norm_scale: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    return _backend.run("total_clip_factors", backend, norm_sqs, max_norm, mask, norm_scale)
+
+
+def _norms_dtype(tensors: list[Tensor]) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+@_total_clip_factors.register_fake
+def _(norm_sqs, max_norm, mask, norm_scale, backend) -> tuple[Tensor, Tensor]:
+    out = norm_sqs[0].new_empty(norm_sqs[0].shape[0], dtype=_norms_dtype(norm_sqs))
+    return out, torch.empty_like(out)
+
+
+@_backend.register("total_clip_factors", "reference")
+def total_clip_factors_reference(
+    norm_sqs: list[Tensor], max_norm: float, mask: Tensor | None, norm_scale: float
+) -> tuple[Tensor, Tensor]:
+    """Reference: n = norm_scale * sum_k norm_sqs[k] in float64, then clip_factors(n)."""
+    total = torch.stack([n.to(torch.float64) for n in norm_sqs]).sum(dim=0) * norm_scale
+    factors = clip_factors_reference(total, max_norm, mask)
+    dtype = _norms_dtype(norm_sqs)
+    return total.to(dtype), factors.to(dtype)
+
+
+_backend.register_compiled("total_clip_factors", "cpp", "CPU")
+_backend.register_compiled("total_clip_factors", "cuda", "CUDA")
+
+
+def total_clip_factors(
+    norm_sqs: list[Tensor],
+    max_norm: float,
+    mask: Tensor | None = None,
+    norm_scale: float = 1.0,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Per-example squared norms summed over layers, and their clip factors, in one call.
+
+    n_i = norm_scale * sum_k norm_sqs[k][i] (accumulated in float64) and
+    c_i = min(1, C / (sqrt(n_i) + 1e-6)), 0 where n_i is NaN or Inf or ``mask`` is False.
+
+    Args:
+        norm_sqs: one (B,) tensor per layer (or parameter): its part of each example's squared
+            gradient norm.
+        max_norm: the clipping bound C > 0.
+        mask: optional (B,) tensor; examples where it is False (0) get factor 0.
+        norm_scale: a factor applied to the sum (the square of a loss scaling).
+        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"cuda"``.
+
+    Returns:
+        ``(n, c)``, both (B,) float32 (float64 if any input is float64).
+    """
+    op = "total_clip_factors"
+    max_norm = _check_max_norm(op, max_norm)
+    norm_sqs = list(norm_sqs)
+    if not norm_sqs:
+        raise ValueError(f"{op}: needs one or more (B,) tensors of squared norms, got none")
+    check_floating(op, **{f"norm_sqs[{k}]": n for k, n in enumerate(norm_sqs)})
+    batch = norm_sqs[0].shape[0] if norm_sqs[0].dim() == 1 else -1
+    for k, n in enumerate(norm_sqs):
+        if n.dim() != 1 or n.shape[0] != batch:
+            raise ValueError(
+                f"{op}: norm_sqs[{k}] must have shape (B,) like norm_sqs[0], got "
+                f"{tuple(n.shape)} against {tuple(norm_sqs[0].shape)}"
+            )
+    if not isinstance(norm_scale, (int, float)) or not math.isfinite(norm_scale) or norm_scale <= 0:
+        raise ValueError(f"{op}: norm_scale must be a finite number > 0, got {norm_scale!r}")
+    check_mask(op, mask, batch)
+    devices = {t.device for t in norm_sqs + ([mask] if mask is not None else [])}
+    if len(devices) != 1:
+        raise ValueError(
+            f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}"
+        )
+    args = (norm_sqs, max_norm, mask, float(norm_scale))
+    backend = _backend.resolve(op, backend, devices.pop(), *args)
+    return _total_clip_factors(*args, backend)
+
+
 # ---------------------------------------------------------------- clip_accumulate_
 
 

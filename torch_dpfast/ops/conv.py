@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _ext
 from . import _backend
 from ._checks import (
     accumulation_dtype,
@@ -155,6 +156,19 @@ def conv_norm_sq_reference(x: Tensor, g: Tensor, geometry: tuple, groups: int, m
     return (g.mT @ a).square().sum(dim=(1, 2, 3))
 
 
+if _ext.has_kernel("linear_norm_sq", "CPU"):
+
+    @_backend.register("conv_norm_sq", "cpp")
+    def conv_norm_sq_cpp(x: Tensor, g: Tensor, geometry: tuple, groups: int, method: str):
+        """The C++ linear kernel on unfolded patches, the groups folded into the batch."""
+        a, g = _grouped(x, g, geometry, groups)  # (B, T, groups, d)
+        batch, positions = a.shape[:2]
+        a = a.transpose(1, 2).reshape(batch * groups, positions, a.shape[3])
+        g = g.transpose(1, 2).reshape(batch * groups, positions, g.shape[3])
+        norms = torch.ops.dpfast_C.linear_norm_sq(a, g, method)
+        return norms.view(batch, groups).sum(dim=1)
+
+
 def conv_norm_sq(
     x: Tensor,
     g: Tensor,
@@ -228,6 +242,24 @@ def conv_clipped_sum_reference(x: Tensor, g: Tensor, scale: Tensor, geometry: tu
     a, g = _grouped(x, g, geometry, groups)
     summed = torch.einsum("btgo,btgi->goi", g, a)
     return summed.reshape(-1, x.shape[1] // groups, *geometry[0]).to(out_dtype)
+
+
+if _ext.has_kernel("linear_clipped_sum", "CPU"):
+
+    @_backend.register(
+        "conv_clipped_sum", "cpp", prefer=lambda x, g, scale, geometry, groups: groups == 1
+    )
+    def conv_clipped_sum_cpp(x: Tensor, g: Tensor, scale: Tensor, geometry: tuple, groups: int):
+        """The C++ linear kernel on unfolded patches, one call per group (``auto`` takes it for
+        groups = 1 only: the reference sums all groups in one batched product)."""
+        a, g = _grouped(x, g, geometry, groups)
+        summed = torch.stack(
+            [
+                torch.ops.dpfast_C.linear_clipped_sum(a[:, :, j], g[:, :, j], scale)
+                for j in range(groups)
+            ]
+        )
+        return summed.reshape(-1, x.shape[1] // groups, *geometry[0])
 
 
 def conv_clipped_sum(

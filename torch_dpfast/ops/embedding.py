@@ -84,6 +84,9 @@ def embedding_norm_sq_reference(ids: Tensor, g: Tensor, num_embeddings: int, pad
     return per_key.new_zeros(batch).index_add_(0, unique_keys // num_embeddings, per_key)
 
 
+_backend.register_compiled("embedding_norm_sq", "cpp", "CPU")
+
+
 def embedding_norm_sq(
     ids: Tensor,
     g: Tensor,

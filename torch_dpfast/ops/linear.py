@@ -60,6 +60,9 @@ def linear_norm_sq_reference(a: Tensor, g: Tensor, method: str) -> Tensor:
     return (g.mT @ a).square().sum(dim=(1, 2))
 
 
+_backend.register_compiled("linear_norm_sq", "cpp", "CPU")
+
+
 def linear_norm_sq(a: Tensor, g: Tensor, method: str = "auto", backend: str = "auto") -> Tensor:
     """Squared Frobenius norm of each example's weight gradient, ||g_i^T a_i||_F^2.
 
@@ -102,6 +105,9 @@ def linear_clipped_sum_reference(a: Tensor, g: Tensor, scale: Tensor) -> Tensor:
     a = drop_unscaled_rows(a.to(acc), scale)
     g = drop_unscaled_rows(g.to(acc), scale) * scale[:, None, None]
     return (g.reshape(-1, g.shape[-1]).mT @ a.reshape(-1, a.shape[-1])).to(out_dtype)
+
+
+_backend.register_compiled("linear_clipped_sum", "cpp", "CPU")
 
 
 def linear_clipped_sum(a: Tensor, g: Tensor, scale: Tensor, backend: str = "auto") -> Tensor:

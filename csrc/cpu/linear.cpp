@@ -1,0 +1,167 @@
+// CPU kernels of the linear-map ops, a (B, T, d_in) the layer input and g (B, T, d_out) the
+// gradient of its output, G_i = g_i^T a_i:
+//   linear_norm_sq     ghost: <a_i a_i^T, g_i g_i^T> from the upper triangle of tile pairs only;
+//                      direct: sum of squares of g_i^T a_i, one block of d_out rows at a time;
+//   linear_clipped_sum sum_i c_i G_i as GEMMs over the rows of kept examples (c_i != 0).
+// GEMMs go through ATen (the BLAS torch was built with, its own threads); the reductions of
+// their outputs are fused loops in double, parallel over examples.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "cpu/reduce.h"
+
+namespace dpfast {
+namespace {
+
+// Target positions per column tile of the ghost norm (tiles are then made equal in width).
+constexpr int64_t kGhostTile = 48;
+// Elements of the direct norm's block of G for the whole batch (4 MiB of float).
+constexpr int64_t kDirectBlock = int64_t{1} << 20;
+// Rows of a, g per GEMM of the clipped sum (whole examples; at least one).
+constexpr int64_t kChunkRows = 2048;
+
+void check_pair(const char* op, const at::Tensor& a, const at::Tensor& g) {
+  TORCH_CHECK(a.dim() == 3 && g.dim() == 3 && a.size(0) == g.size(0) && a.size(1) == g.size(1),
+              op, ": a (B, T, d_in) and g (B, T, d_out) must agree in B and T, got a ",
+              a.sizes(), " and g ", g.sizes());
+  TORCH_CHECK(a.device().is_cpu() && g.device().is_cpu(), op, ": the cpp kernel takes CPU tensors");
+}
+
+// Per-example sums of the weighted products of two (B, rows, cols) buffers:
+// out[i] += sum_{r, c} w_r x[i, r, c] y[i, r, c], w_r = 2 for r < diag_begin, else 1.
+template <typename scalar_t>
+void add_weighted_products(const at::Tensor& x, const at::Tensor& y, int64_t diag_begin,
+                           std::vector<double>& out) {
+  const int64_t batch = x.size(0), rows = x.size(1), cols = x.size(2), n = rows * cols;
+  const scalar_t* px = x.data_ptr<scalar_t>();
+  const scalar_t* py = y.data_ptr<scalar_t>();
+  const int64_t off = diag_begin * cols;
+  at::parallel_for(0, batch, grain_for(n), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t *xi = px + i * n, *yi = py + i * n;
+      out[i] += 2.0 * sum_products(xi, yi, off) + sum_products(xi + off, yi + off, n - off);
+    }
+  });
+}
+
+// Ghost norm: the T x T Grams are built one column tile J = [s, e) at a time, rows [0, e)
+// only: entries above the diagonal tile count twice (the Grams are symmetric), so about
+// half of each Gram is computed, and never more than (B, T, tile) of it is held.
+template <typename scalar_t>
+std::vector<double> ghost_norm_sq(const at::Tensor& a, const at::Tensor& g) {
+  const int64_t batch = a.size(0), positions = a.size(1);
+  const int64_t tiles = (positions + kGhostTile - 1) / kGhostTile;
+  const int64_t width = (positions + tiles - 1) / tiles;
+  at::Tensor buf_a = at::empty({batch * positions * width}, a.options());
+  at::Tensor buf_g = at::empty({batch * positions * width}, g.options());
+  std::vector<double> total(batch, 0.0);
+  for (int64_t s = 0; s < positions; s += width) {
+    const int64_t e = std::min(positions, s + width), w = e - s;
+    at::Tensor gram_a = buf_a.narrow(0, 0, batch * e * w).view({batch, e, w});
+    at::Tensor gram_g = buf_g.narrow(0, 0, batch * e * w).view({batch, e, w});
+    at::bmm_out(gram_a, a.narrow(1, 0, e), a.narrow(1, s, w).transpose(1, 2));
+    at::bmm_out(gram_g, g.narrow(1, 0, e), g.narrow(1, s, w).transpose(1, 2));
+    add_weighted_products<scalar_t>(gram_a, gram_g, s, total);
+  }
+  return total;
+}
+
+// Direct norm: rows [r0, r0 + r) of every G_i = g_i^T a_i at a time, squared and summed.
+template <typename scalar_t>
+std::vector<double> direct_norm_sq(const at::Tensor& a, const at::Tensor& g) {
+  const int64_t batch = a.size(0), d_in = a.size(2), d_out = g.size(2);
+  const int64_t rows = std::clamp<int64_t>(kDirectBlock / std::max<int64_t>(batch * d_in, 1), 1,
+                                           d_out);
+  at::Tensor buf = at::empty({batch * rows * d_in}, a.options());
+  std::vector<double> total(batch, 0.0);
+  for (int64_t r0 = 0; r0 < d_out; r0 += rows) {
+    const int64_t r = std::min(rows, d_out - r0), n = r * d_in;
+    at::Tensor block = buf.narrow(0, 0, batch * n).view({batch, r, d_in});
+    at::bmm_out(block, g.narrow(2, r0, r).transpose(1, 2), a);
+    const scalar_t* p = block.data_ptr<scalar_t>();
+    at::parallel_for(0, batch, grain_for(n), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) total[i] += sum_squares(p + i * n, n);
+    });
+  }
+  return total;
+}
+
+at::Tensor linear_norm_sq_cpu(const at::Tensor& a_in, const at::Tensor& g_in,
+                              c10::string_view method) {
+  check_pair("linear_norm_sq", a_in, g_in);
+  TORCH_CHECK(method == "ghost" || method == "direct",
+              "linear_norm_sq: method must be 'ghost' or 'direct', got '", std::string(method),
+              "'");
+  const bool wide = a_in.scalar_type() == at::kDouble || g_in.scalar_type() == at::kDouble;
+  const at::ScalarType dtype = wide ? at::kDouble : at::kFloat;
+  const int64_t batch = a_in.size(0);
+  if (a_in.size(1) == 0 || a_in.size(2) == 0 || g_in.size(2) == 0) {
+    return at::zeros({batch}, a_in.options().dtype(dtype));
+  }
+  const at::Tensor a = a_in.to(dtype), g = g_in.to(dtype);
+  std::vector<double> total;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "linear_norm_sq", [&] {
+    total = method == "ghost" ? ghost_norm_sq<scalar_t>(a, g) : direct_norm_sq<scalar_t>(a, g);
+  });
+  return at::tensor(total, at::TensorOptions().dtype(at::kDouble)).to(dtype);
+}
+
+// sum_i c_i g_i^T a_i over the examples with c_i != 0, in float32 (float64 for float64 a),
+// returned in a's dtype. Runs of consecutive kept examples are cut into chunks of about
+// kChunkRows rows; per chunk the narrower operand is scaled into a buffer and one GEMM adds
+// (scaled g)^T a (or g^T (scaled a)) to the sum. Examples with c_i = 0 are never read.
+at::Tensor linear_clipped_sum_cpu(const at::Tensor& a, const at::Tensor& g,
+                                  const at::Tensor& scale) {
+  check_pair("linear_clipped_sum", a, g);
+  const int64_t batch = a.size(0), positions = a.size(1), d_in = a.size(2), d_out = g.size(2);
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == batch,
+              "linear_clipped_sum: scale must have shape (B,) = (", batch, ",), got ",
+              scale.sizes());
+  const at::ScalarType acc = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::TensorOptions opts = a.options().dtype(acc);
+  at::Tensor out = at::zeros({d_out, d_in}, opts);
+  const at::Tensor c = scale.to(at::kCPU, at::kDouble).contiguous();
+  const double* pc = c.data_ptr<double>();
+  const bool scale_a = d_in < d_out;
+  const at::Tensor& narrow_side = scale_a ? a : g;
+  const at::Tensor& wide_side = scale_a ? g : a;
+  const int64_t per_chunk = std::max<int64_t>(1, kChunkRows / std::max<int64_t>(positions, 1));
+  at::Tensor buf = at::empty({std::min(per_chunk, batch) * positions * narrow_side.size(2)}, opts);
+  for (int64_t i = 0; i < batch;) {
+    if (pc[i] == 0.0) {
+      ++i;
+      continue;
+    }
+    int64_t j = i + 1;
+    while (j < batch && j - i < per_chunk && pc[j] != 0.0) ++j;
+    const int64_t n = j - i, rows = n * positions;
+    at::Tensor factors = c.narrow(0, i, n).to(acc).view({n, 1, 1});
+    at::Tensor scaled = buf.narrow(0, 0, rows * narrow_side.size(2))
+                            .view({n, positions, narrow_side.size(2)});
+    at::mul_out(scaled, narrow_side.narrow(0, i, n).to(acc), factors);
+    at::Tensor x = scaled.view({rows, narrow_side.size(2)});
+    at::Tensor y = wide_side.narrow(0, i, n).to(acc).reshape({rows, wide_side.size(2)});
+    if (scale_a) {
+      out.addmm_(y.t(), x);
+    } else {
+      out.addmm_(x.t(), y);
+    }
+    i = j;
+  }
+  return out.to(a.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dpfast_C, CPU, m) {
+  m.impl("linear_norm_sq", &linear_norm_sq_cpu);
+  m.impl("linear_clipped_sum", &linear_clipped_sum_cpu);
+}
+
+}  // namespace dpfast
