@@ -361,6 +361,53 @@ def test_masked_rows_contribute_nothing(mode, gen):
     torch.testing.assert_close(summed, expected, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("name", ["mlp", "cnn", "tied_lm", "attention_lm", "timm_vit"])
+@pytest.mark.parametrize("mode", MODES)
+def test_trailing_padding_rows_are_skipped_exactly(name, mode, gen):
+    """The padding of a physical batch (its last rows, masked out) is left out of the fast
+    paths' norms and sums altogether: the result equals brute force over the real rows, and
+    NaN/Inf planted in the padding rows' inputs never show."""
+    model, x, y = _setup(name, gen)
+    batch = x.shape[0]
+    mask = torch.arange(batch) < batch - 2
+    per_example, _ = _per_example_grads(copy.deepcopy(model), x, y)
+    expected, expected_norms = _clipped(per_example, 0.3, mask.double())
+    if x.is_floating_point():
+        x[-2:] = torch.tensor([float("nan"), float("inf")], dtype=x.dtype).view(
+            2, *[1] * (x.dim() - 1)
+        )
+    summed, norm_sq = _attached_sum(model, x, y, mode, 0.3, reduction="sum", mask=mask)
+    assert torch.isfinite(summed).all()
+    torch.testing.assert_close(summed, expected, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(norm_sq[mask], expected_norms[mask], rtol=1e-8, atol=1e-10)
+
+
+def test_kept_prefix_finds_trailing_padding_only():
+    from torch_dpfast.engine import kept_prefix
+
+    as_mask = lambda bits: torch.tensor(bits, dtype=torch.bool)  # noqa: E731
+    assert kept_prefix(as_mask([1, 1, 1, 0, 0]), 5) == 3
+    assert kept_prefix(as_mask([1, 0, 1, 0, 0]), 5) == 5  # a hole: no cut
+    assert kept_prefix(as_mask([0, 0, 0]), 3) == 3  # an empty logical batch: no cut
+    assert kept_prefix(as_mask([1, 1]), 2) == 2
+    assert kept_prefix(None, 4) == 4
+
+
+def test_fast_paths_see_only_the_real_rows(monkeypatch, gen):
+    model, x, y = _setup("mlp", gen)
+    seen = []
+    original = dpf.ops.linear_norm_sq
+
+    def spy(a, g, *args, **kwargs):
+        seen.append(a.shape[0])
+        return original(a, g, *args, **kwargs)
+
+    monkeypatch.setattr(dpf.ops, "linear_norm_sq", spy)
+    mask = torch.arange(x.shape[0]) < 4
+    _attached_sum(model, x, y, "auto", 1.0, reduction="sum", mask=mask)
+    assert seen and set(seen) == {4}
+
+
 def test_mean_and_sum_reductions_agree(gen):
     model, x, y = _setup("mlp", gen)
     mean_sum, mean_norms = _attached_sum(model, x, y, "auto", 0.2, reduction="mean")

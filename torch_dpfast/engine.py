@@ -274,7 +274,11 @@ class Attachment:
             return self._clip_materialised(per_example, max_grad_norm, loss_scale, mask, batch)
 
         method = _NORM_METHOD[self.clipping]
-        parts = [r.rule.norm_sq(r.module, r.x, r.g, method) for r in plain]
+        kept = kept_prefix(mask, batch)  # the fast paths skip a physical batch's padding rows
+        parts = [
+            padded_norms(r.rule.norm_sq(r.module, *leading_rows(r, kept), method), batch)
+            for r in plain
+        ]
         parts += [per_example_norm_sq(grad, batch) for _, grad in per_example.values()]
         device = leading(records[0].g).device
         norm_sq, factors = ops.total_clip_factors(
@@ -283,7 +287,9 @@ class Attachment:
         _warn_non_finite(norm_sq, mask)
         scale = factors * loss_scale
         for r in plain:
-            for name, summed in r.rule.clipped_sums(r.module, r.x, r.g, scale).items():
+            x, g = leading_rows(r, kept)
+            factors_of_rows = scale if g is r.g else scale[:kept]
+            for name, summed in r.rule.clipped_sums(r.module, x, g, factors_of_rows).items():
                 _accumulate(r.params[name], summed)
         for p, grad in per_example.values():
             _accumulate(p, scaled_sum(grad, scale))
@@ -373,6 +379,34 @@ def plain_records(records: list[_Record]) -> list[_Record]:
         for r in records
         if r.rule is not FALLBACK and all(uses[id(p)] == 1 for p in r.params.values())
     ]
+
+
+def kept_prefix(mask: Tensor | None, batch: int) -> int:
+    """k when exactly the first k of the ``batch`` rows are kept (a physical batch's padding
+    rows are its last ones) and 0 < k < batch, else ``batch``. Only CPU masks are read: reading
+    a device mask would synchronise."""
+    if mask is None or mask.device.type != "cpu":
+        return batch
+    keep = mask.to(torch.bool)
+    k = int(keep.sum())
+    return k if 0 < k < batch and bool(keep[:k].all()) else batch
+
+
+def leading_rows(record: _Record, rows: int) -> tuple[object, object]:
+    """(x, g) of a layer call cut to its first ``rows`` examples (views) where both are single
+    batch-first tensors; (x, g) unchanged otherwise (tuples of inputs, folded windows)."""
+    x, g = record.x, record.g
+    if isinstance(x, Tensor) and isinstance(g, Tensor) and record.fold == 1:
+        if rows < g.shape[0] and x.shape[0] == g.shape[0]:
+            return x[:rows], g[:rows]
+    return x, g
+
+
+def padded_norms(norm_sq: Tensor, batch: int) -> Tensor:
+    """(k,) squared norms of the first k examples -> (batch,), zeros for the rest."""
+    if norm_sq.shape[0] == batch:
+        return norm_sq
+    return torch.cat([norm_sq, norm_sq.new_zeros(batch - norm_sq.shape[0])])
 
 
 def has_fast_path(rule: Rule) -> bool:
