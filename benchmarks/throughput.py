@@ -31,7 +31,7 @@ if __name__ == "__main__":  # run as a script: import from the repository root, 
 
 from benchmarks import plots  # noqa: E402
 from benchmarks.common import default_device, run_worker, write_run  # noqa: E402
-from benchmarks.training import MODELS, MODES, OURS, Settings  # noqa: E402
+from benchmarks.training import MODELS, MODES, OURS, Settings, dpfast_options  # noqa: E402
 
 SMOKE = dict(
     models="smoke_vit",
@@ -94,7 +94,7 @@ def flop_model(model_name: str, mode: str) -> float | None:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
     forward = counter.get_total_flops() / 2
-    clipping = mode.removeprefix("dpfast_")
+    clipping, _ = dpfast_options(mode)
     norms = sum(r["macs"] or 0 for r in dpf.explain(model, x, clipping).rows)
     return 3 * forward / (3 * forward + (forward if clipping == "ghost" else 0) + norms)
 

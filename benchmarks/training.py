@@ -7,7 +7,9 @@ the model's input size on the device. Every mode trains the same way the user wo
 * ``non_private``: shuffled physical batches of ``physical`` rows; the gradients of
   ceil(logical / physical) of them are accumulated into one optimizer step;
 * ``dpfast_<clipping>``: ``dpf.PrivacyEngine.make_private`` with true Poisson logical batches
-  of expected size ``logical``, cut into fixed-shape masked physical batches;
+  of expected size ``logical``, cut into fixed-shape masked physical batches (``_pow2``: with
+  ``padding="pow2"``, the last physical batch of each logical batch padded only to the next
+  power of two);
 * ``opacus_hooks`` / ``opacus_ghost``: Opacus's ``PrivacyEngine.make_private`` (Poisson
   sampling) with its logical batches cut into physical batches of at most ``physical`` rows
   the way Opacus's BatchMemoryManager does (skipped optimizer steps between them).
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-OURS = ("dpfast_auto", "dpfast_bk", "dpfast_ghost", "dpfast_per_example")
+OURS = ("dpfast_auto", "dpfast_auto_pow2", "dpfast_bk", "dpfast_ghost", "dpfast_per_example")
 OPACUS = ("opacus_hooks", "opacus_ghost")
 MODES = ("non_private", *OURS, *OPACUS)
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -56,6 +58,12 @@ MODELS = {
     "smoke_bit": (None, 32, "tiny BiT ResNetV2 (4 blocks, 32x32)"),
 }
 NUM_CLASSES = 100
+
+
+def dpfast_options(mode: str) -> tuple[str, str]:
+    """(clipping, padding) of one of our modes: "dpfast_auto_pow2" -> ("auto", "pow2")."""
+    clipping, pow2, _ = mode.removeprefix("dpfast_").partition("_pow2")
+    return clipping, "pow2" if pow2 else "full"
 
 
 def build_model(name: str) -> nn.Module:
@@ -156,8 +164,10 @@ class Run:
         if ours:
             from torch_dpfast import PrivacyEngine
 
-            clipping = self.settings.mode.removeprefix("dpfast_")
-            options = dict(clipping=clipping, physical_batch_size=self.settings.physical)
+            clipping, padding = dpfast_options(self.settings.mode)
+            options = dict(
+                clipping=clipping, physical_batch_size=self.settings.physical, padding=padding
+            )
         else:
             from opacus import PrivacyEngine
 

@@ -147,3 +147,11 @@ def test_profile_smoke_run_splits_phases_for_us_and_for_opacus(tmp_path):
     table = (tmp_path / "profile.md").read_text()
     assert "| forward |" in table and "&nbsp;&nbsp;noise" in table
     assert (tmp_path / "profile.png").exists()
+
+
+def test_our_modes_name_their_clipping_and_padding():
+    from benchmarks.training import OURS, dpfast_options
+
+    assert dpfast_options("dpfast_auto_pow2") == ("auto", "pow2")
+    assert dpfast_options("dpfast_per_example") == ("per_example", "full")
+    assert all(dpfast_options(m)[0] in ("auto", "bk", "ghost", "per_example") for m in OURS)

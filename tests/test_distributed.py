@@ -68,6 +68,7 @@ def _worker(rank, world_size, init_file, out_dir, config):
             noise_multiplier=config["sigma"],
             max_grad_norm=config["max_grad_norm"],
             physical_batch_size=config["physical_batch_size"],
+            padding=config.get("padding", "full"),
             clipping=clipping,
             criterion=nn.CrossEntropyLoss() if clipping == "ghost" else None,
         )
@@ -145,18 +146,20 @@ def _clipped_sum(model, x, y, max_norm):
 
 
 @pytest.mark.parametrize(
-    "world_size, physical_batch_size, clipping, secure",
+    "world_size, physical_batch_size, clipping, secure, padding",
     [
-        (2, 2, "auto", False),
-        (3, 3, "ghost", False),
-        (3, None, "per_example", False),
-        (2, 3, "bk", True),
+        (2, 2, "auto", False, "full"),
+        (3, 3, "ghost", False, "full"),
+        (3, None, "per_example", False, "full"),
+        (2, 3, "bk", True, "full"),
+        (2, 4, "ghost", False, "pow2"),  # last batches of different widths on the two ranks
     ],
 )
 def test_ranks_agree_and_each_step_is_the_clipped_sum_over_all_ranks(
-    world_size, physical_batch_size, clipping, secure, tmp_path
+    world_size, physical_batch_size, clipping, secure, padding, tmp_path
 ):
     config = dict(
+        padding=padding,
         secure=secure,
         n=26,
         batch_size=6,

@@ -116,7 +116,22 @@ def test_sum_reduction_equals_brute_force(mode, gen):
     _train_checking_every_step(engine, model, optimizer, loader, reference)
 
 
-def _final_parameters(dataset, physical_batch_size, seed=0, clipping="auto"):
+@pytest.mark.parametrize("mode", MODES)
+def test_pow2_padding_every_logical_step_equals_brute_force(mode, gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (), generator=gen)))
+    model = _mlp().double()
+    reference = copy.deepcopy(model)
+    engine, model, optimizer, loader = _engine(
+        model, _data(gen), clipping=mode, physical_batch_size=4, padding="pow2"
+    )
+    widths = []
+    announce = loader.on_batch
+    loader.on_batch = lambda info: (widths.append(info.mask.shape[0]), announce(info))
+    assert _train_checking_every_step(engine, model, optimizer, loader, reference) == 5
+    assert set(widths) <= {1, 2, 4}
+
+
+def _final_parameters(dataset, physical_batch_size, seed=0, clipping="auto", padding="full"):
     torch.manual_seed(seed)
     model = _mlp().double()
     engine, model, optimizer, loader = _engine(
@@ -126,6 +141,7 @@ def _final_parameters(dataset, physical_batch_size, seed=0, clipping="auto"):
         lr=0.3,
         noise_multiplier=1.3,
         physical_batch_size=physical_batch_size,
+        padding=padding,
         noise_generator=torch.Generator().manual_seed(11),
         sample_generator=torch.Generator().manual_seed(12),
     )
@@ -143,6 +159,8 @@ def test_padding_has_no_effect_on_the_update(mode, gen):
     reference, _ = _final_parameters(dataset, None)
     for physical_batch_size in (1, 4, 64):
         params, _ = _final_parameters(dataset, physical_batch_size, clipping=mode)
+        torch.testing.assert_close(params, reference, rtol=1e-9, atol=1e-12)
+        params, _ = _final_parameters(dataset, physical_batch_size, clipping=mode, padding="pow2")
         torch.testing.assert_close(params, reference, rtol=1e-9, atol=1e-12)
     other_seed, _ = _final_parameters(dataset, 4, seed=1)
     assert not torch.allclose(other_seed, reference)  # the comparison can fail
@@ -272,6 +290,8 @@ BAD = {
     "IterableDataset": _bad(data_loader=lambda m, g: DataLoader(_Stream(), batch_size=2)),
     "batch_size": _bad(data_loader=lambda m, g: DataLoader(_data(g), batch_size=31)),
     "poisson_sampling": _bad(physical_batch_size=4, poisson_sampling=False),
+    "padding must be one of": _bad(physical_batch_size=4, padding="none"),
+    "it needs a physical_batch_size": _bad(padding="pow2"),
 }
 
 

@@ -18,9 +18,11 @@ from torch_dpfast.random_source import RandomSource
 from torch_dpfast.sampling import PoissonBatchSampler
 
 
-def _logical_batches(num_samples, q, steps, seed, physical_batch_size=None):
+def _logical_batches(num_samples, q, steps, seed, physical_batch_size=None, padding="full"):
     """[(indices of the real rows)] per logical step, gathered from the physical batches."""
-    sampler = PoissonBatchSampler(num_samples, q, steps, physical_batch_size, RandomSource(seed))
+    sampler = PoissonBatchSampler(
+        num_samples, q, steps, physical_batch_size, RandomSource(seed), padding=padding
+    )
     out, queue = [], None
     it = iter(sampler)
     queue = sampler.latest_queue
@@ -78,6 +80,38 @@ def test_physical_batches_have_one_shape_and_cover_the_sample(physical_batch_siz
     assert sampler.epoch == 1
     sizes = [len(b) for b in _logical_batches(n, q, steps, 3, physical_batch_size)]
     assert empty_steps == sizes.count(0) and len(sizes) == steps
+
+
+@pytest.mark.parametrize("physical_batch_size", [1, 4, 6, 8])
+def test_pow2_padding_keeps_the_sample_and_shrinks_only_the_last_batch(physical_batch_size):
+    n, q, steps, p = 40, 0.3, 50, physical_batch_size
+    full = _logical_batches(n, q, steps, 7, p)
+    assert _logical_batches(n, q, steps, 7, p, padding="pow2") == full  # the same sample
+    sampler = PoissonBatchSampler(n, q, steps, p, RandomSource(7), padding="pow2")
+    planned = len(sampler)
+    it = iter(sampler)
+    queue, rows_full, rows_pow2, narrower = sampler.latest_queue, 0, 0, 0
+    for rows in it:
+        info = queue.popleft()
+        real = int(info.mask.sum())
+        assert len(rows) == info.mask.shape[0]
+        assert info.mask.tolist() == sorted(info.mask.tolist(), reverse=True)  # padding last
+        if not info.last:
+            assert len(rows) == p and real == p
+        else:
+            expected = p if real >= p else min(p, 1 << max(real - 1, 0).bit_length())
+            assert len(rows) == expected and real <= len(rows) < max(2 * real, 2)
+        rows_pow2 += len(rows)
+        rows_full += p
+        narrower += len(rows) < p
+    assert narrower > 0 or p == 1  # the padding really changed
+    assert rows_pow2 <= rows_full
+    assert rows_full == p * planned and planned == sum(max(1, math.ceil(len(b) / p)) for b in full)
+
+
+def test_unknown_padding_is_refused():
+    with pytest.raises(ValueError, match="padding must be one of"):
+        PoissonBatchSampler(10, 0.5, 2, 4, RandomSource(0), padding="half")
 
 
 def test_an_empty_logical_batch_is_one_all_masked_batch():

@@ -32,6 +32,8 @@ class DPDataLoader(DataLoader):
         rank, world_size, plan_random: under torch.distributed, this rank samples its shard
             of the dataset; ``plan_random`` (seeded alike on every rank) draws every rank's
             batch sizes (see distributed.py).
+        padding: "full" (every batch has ``physical_batch_size`` rows) or "pow2" (the last
+            batch of a logical batch only up to the next power of two); see sampling.py.
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class DPDataLoader(DataLoader):
         rank: int = 0,
         world_size: int = 1,
         plan_random: RandomSource | None = None,
+        padding: str = "full",
     ):
         dataset = data_loader.dataset
         check_map_style(dataset)
@@ -58,6 +61,7 @@ class DPDataLoader(DataLoader):
             rank=rank,
             world_size=world_size,
             plan_random=plan_random,
+            padding=padding,
         )
         options = dict(
             num_workers=data_loader.num_workers,

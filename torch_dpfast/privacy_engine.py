@@ -26,7 +26,7 @@ from .explain import is_batch_norm
 from .ghost import DPCriterion
 from .optimizer import DPOptimizer
 from .random_source import RandomSource
-from .sampling import PhysicalBatch
+from .sampling import PADDINGS, PhysicalBatch
 
 # Opacus's names for the clipping choices that mean what we do (flat clipping over all layers).
 _OPACUS_CLIPPING = {"flat": "auto"}
@@ -63,6 +63,7 @@ class PrivacyEngine:
         epochs: float | None = None,
         clipping: str = "auto",
         physical_batch_size: int | None = None,
+        padding: str = "full",
         poisson_sampling: bool = True,
         loss_reduction: str = "mean",
         criterion: nn.Module | None = None,
@@ -89,6 +90,9 @@ class PrivacyEngine:
                 "flat" means "auto".
             physical_batch_size: rows per physical batch (the last one of a logical batch is
                 padded and masked); None: each logical batch is one variable-size batch.
+            padding: "full" pads that last batch to ``physical_batch_size`` rows (one batch
+                shape: no recompilation, CUDA-graph friendly); "pow2" only to the next power
+                of two (fewer padding rows, at most log2(physical_batch_size) + 2 shapes).
             poisson_sampling: False keeps the user's loader, whose batches are NOT what the
                 accountant assumes (a warning says so).
             loss_reduction: "mean" or "sum", how the loss reduces over the batch.
@@ -137,6 +141,13 @@ class PrivacyEngine:
         sample_rate = _sample_rate(data_loader)
         if physical_batch_size is not None and not poisson_sampling:
             raise ValueError("physical_batch_size needs poisson_sampling=True")
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+        if padding != "full" and physical_batch_size is None:
+            raise ValueError(
+                f"padding={padding!r} shapes the last of several physical batches; it needs a "
+                "physical_batch_size (without one, each logical batch is one unpadded batch)"
+            )
         steps_per_epoch = (
             accounting.steps_per_epoch(sample_rate) if poisson_sampling else len(data_loader)
         )
@@ -177,6 +188,7 @@ class PrivacyEngine:
                 rank=rank,
                 world_size=world_size,
                 plan_random=plan_source,
+                padding=padding,
             )
         else:
             warnings.warn(

@@ -9,6 +9,8 @@ known in advance, so ``len(loader)`` is exact.
 A logical batch of s examples becomes max(1, ceil(s / P)) physical batches of exactly P rows;
 the last is padded with a filler example and a mask marks the real rows. An empty logical batch
 becomes one all-masked batch, so the step still happens (noise only), as the accountant assumes.
+With ``padding="pow2"`` the last batch is padded only to the next power of two (at most P):
+fewer padding rows, a few batch shapes instead of one. The sample is the same either way.
 With ``physical_batch_size=None`` each logical batch is one batch of s rows (1 masked row when
 s = 0).
 
@@ -56,17 +58,36 @@ def physical_count(size: int, physical_batch_size: int | None) -> int:
     return max(1, math.ceil(size / physical_batch_size))
 
 
-def split(indices: Tensor, physical_batch_size: int | None, filler: int, count: int):
+PADDINGS = ("full", "pow2")
+
+
+def padded_width(real: int, width: int, padding: str) -> int:
+    """Rows of a physical batch of at most ``width`` rows holding ``real`` examples: ``width``
+    ("full"), or the least power of two >= real, at most ``width`` ("pow2"; 1 when empty)."""
+    if padding == "full" or real >= width:
+        return width
+    return min(width, 1 << max(real - 1, 0).bit_length())
+
+
+def split(
+    indices: Tensor,
+    physical_batch_size: int | None,
+    filler: int,
+    count: int,
+    padding: str = "full",
+):
     """[(rows, mask)] for one logical batch, ``count`` physical batches: rows are dataset
-    indices, padded with ``filler`` (whole all-masked batches where ``count`` asks for more)."""
+    indices, padded with ``filler`` to :func:`padded_width` rows (whole all-masked batches
+    where ``count`` asks for more)."""
     size = len(indices)
     width = physical_batch_size if physical_batch_size is not None else max(size, 1)
     batches = []
     for k in range(count):
         real = indices[k * width : (k + 1) * width].tolist()
-        mask = torch.zeros(width, dtype=torch.bool)
+        rows = padded_width(len(real), width, padding)
+        mask = torch.zeros(rows, dtype=torch.bool)
         mask[: len(real)] = True
-        batches.append((real + [filler] * (width - len(real)), mask))
+        batches.append((real + [filler] * (rows - len(real)), mask))
     return batches
 
 
@@ -87,6 +108,7 @@ class PoissonBatchSampler(torch.utils.data.Sampler):
         physical_batch_size: P, rows per physical batch; None for one batch per logical step.
         random: the source of the sample (seeded or secure).
         rank, world_size: this process's place among W processes (each samples its shard).
+        padding: "full" or "pow2", how the last physical batch of a step is padded (above).
         plan_random: the source of all ranks' batch sizes, seeded alike on every rank
             (default, for one process: a source seeded from ``random``). Sizes and subsets come
             from separate streams, so when the next epoch's sizes are drawn does not matter.
@@ -105,7 +127,11 @@ class PoissonBatchSampler(torch.utils.data.Sampler):
         rank: int = 0,
         world_size: int = 1,
         plan_random: RandomSource | None = None,
+        padding: str = "full",
     ):
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+        self.padding = padding
         self.num_samples = num_samples
         self.sample_rate = sample_rate
         self.steps_per_epoch = steps_per_epoch
@@ -176,7 +202,8 @@ class PoissonBatchSampler(torch.utils.data.Sampler):
             filler = (
                 int(indices[0]) if len(indices) else int(self.shard[0]) if len(self.shard) else 0
             )
-            batches = split(indices, self.physical_batch_size, filler, self._count(sizes[step]))
+            count = self._count(sizes[step])
+            batches = split(indices, self.physical_batch_size, filler, count, self.padding)
             for k, (rows, mask) in enumerate(batches):
                 if k < skip:
                     continue
