@@ -35,6 +35,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=128, help="expected logical batch")
     parser.add_argument("--physical-batch-size", type=int, default=128)
+    parser.add_argument(
+        "--padding",
+        default="full",
+        choices=["full", "pow2"],
+        help="pad a logical batch's last physical batch to its full size, or to a power of two",
+    )
     parser.add_argument("--lr", type=float, default=0.3)
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument(
@@ -130,6 +136,7 @@ def run(args) -> int:
             max_grad_norm=args.max_grad_norm,
             clipping=args.clipping,
             physical_batch_size=args.physical_batch_size,
+            padding=args.padding,
             criterion=criterion if args.clipping == "ghost" else None,
             **budget,
         )
