@@ -40,7 +40,8 @@ def test_cuda_extension_registers_compiled_cuda_kernels():
     if not _ext.cuda_loaded:
         assert not REQUIRE_CUDA, f"torch_dpfast._C_cuda did not load: {_ext.cuda_error}"
         pytest.skip(f"torch_dpfast._C_cuda: {_ext.cuda_error}")
-    for op in ("clip_factors", "total_clip_factors", "clip_accumulate_", "add_noise_"):
+    cuda_ops = ("clip_factors", "total_clip_factors", "clip_accumulate_", "add_noise_")
+    for op in (*cuda_ops, "embedding_norm_sq"):
         assert _ext.has_kernel(op, "CUDA"), op
         assert "cuda" in dpf.ops.available(op), op
 

@@ -23,6 +23,14 @@ def test_auto_prefers_compiled_kernels_on_their_device():
     assert _backend.resolve("clip_factors", "auto", torch.device("meta")) == "reference"
 
 
+def test_auto_leaves_unmeasured_cuda_kernels_alone():
+    if "cuda" not in dpf.ops.available("embedding_norm_sq"):
+        pytest.skip("the CUDA extension is not built")
+    ids, g = torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, 4)
+    chosen = _backend.resolve("embedding_norm_sq", "auto", torch.device("cuda"), ids, g, 5, None)
+    assert chosen != "cuda"  # the segmented reduction has not been measured on a GPU yet
+
+
 def test_a_backend_on_the_wrong_device_is_refused():
     if "cuda" not in dpf.ops.available("clip_factors"):
         pytest.skip("the CUDA extension is not built")

@@ -106,8 +106,16 @@ def run(op: str, backend: str, *args):
     return _impls[op][backend].fn(*args)
 
 
-def register_compiled(op: str, backend: str, dispatch_key: str) -> None:
+def never(*args) -> bool:
+    """``prefer`` policy of kernels that have not measured faster than the reference path:
+    ``backend="auto"`` leaves them alone (they run when asked for by name)."""
+    return False
+
+
+def register_compiled(
+    op: str, backend: str, dispatch_key: str, prefer: Callable[..., bool] | None = None
+) -> None:
     """Registers the compiled ``torch.ops.dpfast_C.<op>`` as ``backend`` of ``op`` when the
     extension that provides its ``dispatch_key`` kernel ("CPU" or "CUDA") is loaded."""
     if _ext.has_kernel(op, dispatch_key):
-        register(op, backend)(getattr(torch.ops.dpfast_C, op))
+        register(op, backend, prefer=prefer)(getattr(torch.ops.dpfast_C, op))

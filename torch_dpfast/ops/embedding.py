@@ -85,6 +85,8 @@ def embedding_norm_sq_reference(ids: Tensor, g: Tensor, num_embeddings: int, pad
 
 
 _backend.register_compiled("embedding_norm_sq", "cpp", "CPU")
+# The CUDA segmented reduction has not run on a GPU yet: auto leaves it to the reference.
+_backend.register_compiled("embedding_norm_sq", "cuda", "CUDA", prefer=_backend.never)
 
 
 def embedding_norm_sq(

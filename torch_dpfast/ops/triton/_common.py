@@ -38,12 +38,6 @@ def unsupported(*tensors: torch.Tensor) -> str | None:
     return None
 
 
-def never(*args) -> bool:
-    """``prefer`` policy of kernels that have not measured faster than the reference path:
-    ``backend="auto"`` leaves them alone (ask for ``backend="triton"`` explicitly)."""
-    return False
-
-
 def configs(full: list[triton.Config]) -> list[triton.Config]:
     """Autotuning candidates; only the first when tuning is off (see AUTOTUNE)."""
     return full if AUTOTUNE else full[:1]

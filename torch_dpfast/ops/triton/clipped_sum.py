@@ -13,8 +13,9 @@ import triton
 import triton.language as tl
 
 from .. import _backend
+from .._backend import never
 from ..conv import _grouped
-from ._common import configs, dot, never, precision_code, unsupported
+from ._common import configs, dot, precision_code, unsupported
 
 _CONFIGS = configs(
     [

@@ -15,9 +15,10 @@ import triton.language as tl
 
 from ...precision import get_precision
 from .. import _backend
+from .._backend import never
 from ..conv import _grouped
 from ..embedding import _valid_rows
-from ._common import configs, dot, never, precision_code, unsupported
+from ._common import configs, dot, precision_code, unsupported
 
 MIN_BLOCK_T = 16  # smallest BLOCK_T among the configs: sizes the partial-sum buffer
 
