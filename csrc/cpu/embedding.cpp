@@ -11,22 +11,14 @@
 #include <vector>
 
 #include "cpu/reduce.h"
+#include "embedding_args.h"
 
 namespace dpfast {
 namespace {
 
 at::Tensor embedding_norm_sq_cpu(const at::Tensor& ids_in, const at::Tensor& g_in,
                                  int64_t num_embeddings, c10::optional<int64_t> padding_idx) {
-  TORCH_CHECK(ids_in.dim() == 2 && g_in.dim() == 3 && g_in.size(0) == ids_in.size(0) &&
-                  g_in.size(1) == ids_in.size(1),
-              "embedding_norm_sq: ids (B, T) and g (B, T, d) must agree, got ids ",
-              ids_in.sizes(), " and g ", g_in.sizes());
-  const at::Tensor ids = ids_in.to(at::kLong).contiguous();
-  if (ids.numel()) {
-    const int64_t low = ids.min().item<int64_t>(), high = ids.max().item<int64_t>();
-    TORCH_CHECK_INDEX(low >= 0 && high < num_embeddings, "embedding ids must lie in [0, ",
-                      num_embeddings, "), got range [", low, ", ", high, "]");
-  }
+  const at::Tensor ids = checked_embedding_ids(ids_in, g_in, num_embeddings);
   const at::ScalarType dtype = g_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t batch = ids.size(0), positions = ids.size(1), dim = g_in.size(2);
   const at::Tensor g = g_in.contiguous();

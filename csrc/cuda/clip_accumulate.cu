@@ -18,6 +18,7 @@
 
 #include "clip_accumulate_args.h"
 #include "clip_factor.h"
+#include "cuda/block_sum.cuh"
 #include "tensor_list.cuh"
 
 namespace dpfast {
@@ -51,14 +52,8 @@ __global__ void norms_kernel(TensorListView list, double* __restrict__ norm_sq) 
     const acc_t v = static_cast<acc_t>(row[j]);
     sum += v * v;
   }
-  __shared__ acc_t partial[kThreads];
-  partial[threadIdx.x] = sum;
-  __syncthreads();
-  for (int width = kThreads / 2; width > 0; width /= 2) {
-    if (threadIdx.x < width) partial[threadIdx.x] += partial[threadIdx.x + width];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) atomicAdd(&norm_sq[blockIdx.y], static_cast<double>(partial[0]));
+  const double total = block_sum<kThreads>(sum);
+  if (threadIdx.x == 0) atomicAdd(&norm_sq[blockIdx.y], total);
 }
 
 // Pass 2.

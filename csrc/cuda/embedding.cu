@@ -10,6 +10,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda/block_sum.cuh"
+#include "embedding_args.h"
+
 namespace dpfast {
 namespace {
 
@@ -29,14 +32,8 @@ __global__ void segment_norms_kernel(const scalar_t* __restrict__ g,
     for (int64_t r = begin; r < end; ++r) column += static_cast<double>(g[rows[r] * dim + j]);
     sum_sq += column * column;
   }
-  __shared__ double partial[kThreads];
-  partial[threadIdx.x] = sum_sq;
-  __syncthreads();
-  for (int width = kThreads / 2; width > 0; width /= 2) {
-    if (threadIdx.x < width) partial[threadIdx.x] += partial[threadIdx.x + width];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) segment_norm[s] = partial[0];
+  const double total = block_sum<kThreads>(sum_sq);
+  if (threadIdx.x == 0) segment_norm[s] = total;
 }
 
 // Thread i: the sum over the segments whose key lies in [i * V, (i + 1) * V).
@@ -69,19 +66,8 @@ __global__ void example_norms_kernel(const int64_t* __restrict__ keys,
 
 at::Tensor embedding_norm_sq_cuda(const at::Tensor& ids_in, const at::Tensor& g_in,
                                   int64_t num_embeddings, c10::optional<int64_t> padding_idx) {
-  TORCH_CHECK(ids_in.dim() == 2 && g_in.dim() == 3 && g_in.size(0) == ids_in.size(0) &&
-                  g_in.size(1) == ids_in.size(1),
-              "embedding_norm_sq: ids (B, T) and g (B, T, d) must agree, got ids ",
-              ids_in.sizes(), " and g ", g_in.sizes());
-  TORCH_CHECK(ids_in.device() == g_in.device(), "embedding_norm_sq: ids on ", ids_in.device(),
-              " but g on ", g_in.device());
   const c10::cuda::CUDAGuard guard(g_in.device());
-  const at::Tensor ids = ids_in.to(at::kLong).contiguous();
-  if (ids.numel()) {
-    const int64_t low = ids.min().item<int64_t>(), high = ids.max().item<int64_t>();
-    TORCH_CHECK_INDEX(low >= 0 && high < num_embeddings, "embedding ids must lie in [0, ",
-                      num_embeddings, "), got range [", low, ", ", high, "]");
-  }
+  const at::Tensor ids = checked_embedding_ids(ids_in, g_in, num_embeddings);
   const int64_t batch = ids.size(0), positions = ids.size(1), dim = g_in.size(2);
   const at::ScalarType out_type = g_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::zeros({batch}, g_in.options().dtype(out_type));
