@@ -48,7 +48,12 @@ TORCH_DPFAST_TRITON_AUTOTUNE=0 timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest
   --ignore=tests/test_benchmark_suite.py 2>&1 \
   | tee "$out/gpu_tests.log" | tail -40
 test_rc=${PIPESTATUS[0]} ;;
-kernels) bench benchmarks/kernels/bench_triton.py; bench benchmarks/kernels/bench_ops.py ;;
+kernels) bench benchmarks/kernels/bench_triton.py; bench benchmarks/kernels/bench_ops.py
+  # the tensor-core CUDA layer kernels run at TF32 and bf16 only
+  for p in tf32 bf16; do
+    timeout "${BENCH_TIMEOUT:-540}" python3 benchmarks/kernels/bench_ops.py --precision $p \
+      --groups layer_backends --out "$out/layers-$p" || bench_rc=1
+  done ;;
 throughput)
   bench benchmarks/throughput.py --device cuda --models vit_base,bit_50x1 --precisions tf32 \
     --physical 64 --logical 256 --steps 4 --repeats 2 ;;

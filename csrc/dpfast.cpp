@@ -16,6 +16,9 @@ TORCH_LIBRARY(dpfast_C, m) {
   m.def("linear_norm_sq(Tensor a, Tensor g, str method) -> Tensor");
   m.def("linear_clipped_sum(Tensor a, Tensor g, Tensor scale) -> Tensor");
   m.def("embedding_norm_sq(Tensor ids, Tensor g, int num_embeddings, int? padding_idx) -> Tensor");
+  // Tensor-core kernels (CUDA only): precision 1 = TF32, 2 = bf16 inputs, fp32 accumulation.
+  m.def("linear_norm_sq_tc(Tensor a, Tensor g, str method, int precision) -> Tensor");
+  m.def("linear_clipped_sum_tc(Tensor a, Tensor g, Tensor scale, int precision) -> Tensor");
 }
 
 // An importable (empty) Python module, so that `import torch_dpfast._C` loads the library.

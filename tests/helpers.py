@@ -27,11 +27,19 @@ def randn(*shape, gen: torch.Generator, dtype=torch.float64, device="cpu") -> to
 
 def backends(op: str, device: str, dtype: torch.dtype | None = None) -> list[str]:
     """Every backend of ``op`` that runs on ``device`` (and inputs of ``dtype``) here: Triton
-    takes no float64 and runs on CPU only in its interpreter (TRITON_INTERPRET=1)."""
+    takes no float64 and runs on CPU only in its interpreter (TRITON_INTERPRET=1); the CUDA
+    linear-layer kernels run on tensor cores, at the tf32 and bf16 settings only."""
     runs_on = {"cpp": "cpu", "cuda": "cuda"}
     found = [b for b in dpf.ops.available(op) if runs_on.get(b, device) == device]
     if "triton" in found and (dtype == torch.float64 or (device == "cpu" and not INTERPRET)):
         found.remove("triton")
+    tensor_cores = op in ("linear_norm_sq", "linear_clipped_sum")  # TF32/bf16 only
+    if (
+        "cuda" in found
+        and tensor_cores
+        and (dpf.get_precision() == "ieee" or dtype == torch.float64)
+    ):
+        found.remove("cuda")  # tests/ops/test_cuda_layers.py tests them at their precisions
     return found
 
 

@@ -44,6 +44,10 @@ def test_cuda_extension_registers_compiled_cuda_kernels():
     for op in (*cuda_ops, "embedding_norm_sq"):
         assert _ext.has_kernel(op, "CUDA"), op
         assert "cuda" in dpf.ops.available(op), op
+    for kernel in ("linear_norm_sq_tc", "linear_clipped_sum_tc"):  # the tensor-core kernels
+        assert _ext.has_kernel(kernel, "CUDA"), kernel
+    for op in ("linear_norm_sq", "linear_clipped_sum"):
+        assert "cuda" in dpf.ops.available(op), op
 
 
 def test_package_falls_back_to_references_without_the_extension():

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+from .. import _ext
+from ..precision import get_precision
 from . import _backend
 from ._checks import (
     accumulation_dtype,
@@ -131,3 +133,40 @@ def linear_clipped_sum(a: Tensor, g: Tensor, scale: Tensor, backend: str = "auto
     device = check_same_device(op, a=a, g=g, scale=scale)
     backend = _backend.resolve(op, backend, device, a, g, scale)
     return _linear_clipped_sum(a, g, scale, backend)
+
+
+# ---------------------------------------------------------------- tensor-core CUDA kernels
+
+# csrc/cuda/linear_tc.cu, at the TF32 or bf16 precision setting. They have not run on a GPU
+# yet, so backend="auto" does not take them (prefer=never).
+TENSOR_CORE_PRECISION = {"tf32": 1, "bf16": 2}
+
+
+def tensor_core_unsupported(*tensors: Tensor) -> str | None:
+    """Why the tensor-core kernels cannot run these tensors at the current precision, or None."""
+    if get_precision() not in TENSOR_CORE_PRECISION:
+        return (
+            "the CUDA layer kernels run on tensor cores: use dpf.set_precision('tf32') or "
+            f"'bf16' (the precision is {get_precision()!r})"
+        )
+    if any(t.dtype == torch.float64 for t in tensors):
+        return "the CUDA layer kernels take float32, bfloat16 or float16 inputs, not float64"
+    device = tensors[0].device
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        return "the CUDA layer kernels need a GPU of compute capability 8.0 or newer"
+    return None
+
+
+def _register_tensor_core(op: str, kernel) -> None:
+    """``kernel(a, g, *rest, precision)`` as the cuda backend of ``op``."""
+
+    def run(a: Tensor, g: Tensor, *rest):
+        return kernel(a, g, *rest, TENSOR_CORE_PRECISION[get_precision()])
+
+    unsupported = lambda a, g, *rest: tensor_core_unsupported(a, g)  # noqa: E731
+    _backend.register(op, "cuda", unsupported=unsupported, prefer=_backend.never)(run)
+
+
+if _ext.has_kernel("linear_norm_sq_tc", "CUDA"):
+    _register_tensor_core("linear_norm_sq", torch.ops.dpfast_C.linear_norm_sq_tc)
+    _register_tensor_core("linear_clipped_sum", torch.ops.dpfast_C.linear_clipped_sum_tc)
