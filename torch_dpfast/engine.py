@@ -274,16 +274,19 @@ class Attachment:
             return self._clip_materialised(per_example, max_grad_norm, loss_scale, mask, batch)
 
         method = _NORM_METHOD[self.clipping]
-        kept = kept_prefix(mask, batch)  # the fast paths skip a physical batch's padding rows
-        parts = [
-            padded_norms(r.rule.norm_sq(r.module, *leading_rows(r, kept), method), batch)
-            for r in plain
-        ]
-        parts += [per_example_norm_sq(grad, batch) for _, grad in per_example.values()]
+        # Rows from `kept` on are a physical batch's padding: no norm is computed for them, and
+        # their factor is 0 (the fast paths do not even read them).
+        kept = kept_prefix(mask, batch)
+        parts = [r.rule.norm_sq(r.module, *leading_rows(r, kept), method)[:kept] for r in plain]
+        parts += [per_example_norm_sq(grad[:kept], kept) for _, grad in per_example.values()]
         device = leading(records[0].g).device
         norm_sq, factors = ops.total_clip_factors(
-            parts, max_grad_norm, _mask_on(mask, device), norm_scale=loss_scale**2
+            parts,
+            max_grad_norm,
+            _mask_on(None if mask is None else mask[:kept], device),
+            norm_scale=loss_scale**2,
         )
+        norm_sq, factors = zero_padded(norm_sq, batch), zero_padded(factors, batch)
         _warn_non_finite(norm_sq, mask)
         scale = factors * loss_scale
         for r in plain:
@@ -402,11 +405,11 @@ def leading_rows(record: _Record, rows: int) -> tuple[object, object]:
     return x, g
 
 
-def padded_norms(norm_sq: Tensor, batch: int) -> Tensor:
-    """(k,) squared norms of the first k examples -> (batch,), zeros for the rest."""
-    if norm_sq.shape[0] == batch:
-        return norm_sq
-    return torch.cat([norm_sq, norm_sq.new_zeros(batch - norm_sq.shape[0])])
+def zero_padded(per_example: Tensor, batch: int) -> Tensor:
+    """(k,) values of the first k examples -> (batch,), zeros for the rest."""
+    if per_example.shape[0] == batch:
+        return per_example
+    return torch.cat([per_example, per_example.new_zeros(batch - per_example.shape[0])])
 
 
 def has_fast_path(rule: Rule) -> bool:

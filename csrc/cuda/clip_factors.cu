@@ -15,6 +15,15 @@
 namespace dpfast {
 namespace {
 
+// The (B,) keep mask as bool on `device` (undefined for no mask), after checking its shape.
+at::Tensor device_keep(const c10::optional<at::Tensor>& mask, int64_t batch,
+                       const at::Device& device) {
+  if (!mask.has_value()) return at::Tensor();
+  TORCH_CHECK(mask->dim() == 1 && mask->size(0) == batch,
+              "mask must have shape (B,) = (", batch, ",), got ", mask->sizes());
+  return mask->to(device, at::kBool).contiguous();
+}
+
 template <typename scalar_t>
 __global__ void clip_factors_kernel(const scalar_t* __restrict__ norm_sq,
                                     const bool* __restrict__ keep, scalar_t* __restrict__ out,
@@ -32,12 +41,7 @@ at::Tensor clip_factors_cuda(const at::Tensor& norm_sq, double max_norm,
   TORCH_CHECK(norm_sq.scalar_type() == at::kFloat || norm_sq.scalar_type() == at::kDouble,
               "clip_factors: norm_sq must be float32 or float64, got ", norm_sq.scalar_type());
   const int64_t batch = norm_sq.size(0);
-  at::Tensor keep;
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->dim() == 1 && mask->size(0) == batch,
-                "mask must have shape (B,) = (", batch, ",), got ", mask->sizes());
-    keep = mask->to(norm_sq.device(), at::kBool).contiguous();
-  }
+  const at::Tensor keep = device_keep(mask, batch, norm_sq.device());
   const c10::cuda::CUDAGuard guard(norm_sq.device());
   const at::Tensor n = norm_sq.contiguous();
   at::Tensor out = at::empty_like(n);
@@ -96,12 +100,7 @@ std::tuple<at::Tensor, at::Tensor> total_clip_factors_cuda(at::TensorList norm_s
     host[count + k] = wide;
     any_wide |= wide;
   }
-  at::Tensor keep;
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->dim() == 1 && mask->size(0) == batch,
-                "mask must have shape (B,) = (", batch, ",), got ", mask->sizes());
-    keep = mask->to(device, at::kBool).contiguous();
-  }
+  const at::Tensor keep = device_keep(mask, batch, device);
   const c10::cuda::CUDAGuard guard(device);
   const at::TensorOptions opts =
       norm_sqs[0].options().dtype(any_wide ? at::kDouble : at::kFloat);

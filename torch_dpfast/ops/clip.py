@@ -19,6 +19,15 @@ from ._checks import accumulation_dtype, check_floating, check_mask, drop_unscal
 CLIP_EPS = 1e-6
 
 
+def _one_device(op: str, tensors: list[Tensor]) -> torch.device:
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(
+            f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}"
+        )
+    return devices.pop()
+
+
 def _check_max_norm(op: str, max_norm: float) -> float:
     if not isinstance(max_norm, (int, float)) or not math.isfinite(max_norm) or max_norm <= 0:
         raise ValueError(f"{op}: max_norm must be a finite number > 0, got {max_norm!r}")
@@ -155,13 +164,9 @@ def total_clip_factors(
     if not isinstance(norm_scale, (int, float)) or not math.isfinite(norm_scale) or norm_scale <= 0:
         raise ValueError(f"{op}: norm_scale must be a finite number > 0, got {norm_scale!r}")
     check_mask(op, mask, batch)
-    devices = {t.device for t in norm_sqs + ([mask] if mask is not None else [])}
-    if len(devices) != 1:
-        raise ValueError(
-            f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}"
-        )
+    device = _one_device(op, norm_sqs + ([mask] if mask is not None else []))
     args = (norm_sqs, max_norm, mask, float(norm_scale))
-    backend = _backend.resolve(op, backend, devices.pop(), *args)
+    backend = _backend.resolve(op, backend, device, *args)
     return _total_clip_factors(*args, backend)
 
 
@@ -250,10 +255,6 @@ def clip_accumulate_(
                 f"{tuple(g.shape)} against summed {tuple(out.shape)}"
             )
     check_mask(op, mask, batch)
-    devices = {t.device for t in per_example + summed + ([mask] if mask is not None else [])}
-    if len(devices) != 1:
-        raise ValueError(
-            f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}"
-        )
-    backend = _backend.resolve(op, backend, devices.pop(), per_example, summed, max_norm, mask)
+    device = _one_device(op, per_example + summed + ([mask] if mask is not None else []))
+    backend = _backend.resolve(op, backend, device, per_example, summed, max_norm, mask)
     return _clip_accumulate_(per_example, summed, max_norm, mask, backend)
