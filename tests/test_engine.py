@@ -13,7 +13,15 @@ from torch import nn
 import torch_dpfast as dpf
 from torch_dpfast.ghost import ghost_backward
 
-MODES = ["auto", "bk", "per_example", "ghost"]
+# "auto" on CPU materialises the linear layers (materialise_plan.py); "auto_fast" is auto with
+# that turned off, so that its ghost/direct fast paths are checked too.
+MODES = ["auto", "auto_fast", "bk", "per_example", "ghost"]
+
+
+def _attach(model, mode, **kwargs):
+    if mode == "auto_fast":
+        return dpf.attach(model, clipping="auto", materialise_bytes=0, **kwargs)
+    return dpf.attach(model, clipping=mode, **kwargs)
 
 
 class ResidualCNN(nn.Module):
@@ -267,7 +275,7 @@ def _clipped(per_example, max_norm, keep=None):
 
 
 def _attached_sum(model, x, y, mode, max_norm, reduction="mean", mask=None):
-    att = dpf.attach(model, clipping=mode, loss_reduction=reduction)
+    att = _attach(model, mode, loss_reduction=reduction)
     try:
         att.begin_batch(mask)
         if mode == "ghost":  # two passes over the per-example losses
@@ -693,7 +701,7 @@ def test_attention_rule_is_exact_through_the_attention_weights(mode, gen):
         loss = losses(reference, q[i : i + 1], k[i : i + 1], v[i : i + 1], pad[i : i + 1]).sum()
         rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
     expected, _ = _clipped(torch.stack(rows), 0.3)
-    att = dpf.attach(mha, clipping=mode, loss_reduction="sum")
+    att = _attach(mha, mode, loss_reduction="sum")
     try:
         per_example = losses(mha, q, k, v, pad)
         if mode == "ghost":

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import materialise_plan, ops
 from .explain import assign_rules, check_no_batch_statistics
+from .materialise_plan import check_budget
 from .rules import scaled_sum
 from .rules._registry import Rule, leading
 from .rules.fallback import FALLBACK, WINDOW_ATTENTION, _original_forward, batch_dim
@@ -191,6 +192,8 @@ class Attachment:
     rules: dict[str, Rule] = field(default_factory=dict)  # path -> the rule capturing it
     mask: Tensor | None = None  # (B,) rows to keep in the next clip_and_accumulate
     generation: int = 0  # counts begin_batch calls
+    # bytes of per-example gradients auto may hold on CPU instead of fast paths (0: none)
+    materialise_bytes: int = materialise_plan.DEFAULT_MATERIALISE_BYTES
     _ghost: object = None  # the ghost pass in progress (ghost.py)
     _ghost_norms: Tensor | None = None  # squared norms of the last ghost_backward
     _stray_backward: bool = False  # ghost mode: a backward ran outside ghost_backward
@@ -266,17 +269,21 @@ class Attachment:
         # Layers whose rule has a fast path (no per-example gradients) take it; the others
         # (shared parameters, the fallback, small rules such as the norm layers' that
         # materialise anyway) are materialised once, for both their norms and their sums.
-        plain = [r for r in plain_records(records) if has_fast_path(r.rule)]
-        plain_ids = {id(r) for r in plain}
-        rest = [r for r in records if id(r) not in plain_ids]
-        per_example = materialise(rest if self.clipping != "per_example" else records)
         if self.clipping == "per_example":
+            per_example = materialise(records)
             return self._clip_materialised(per_example, max_grad_norm, loss_scale, mask, batch)
-
-        method = _NORM_METHOD[self.clipping]
         # Rows from `kept` on are a physical batch's padding: no norm is computed for them, and
         # their factor is 0 (the fast paths do not even read them).
         kept = kept_prefix(mask, batch)
+        plain = [r for r in plain_records(records) if has_fast_path(r.rule)]
+        # On CPU, auto materialises the layers where that saves their norm (materialise_plan.py),
+        # on their real rows only.
+        cut = self._to_materialise(plain, kept)
+        plain = [r for r in plain if id(r) not in cut]
+        plain_ids = {id(r) for r in plain}
+        per_example = materialise([r for r in records if id(r) not in plain_ids], cut, kept)
+
+        method = _NORM_METHOD[self.clipping]
         parts = [r.rule.norm_sq(r.module, *leading_rows(r, kept), method)[:kept] for r in plain]
         parts += [per_example_norm_sq(grad[:kept], kept) for _, grad in per_example.values()]
         device = leading(records[0].g).device
@@ -295,8 +302,24 @@ class Attachment:
             for name, summed in r.rule.clipped_sums(r.module, x, g, factors_of_rows).items():
                 _accumulate(r.params[name], summed)
         for p, grad in per_example.values():
-            _accumulate(p, scaled_sum(grad, scale))
+            _accumulate(p, scaled_sum(grad, scale[: grad.shape[0]]))
         return norm_sq
+
+    def _to_materialise(self, plain: list[_Record], rows: int) -> set[int]:
+        """ids of the fast-path records that auto materialises (materialise_plan.py) for a
+        batch whose first ``rows`` rows are real."""
+        if not plain or not materialise_plan.applies(self.clipping, plain[0].device):
+            return set()
+        candidates = []
+        for r in plain:
+            saving = r.rule.materialise_saving(r.module, r.x, r.g)
+            if saving is not None:
+                macs, values = saving
+                itemsize = torch.promote_types(r.x.dtype, r.g.dtype).itemsize
+                candidates.append(
+                    materialise_plan.Candidate(id(r), rows * values * itemsize, rows * macs)
+                )
+        return materialise_plan.choose(candidates, self.materialise_bytes)
 
     def check_no_leaks(self) -> None:
         """Raises if a parameter got an ordinary gradient, or a BatchNorm uses batch statistics."""
@@ -418,13 +441,19 @@ def has_fast_path(rule: Rule) -> bool:
     return type(rule).norm_sq is not Rule.norm_sq
 
 
-def materialise(records: list[_Record]) -> dict[int, tuple[nn.Parameter, Tensor]]:
-    """{id(p): (p, (B, *p.shape) per-example gradient summed over p's uses)}."""
+def materialise(
+    records: list[_Record], cut: set[int] = frozenset(), rows: int = 0
+) -> dict[int, tuple[nn.Parameter, Tensor]]:
+    """{id(p): (p, (B, *p.shape) per-example gradient summed over p's uses)}; the records
+    whose id is in ``cut`` (single-use parameters) are materialised on their first ``rows``
+    examples only: (rows, *p.shape)."""
     per_example: dict[int, tuple[nn.Parameter, Tensor]] = {}
     for r in records:
         if r.rule is FALLBACK:
             grads = FALLBACK.per_example_grads(r.module, r.x, r.g, rows=r.fold)
             _check_examples_independent(r, grads)
+        elif id(r) in cut:
+            grads = r.rule.per_example_grads(r.module, *leading_rows(r, rows))
         else:
             grads = r.rule.per_example_grads(r.module, r.x, r.g)
         for name, grad in grads.items():
@@ -614,7 +643,12 @@ _CAPTURES = {
 }
 
 
-def attach(model: nn.Module, clipping: str = "auto", loss_reduction: str = "mean") -> Attachment:
+def attach(
+    model: nn.Module,
+    clipping: str = "auto",
+    loss_reduction: str = "mean",
+    materialise_bytes: int = materialise_plan.DEFAULT_MATERIALISE_BYTES,
+) -> Attachment:
     """Makes every trainable parameter of ``model`` receive clipped per-example gradients.
 
     Args:
@@ -627,6 +661,11 @@ def attach(model: nn.Module, clipping: str = "auto", loss_reduction: str = "mean
             memory: use :func:`torch_dpfast.ghost.ghost_backward` on per-example losses, or the
             criterion that ``PrivacyEngine.make_private`` returns).
         loss_reduction: ``"mean"`` or ``"sum"``: how the training loss reduces over the batch.
+        materialise_bytes: with ``clipping="auto"`` on CPU, how many bytes of per-example
+            gradients a physical batch may hold for the layers (linear ones) where
+            materialising them is cheaper than their ghost or direct norm (it saves the norm's
+            multiply-adds; ``torch_dpfast/materialise_plan.py``). Default 1 GiB; 0 turns it
+            off. Ignored on GPUs and in the other modes.
 
     Returns:
         The :class:`Attachment`; ``DPOptimizer`` finds it through the parameters.
@@ -637,7 +676,9 @@ def attach(model: nn.Module, clipping: str = "auto", loss_reduction: str = "mean
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
     if attachments_of(p for p in model.parameters() if p.requires_grad):
         raise RuntimeError("this model is already attached; call .detach() on the old attachment")
-    attachment = Attachment(model, clipping, loss_reduction)
+    attachment = Attachment(
+        model, clipping, loss_reduction, materialise_bytes=check_budget(materialise_bytes)
+    )
     for path, (module, rule) in assign_rules(model).items():
         kind = getattr(rule, "capture", "io")
         if kind == "parameters":

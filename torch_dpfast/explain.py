@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import materialise_plan
+from .materialise_plan import check_budget
 from .rules import rule_for
 from .rules._registry import Rule
 from .rules.fallback import FALLBACK
@@ -100,9 +102,17 @@ class Explanation:
         return "\n".join(lines)
 
 
-def explain(model: nn.Module, example_input, clipping: str = "auto") -> Explanation:
-    """Per-parameter plan of how ``attach(model, clipping)`` will clip, from one forward of
-    ``example_input`` (a tensor, or a tuple of positional arguments).
+def explain(
+    model: nn.Module,
+    example_input,
+    clipping: str = "auto",
+    materialise_bytes: int = materialise_plan.DEFAULT_MATERIALISE_BYTES,
+) -> Explanation:
+    """Per-parameter plan of how ``attach(model, clipping, materialise_bytes=...)`` will clip,
+    from one forward of ``example_input`` (a tensor, or a tuple of positional arguments) whose
+    batch is a physical batch of real rows: with ``clipping="auto"`` on CPU, the layers that
+    will be materialised within ``materialise_bytes`` show ``"materialised"`` (and the cost of
+    their sums of squares).
 
     Raises:
         NotImplementedError: a BatchNorm owns trainable parameters (no per-example gradient).
@@ -127,11 +137,14 @@ def explain(model: nn.Module, example_input, clipping: str = "auto") -> Explanat
     finally:
         for hook in hooks:
             hook.remove()
+    materialised = _materialised(rules, owners, seen, clipping, check_budget(materialise_bytes))
     rows = []
     for path, module in owners.items():
         rule = rules[path]
         method, macs = ("not reached by the forward", None)
-        if path in seen:
+        if path in materialised:
+            method, macs = "materialised", materialised[path]
+        elif path in seen:
             method, macs = rule.plan(module, *seen[path], clipping)
         for p in rule.parameters(module).values():
             rows.append(
@@ -146,3 +159,23 @@ def explain(model: nn.Module, example_input, clipping: str = "auto") -> Explanat
             )
             macs = None  # the layer's cost is listed on its first parameter
     return Explanation(clipping, rows)
+
+
+def _materialised(rules, owners, seen, clipping, budget) -> dict[str, int]:
+    """{path: multiply-adds per example of the sum of squares} of the layers that attach's
+    clip_and_accumulate will materialise (materialise_plan.py), for the batch of ``seen``."""
+    candidates, values_of = [], {}
+    for path, (x, out) in seen.items():
+        if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor):
+            continue
+        if not materialise_plan.applies(clipping, out.device):
+            continue
+        saving = rules[path].materialise_saving(owners[path], x, out)
+        if saving is not None:
+            macs, values = saving
+            rows, itemsize = out.shape[0], torch.promote_types(x.dtype, out.dtype).itemsize
+            candidates.append(
+                materialise_plan.Candidate(path, rows * values * itemsize, rows * macs)
+            )
+            values_of[path] = values
+    return {path: values_of[path] for path in materialise_plan.choose(candidates, budget)}

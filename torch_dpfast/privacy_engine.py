@@ -24,6 +24,7 @@ from .distributed import sources as distributed_sources
 from .engine import CLIPPING_MODES, Attachment, attach
 from .explain import is_batch_norm
 from .ghost import DPCriterion
+from .materialise_plan import DEFAULT_MATERIALISE_BYTES, check_budget
 from .optimizer import DPOptimizer
 from .random_source import RandomSource
 from .sampling import PADDINGS, PhysicalBatch
@@ -71,6 +72,7 @@ class PrivacyEngine:
         sample_generator: torch.Generator | None = None,
         batch_first: bool = True,
         grad_sample_mode: str | None = None,
+        materialise_bytes: int = DEFAULT_MATERIALISE_BYTES,
     ):
         """Returns ``(module, optimizer, data_loader)``: the same module with per-example
         clipping attached, a :class:`DPOptimizer` around ``optimizer``, and a
@@ -102,6 +104,9 @@ class PrivacyEngine:
             batch_first: must be True (inputs are batch-first everywhere); for Opacus scripts.
             grad_sample_mode: accepted for Opacus scripts: "ghost" means clipping="ghost"; the
                 others change nothing (our rules are exact).
+            materialise_bytes: with clipping="auto" on CPU, the bytes of per-example gradients
+                a physical batch may hold where that is cheaper than a layer's norm (see
+                ``dpf.attach``); default 1 GiB, 0 turns it off.
         """
         if self.optimizer is not None:
             raise RuntimeError(
@@ -141,6 +146,7 @@ class PrivacyEngine:
         sample_rate = _sample_rate(data_loader)
         if physical_batch_size is not None and not poisson_sampling:
             raise ValueError("physical_batch_size needs poisson_sampling=True")
+        check_budget(materialise_bytes)
         if padding not in PADDINGS:
             raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
         if padding != "full" and physical_batch_size is None:
@@ -165,7 +171,12 @@ class PrivacyEngine:
         else:
             sample_source = RandomSource(secure=self.secure_mode, generator=sample_generator)
             plan_source = None
-        self.attachment = attach(module, clipping=clipping, loss_reduction=loss_reduction)
+        self.attachment = attach(
+            module,
+            clipping=clipping,
+            loss_reduction=loss_reduction,
+            materialise_bytes=materialise_bytes,
+        )
         self.optimizer = DPOptimizer(
             optimizer,
             noise_multiplier=noise_multiplier,

@@ -15,10 +15,13 @@ they register their own.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+
+from ..ops._checks import drop_unscaled_rows
 
 
 class Rule:
@@ -36,6 +39,12 @@ class Rule:
         ``out``; default: materialised gradients, about 2 multiply-adds per output element per
         parameter element it touches (norm layers)."""
         return "materialised", 2 * out[0].numel()
+
+    def materialise_saving(self, module: nn.Module, x: Tensor, g: Tensor) -> tuple[int, int] | None:
+        """(multiply-adds per example of the fast-path norm, values per example of the
+        per-example gradients) when ``per_example_grads`` costs no more than the clipped sum's
+        GEMM, so that materialising saves the norm (see materialise_plan.py); None otherwise."""
+        return None
 
     def norm_sq(self, module: nn.Module, x: Tensor, g: Tensor, method: str = "auto") -> Tensor:
         """Default: from the materialised per-example gradients (cheap for small parameters)."""
@@ -68,11 +77,11 @@ def zero_norms(g: Tensor | tuple[Tensor, ...]) -> Tensor:
 
 
 def scaled_sum(per_example: Tensor, scale: Tensor) -> Tensor:
-    """sum_i scale_i per_example[i] with examples of scale 0 left out exactly; (B, ...) -> (...)."""
-    keep = (scale != 0).reshape(-1, *([1] * (per_example.dim() - 1)))
-    weights = scale.to(per_example.dtype).reshape(keep.shape)
-    zero = torch.zeros((), dtype=per_example.dtype, device=per_example.device)
-    return torch.where(keep, per_example * weights, zero).sum(dim=0)
+    """sum_i scale_i per_example[i] with examples of scale 0 left out exactly; (B, ...) -> (...),
+    one vector-matrix product scale^T (B x n)."""
+    rows = drop_unscaled_rows(per_example, scale)
+    rows = rows.reshape(per_example.shape[0], math.prod(per_example.shape[1:]))
+    return (scale.to(rows.dtype) @ rows).reshape(per_example.shape[1:])
 
 
 _rules: dict[type, Rule] = {}

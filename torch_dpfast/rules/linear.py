@@ -40,6 +40,13 @@ class LinearRule(Rule):
         t, d_in, d_out = math.prod(x.shape[1:-1]), x.shape[-1], out.shape[-1]
         return plan_linear(clipping, t, d_in, d_out)
 
+    def materialise_saving(self, module, x, g):
+        if not module.weight.requires_grad:
+            return None
+        t, d_in, d_out = math.prod(x.shape[1:-1]), x.shape[-1], g.shape[-1]
+        trainable_bias = module.bias is not None and module.bias.requires_grad
+        return plan_linear("auto", t, d_in, d_out)[1], d_out * (d_in + trainable_bias)
+
     def norm_sq(self, module, x, g, method="auto"):
         x, g = _rows(x), _rows(g)
         total = zero_norms(g)

@@ -1,0 +1,123 @@
+"""clipping="auto" on CPU materialising linear layers within a byte budget: the choice, its
+agreement with dpf.explain, and exact results against brute force (float64)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torch_dpfast as dpf
+from torch_dpfast import materialise_plan
+from torch_dpfast.materialise_plan import Candidate, choose
+from torch_dpfast.rules import scaled_sum
+from torch_dpfast.rules.linear import LinearRule
+
+
+def test_choose_takes_the_best_savings_per_byte_that_fit_and_are_worth_it():
+    candidates = [
+        Candidate("a", bytes=100, saved_macs=1000),  # 10 per byte
+        Candidate("b", bytes=50, saved_macs=1500),  # 30 per byte
+        Candidate("c", bytes=60, saved_macs=600),  # 10 per byte, does not fit after b and a
+        Candidate("d", bytes=10, saved_macs=39),  # 3.9 per byte: not worth it
+    ]
+    assert choose(candidates, budget=160) == {"a", "b"}
+    assert choose(candidates, budget=110) == {"b", "c"}
+    assert choose(candidates, budget=10**9) == {"a", "b", "c"}
+    assert choose(candidates, budget=0) == set()
+
+
+def test_only_auto_on_cpu_materialises():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert materialise_plan.applies("auto", cpu)
+    assert not materialise_plan.applies("auto", cuda)
+    assert not any(materialise_plan.applies(m, cpu) for m in ("bk", "ghost", "per_example"))
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "1GiB"])
+def test_a_bad_budget_is_refused(bad):
+    with pytest.raises((TypeError, ValueError), match="materialise_bytes"):
+        dpf.attach(nn.Linear(2, 2), materialise_bytes=bad)
+
+
+class SequenceMLP(nn.Module):
+    """Linear layers over T = 40 positions (direct norms of 40 multiply-adds per gradient value,
+    5 per float64 byte for `down`, 4.2 for `up` with its bias: both worth materialising, `down`
+    first), a LayerNorm, a T = 1 head (not worth it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(5, 12)
+        self.down = nn.Linear(12, 6, bias=False)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.down(torch.tanh(self.up(x)))).mean(dim=1))
+
+
+def _brute_force(model, x, y, max_norm, keep):
+    rows = []
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="sum").backward()
+        rows.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    per_example = torch.stack(rows)
+    factors = (max_norm / (per_example.norm(dim=1) + 1e-6)).clamp(max=1.0) * keep
+    return (factors[:, None] * per_example).sum(0)
+
+
+def _fast_path_layers(monkeypatch):
+    """Records which linear layers took their fast-path norm."""
+    seen = []
+    original = LinearRule.norm_sq
+
+    def norm_sq(self, module, x, g, method="auto"):
+        seen.append(module)
+        return original(self, module, x, g, method)
+
+    monkeypatch.setattr(LinearRule, "norm_sq", norm_sq)
+    return seen
+
+
+@pytest.mark.parametrize("budget", ["none", "one layer", "all"])
+def test_the_engine_materialises_what_explain_says_and_stays_exact(budget, monkeypatch, gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (), generator=gen)))
+    model = SequenceMLP().double()
+    batch, rows = 6, 4  # the last two rows are padding, with NaN planted in them
+    x = torch.randn(batch, 40, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (batch,), generator=gen)
+    mask = torch.arange(batch) < rows
+    expected = _brute_force(copy.deepcopy(model), x, y, 0.4, mask.double())
+    down_bytes = rows * 6 * 12 * 8  # float64 weight gradients of `down`, real rows only
+    materialise_bytes = {"none": 0, "one layer": down_bytes, "all": 1 << 30}[budget]
+    x[rows:] = float("nan")
+
+    plan = dpf.explain(model, x[:rows], materialise_bytes=materialise_bytes)
+    planned = {r["layer"] for r in plan.rows if r["method"] == "materialised"} - {"norm"}
+    fast = _fast_path_layers(monkeypatch)
+    att = dpf.attach(model, loss_reduction="sum", materialise_bytes=materialise_bytes)
+    try:
+        att.begin_batch(mask)
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+        att.clip_and_accumulate(0.4)
+        summed = torch.cat([p.summed_grad.flatten() for p in model.parameters()])
+    finally:
+        att.detach()
+    took_fast_path = {name for name, m in model.named_children() if m in fast}
+    linear = {"up", "down", "head"}
+    assert planned == linear - took_fast_path
+    assert planned == {"none": set(), "one layer": {"down"}, "all": {"up", "down"}}[budget]
+    assert torch.isfinite(summed).all()
+    torch.testing.assert_close(summed, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_scaled_sum_leaves_out_zero_scale_rows_exactly(gen):
+    per_example = torch.randn(5, 3, 2, generator=gen, dtype=torch.float64)
+    scale = torch.tensor([0.5, 0.0, 2.0, 0.0, 1.0], dtype=torch.float64)
+    expected = torch.einsum("b,bij->ij", scale, per_example)
+    per_example[1, 0, 0], per_example[3] = float("nan"), float("inf")
+    torch.testing.assert_close(scaled_sum(per_example, scale), expected, rtol=1e-12, atol=0)
+    empty = scaled_sum(torch.ones(4, 0, 3), torch.ones(4))
+    assert empty.shape == (0, 3)

@@ -1,0 +1,66 @@
+"""Which layers ``clipping="auto"`` materialises on CPU instead of taking their fast path.
+
+A fast path costs the norm (ghost T^2 (d_in + d_out) or direct T d_in d_out multiply-adds per
+example) *plus* the book-keeping clipped sum, a GEMM of T d_in d_out per example. Materialising
+the per-example gradients G_i = g_i^T a_i costs that one GEMM (batched per example) and then
+only memory passes: the norms are sums of squares of G_i and the clipped sum is one
+matrix-vector product sum_i c_i G_i. The norm's multiply-adds are saved; the price is holding
+B x (parameter size) values until every layer's norm is known.
+
+On a CPU the GEMMs are compute-bound and memory is plentiful, so this pays whenever the saved
+multiply-adds outweigh the extra memory traffic; on a GPU the same trade is memory-bound and the
+fast paths win, so nothing is materialised there. The layers are chosen greedily by saved
+multiply-adds per byte held, within a byte budget (``attach(..., materialise_bytes=...)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import torch
+
+# Default bytes of per-example gradients clipping="auto" may hold on CPU (per physical batch).
+DEFAULT_MATERIALISE_BYTES = 1 << 30
+# A layer is worth materialising when its norm costs at least this many multiply-adds per byte
+# of per-example gradient (16 per float32 value): below it, the extra memory passes cost more
+# than the norm (output layers with T = 1, whose ghost norm costs d_in + d_out).
+MIN_SAVED_MACS_PER_BYTE = 4.0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A layer that could be materialised: ``bytes`` of per-example gradients for the batch,
+    ``saved_macs`` the multiply-adds of the norm that materialising saves (for the batch)."""
+
+    key: Hashable
+    bytes: int
+    saved_macs: int
+
+
+def check_budget(materialise_bytes: int) -> int:
+    """``materialise_bytes`` validated: an int >= 0 (0 turns materialising off)."""
+    if isinstance(materialise_bytes, bool) or not isinstance(materialise_bytes, int):
+        raise TypeError(f"materialise_bytes must be an int, got {type(materialise_bytes)}")
+    if materialise_bytes < 0:
+        raise ValueError(f"materialise_bytes must be >= 0, got {materialise_bytes}")
+    return materialise_bytes
+
+
+def applies(clipping: str, device: torch.device) -> bool:
+    """Only ``clipping="auto"`` on CPU materialises fast-path layers (``"bk"`` is book-keeping
+    as published, with ghost norms everywhere)."""
+    return clipping == "auto" and device.type == "cpu"
+
+
+def choose(candidates: list[Candidate], budget: int) -> set[Hashable]:
+    """Keys of the candidates to materialise: worth it (:data:`MIN_SAVED_MACS_PER_BYTE`), then
+    by saved multiply-adds per byte, best first, as long as their bytes fit in ``budget``."""
+    worth = [c for c in candidates if c.saved_macs >= MIN_SAVED_MACS_PER_BYTE * c.bytes]
+    worth.sort(key=lambda c: c.saved_macs / max(c.bytes, 1), reverse=True)
+    chosen, used = set(), 0
+    for c in worth:
+        if used + c.bytes <= budget:
+            chosen.add(c.key)
+            used += c.bytes
+    return chosen
