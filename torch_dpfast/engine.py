@@ -310,15 +310,10 @@ class Attachment:
         batch whose first ``rows`` rows are real."""
         if not plain or not materialise_plan.applies(self.clipping, plain[0].device):
             return set()
-        candidates = []
-        for r in plain:
-            saving = r.rule.materialise_saving(r.module, r.x, r.g)
-            if saving is not None:
-                macs, values = saving
-                itemsize = torch.promote_types(r.x.dtype, r.g.dtype).itemsize
-                candidates.append(
-                    materialise_plan.Candidate(id(r), rows * values * itemsize, rows * macs)
-                )
+        candidates = [
+            materialise_plan.candidate(id(r), r.rule, r.module, r.x, r.g, rows) for r in plain
+        ]
+        candidates = [c for c in candidates if c is not None]
         return materialise_plan.choose(candidates, self.materialise_bytes)
 
     def check_no_leaks(self) -> None:

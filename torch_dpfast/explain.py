@@ -164,18 +164,12 @@ def explain(
 def _materialised(rules, owners, seen, clipping, budget) -> dict[str, int]:
     """{path: multiply-adds per example of the sum of squares} of the layers that attach's
     clip_and_accumulate will materialise (materialise_plan.py), for the batch of ``seen``."""
-    candidates, values_of = [], {}
+    candidates = {}
     for path, (x, out) in seen.items():
-        if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor):
-            continue
-        if not materialise_plan.applies(clipping, out.device):
-            continue
-        saving = rules[path].materialise_saving(owners[path], x, out)
-        if saving is not None:
-            macs, values = saving
-            rows, itemsize = out.shape[0], torch.promote_types(x.dtype, out.dtype).itemsize
-            candidates.append(
-                materialise_plan.Candidate(path, rows * values * itemsize, rows * macs)
-            )
-            values_of[path] = values
-    return {path: values_of[path] for path in materialise_plan.choose(candidates, budget)}
+        if isinstance(out, torch.Tensor) and materialise_plan.applies(clipping, out.device):
+            rows = out.shape[0]
+            c = materialise_plan.candidate(path, rules[path], owners[path], x, out, rows)
+            if c is not None:
+                candidates[path] = c
+    chosen = materialise_plan.choose(list(candidates.values()), budget)
+    return {path: candidates[path].values for path in chosen}

@@ -31,11 +31,26 @@ MIN_SAVED_MACS_PER_BYTE = 4.0
 @dataclass(frozen=True)
 class Candidate:
     """A layer that could be materialised: ``bytes`` of per-example gradients for the batch,
-    ``saved_macs`` the multiply-adds of the norm that materialising saves (for the batch)."""
+    ``saved_macs`` the multiply-adds of the norm that materialising saves (for the batch),
+    ``values`` per example (the multiply-adds of their sum of squares)."""
 
     key: Hashable
     bytes: int
     saved_macs: int
+    values: int = 0
+
+
+def candidate(key: Hashable, rule, module, x, out, rows: int) -> Candidate | None:
+    """The layer called on ``x`` (its input) with output (or output gradient) ``out`` as a
+    candidate for ``rows`` real examples, if its rule can materialise cheaply."""
+    if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return None
+    saving = rule.materialise_saving(module, x, out)
+    if saving is None:
+        return None
+    macs, values = saving
+    itemsize = torch.promote_types(x.dtype, out.dtype).itemsize
+    return Candidate(key, rows * values * itemsize, rows * macs, values)
 
 
 def check_budget(materialise_bytes: int) -> int:
