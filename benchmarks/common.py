@@ -43,6 +43,18 @@ def _commit() -> str | None:
         return None
 
 
+def _cpu_model() -> str | None:
+    """The CPU's model name (Linux /proc/cpuinfo), or None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def environment() -> dict:
     """Device, driver, library versions, commit and time of this run."""
     env = {
@@ -53,7 +65,7 @@ def environment() -> dict:
         "torch_cuda": torch.version.cuda,
         "triton": _version("triton"),
         "torch_dpfast": _version("torch_dpfast"),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_model() or platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
         "device": "cpu",
     }
