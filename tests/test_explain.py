@@ -15,7 +15,7 @@ def test_explain_lists_every_parameter_with_rule_and_method():
         nn.Flatten(),
         nn.Linear(16 * 8 * 8, 10),
     )
-    plan = dpf.explain(model, torch.randn(2, 3, 8, 8))
+    plan = dpf.explain(model, torch.randn(2, 3, 8, 8), materialise_bytes=0)
     rows = {r["parameter"]: r for r in plan.rows}
     assert set(rows) == {n for n, _ in model.named_parameters()}
     assert rows["0.weight"]["rule"] == "ConvRule" and rows["0.weight"]["method"] == "direct"
@@ -24,6 +24,10 @@ def test_explain_lists_every_parameter_with_rule_and_method():
     assert rows["1.weight"]["method"] == "materialised"
     text = str(plan)
     assert "GroupNormRule" in text and "MACs/example" in text
+    on_cpu = {r["parameter"]: r for r in dpf.explain(model, torch.randn(2, 3, 8, 8)).rows}
+    assert on_cpu["0.weight"]["method"] == "materialised"  # T = 64: worth it (materialise_plan)
+    assert on_cpu["0.weight"]["macs"] == 16 * 27 + 16  # its sum of squares
+    assert on_cpu["4.weight"]["method"] == "ghost"
     per_example = dpf.explain(model, torch.randn(2, 3, 8, 8), clipping="per_example")
     assert {r["method"] for r in per_example.rows} == {"materialised"}
 

@@ -12,6 +12,7 @@ import torch_dpfast as dpf
 from torch_dpfast import materialise_plan
 from torch_dpfast.materialise_plan import Candidate, choose
 from torch_dpfast.rules import scaled_sum
+from torch_dpfast.rules.conv import ConvRule
 from torch_dpfast.rules.linear import LinearRule
 
 
@@ -69,15 +70,16 @@ def _brute_force(model, x, y, max_norm, keep):
 
 
 def _fast_path_layers(monkeypatch):
-    """Records which linear layers took their fast-path norm."""
+    """Records which linear and conv layers took their fast-path norm."""
     seen = []
-    original = LinearRule.norm_sq
+    for rule in (LinearRule, ConvRule):
+        original = rule.norm_sq
 
-    def norm_sq(self, module, x, g, method="auto"):
-        seen.append(module)
-        return original(self, module, x, g, method)
+        def norm_sq(self, module, x, g, method="auto", original=original):
+            seen.append(module)
+            return original(self, module, x, g, method)
 
-    monkeypatch.setattr(LinearRule, "norm_sq", norm_sq)
+        monkeypatch.setattr(rule, "norm_sq", norm_sq)
     return seen
 
 
@@ -121,3 +123,39 @@ def test_scaled_sum_leaves_out_zero_scale_rows_exactly(gen):
     torch.testing.assert_close(scaled_sum(per_example, scale), expected, rtol=1e-12, atol=0)
     empty = scaled_sum(torch.ones(4, 0, 3), torch.ones(4))
     assert empty.shape == (0, 3)
+
+
+class SmallCNN(nn.Module):
+    """An ungrouped conv over 8 x 8 = 64 output positions (worth materialising), a depthwise
+    one (grouped: never materialised), GroupNorm and a T = 1 head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.depthwise = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.norm = nn.GroupNorm(2, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.norm(self.depthwise(self.conv(x))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_ungrouped_convolutions_are_materialised_too(monkeypatch, gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (), generator=gen)))
+    model = SmallCNN().double()
+    x = torch.randn(5, 3, 8, 8, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,), generator=gen)
+    expected = _brute_force(copy.deepcopy(model), x, y, 0.7, torch.ones(5, dtype=torch.float64))
+    plan = dpf.explain(model, x)
+    assert {r["layer"] for r in plan.rows if r["method"] == "materialised"} == {"conv", "norm"}
+    fast = _fast_path_layers(monkeypatch)
+    att = dpf.attach(model, loss_reduction="sum")
+    try:
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+        att.clip_and_accumulate(0.7)
+        summed = torch.cat([p.summed_grad.flatten() for p in model.parameters()])
+    finally:
+        att.detach()
+    assert {name for name, m in model.named_children() if m in fast} == {"depthwise", "head"}
+    torch.testing.assert_close(summed, expected, rtol=1e-8, atol=1e-10)

@@ -198,6 +198,7 @@ class Attachment:
     _ghost_norms: Tensor | None = None  # squared norms of the last ghost_backward
     _stray_backward: bool = False  # ghost mode: a backward ran outside ghost_backward
     _records: list[_Record] = field(default_factory=list)
+    _workspace: dict[int, Tensor] = field(default_factory=dict)  # id(p) -> materialised buffer
     _hooks: list = field(default_factory=list)
     _restores: list = field(default_factory=list)  # undo what rules changed (Rule.adapt)
     _leaked: set[str] = field(default_factory=set)  # parameters that got an ordinary gradient
@@ -239,6 +240,7 @@ class Attachment:
             self._restores.pop()()
         self.modules.clear()
         self.rules.clear()
+        self._workspace.clear()
         self.discard()
         _live.discard(self)
 
@@ -279,13 +281,15 @@ class Attachment:
         # On CPU, auto materialises the layers where that saves their norm (materialise_plan.py),
         # on their real rows only.
         cut = self._to_materialise(plain, kept)
+        buffers = {id(r): self._workspace_for(r, kept) for r in plain if id(r) in cut}
         plain = [r for r in plain if id(r) not in cut]
         plain_ids = {id(r) for r in plain}
-        per_example = materialise([r for r in records if id(r) not in plain_ids], cut, kept)
+        per_example = materialise([r for r in records if id(r) not in plain_ids], buffers, kept)
 
         method = _NORM_METHOD[self.clipping]
         parts = [r.rule.norm_sq(r.module, *leading_rows(r, kept), method)[:kept] for r in plain]
-        parts += [per_example_norm_sq(grad[:kept], kept) for _, grad in per_example.values()]
+        if per_example:
+            parts.append(ops.per_example_norm_sq([g[:kept] for _, g in per_example.values()]))
         device = leading(records[0].g).device
         norm_sq, factors = ops.total_clip_factors(
             parts,
@@ -305,6 +309,21 @@ class Attachment:
             _accumulate(p, scaled_sum(grad, scale[: grad.shape[0]]))
         return norm_sq
 
+    def _workspace_for(self, record: _Record, rows: int) -> dict[str, Tensor]:
+        """{name: (rows, *p.shape) buffer} for the per-example gradients of a materialised
+        layer: reused from one physical batch to the next (fresh allocations of this size
+        would be returned to the OS and page-faulted back every time)."""
+        dtype = torch.promote_types(record.x.dtype, record.g.dtype)
+        out = {}
+        for name, p in record.params.items():
+            need = rows * p.numel()
+            held = self._workspace.get(id(p))
+            if held is None or held.numel() < need or held.dtype != dtype:
+                held = torch.empty(need, dtype=dtype, device=record.device)
+                self._workspace[id(p)] = held
+            out[name] = held[:need].view(rows, *p.shape)
+        return out
+
     def _to_materialise(self, plain: list[_Record], rows: int) -> set[int]:
         """ids of the fast-path records that auto materialises (materialise_plan.py) for a
         batch whose first ``rows`` rows are real."""
@@ -314,7 +333,12 @@ class Attachment:
             materialise_plan.candidate(id(r), r.rule, r.module, r.x, r.g, rows) for r in plain
         ]
         candidates = [c for c in candidates if c is not None]
-        return materialise_plan.choose(candidates, self.materialise_bytes)
+        chosen = materialise_plan.choose(candidates, self.materialise_bytes)
+        # The workspace holds only this batch's choice, so it never exceeds the budget.
+        keep = {id(p) for r in plain if id(r) in chosen for p in r.params.values()}
+        for key in [k for k in self._workspace if k not in keep]:
+            del self._workspace[key]
+        return chosen
 
     def check_no_leaks(self) -> None:
         """Raises if a parameter got an ordinary gradient, or a BatchNorm uses batch statistics."""
@@ -437,18 +461,19 @@ def has_fast_path(rule: Rule) -> bool:
 
 
 def materialise(
-    records: list[_Record], cut: set[int] = frozenset(), rows: int = 0
+    records: list[_Record], cut: dict[int, dict[str, Tensor]] | None = None, rows: int = 0
 ) -> dict[int, tuple[nn.Parameter, Tensor]]:
     """{id(p): (p, (B, *p.shape) per-example gradient summed over p's uses)}; the records
     whose id is in ``cut`` (single-use parameters) are materialised on their first ``rows``
-    examples only: (rows, *p.shape)."""
+    examples only, (rows, *p.shape), into the buffers ``cut`` gives them."""
+    cut = cut or {}
     per_example: dict[int, tuple[nn.Parameter, Tensor]] = {}
     for r in records:
         if r.rule is FALLBACK:
             grads = FALLBACK.per_example_grads(r.module, r.x, r.g, rows=r.fold)
             _check_examples_independent(r, grads)
         elif id(r) in cut:
-            grads = r.rule.per_example_grads(r.module, *leading_rows(r, rows))
+            grads = r.rule.per_example_grads(r.module, *leading_rows(r, rows), out=cut[id(r)])
         else:
             grads = r.rule.per_example_grads(r.module, r.x, r.g)
         for name, grad in grads.items():
@@ -478,12 +503,6 @@ def _check_examples_independent(record: _Record, grads: dict[str, Tensor]) -> No
 
 def _mask_on(mask: Tensor | None, device: torch.device) -> Tensor | None:
     return None if mask is None else mask.to(device=device, dtype=torch.bool)
-
-
-def per_example_norm_sq(grad: Tensor, batch: int) -> Tensor:
-    """(B,) squared norms of materialised per-example gradients (B, ...), in float32 or better."""
-    dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    return grad.reshape(batch, -1).to(dtype).square().sum(dim=1)
 
 
 def _warn_non_finite(norm_sq: Tensor, mask: Tensor | None) -> None:
@@ -657,7 +676,7 @@ def attach(
             criterion that ``PrivacyEngine.make_private`` returns).
         loss_reduction: ``"mean"`` or ``"sum"``: how the training loss reduces over the batch.
         materialise_bytes: with ``clipping="auto"`` on CPU, how many bytes of per-example
-            gradients a physical batch may hold for the layers (linear ones) where
+            gradients a physical batch may hold for the layers (linear, ungrouped conv) where
             materialising them is cheaper than their ghost or direct norm (it saves the norm's
             multiply-adds; ``torch_dpfast/materialise_plan.py``). Default 1 GiB; 0 turns it
             off. Ignored on GPUs and in the other modes.

@@ -32,7 +32,6 @@ from .engine import (
     _warn_non_finite,
     check_batch,
     materialise,
-    per_example_norm_sq,
     plain_records,
 )
 from .rules import scaled_sum
@@ -107,7 +106,9 @@ def ghost_backward(
         for r in by_parameter:  # pass 2 must not add into the per-example leaves read above
             for leaf in r.x.values():
                 leaf.grad = None
-        parts = [per_example_norm_sq(grad, batch) for _, grad in per_example.values()]
+        parts = (
+            [ops.per_example_norm_sq([g for _, g in per_example.values()])] if per_example else []
+        )
         if state.norm_sq is not None:
             parts.append(state.norm_sq)
         if not parts:

@@ -136,12 +136,27 @@ at::Tensor clip_accumulate_cpu(at::TensorList per_example, at::TensorList summed
   return at::tensor(norm_sq, at::TensorOptions().dtype(at::kDouble)).to(norms_dtype(per_example));
 }
 
+// n_i = sum_k ||per_example[k][i]||^2 in double, in one pass per tensor and no temporary.
+at::Tensor per_example_norm_sq_cpu(at::TensorList per_example) {
+  TORCH_CHECK(!per_example.empty(), "per_example_norm_sq: empty tensor list");
+  const int64_t batch = per_example[0].dim() ? per_example[0].size(0) : -1;
+  std::vector<double> norm_sq(std::max<int64_t>(batch, 0), 0.0);
+  for (size_t k = 0; k < per_example.size(); ++k) {
+    const at::Tensor& g = per_example[k];
+    TORCH_CHECK(g.dim() >= 1 && g.size(0) == batch, "per_example_norm_sq: per_example[", k,
+                "] has shape ", g.sizes(), ", expected (", batch, ", ...)");
+    add_norms(g.contiguous(), norm_sq);
+  }
+  return at::tensor(norm_sq, at::TensorOptions().dtype(at::kDouble)).to(norms_dtype(per_example));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dpfast_C, CPU, m) {
   m.impl("clip_factors", &clip_factors_cpu);
   m.impl("total_clip_factors", &total_clip_factors_cpu);
   m.impl("clip_accumulate_", &clip_accumulate_cpu);
+  m.impl("per_example_norm_sq", &per_example_norm_sq_cpu);
 }
 
 }  // namespace dpfast

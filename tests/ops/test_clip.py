@@ -1,5 +1,5 @@
-"""clip_factors and clip_accumulate_: the formula, non-finite and masked examples, and the
-sensitivity bound ||c_i g_i|| <= C, on every backend."""
+"""clip_factors, total_clip_factors, per_example_norm_sq and clip_accumulate_: the formula,
+non-finite and masked examples, and the sensitivity bound ||c_i g_i|| <= C, on every backend."""
 
 import math
 
@@ -255,3 +255,30 @@ def test_rows_with_zero_scale_are_zeroed_exactly_when_not_finite(bad_row, device
     torch.testing.assert_close(out[[0, 2]], x[[0, 2]])
     if bad_row is not None:
         assert (out[bad_row] == 0).all()
+
+
+@pytest.mark.parametrize("mix", DTYPE_MIXES)
+@pytest.mark.parametrize("batch", [0, 1, 7])
+def test_per_example_norm_sq_sums_the_tensors(mix, batch, device, gen):
+    grads = _per_example_list(batch, gen, DTYPE_MIXES[mix], device)
+    grads.append(randn(batch, 3, 700, gen=gen, dtype=DTYPE_MIXES[mix][0], device=device)[:, ::2])
+    if batch == 7:
+        grads[0][2, 1, 1] = INF
+    flat = [g.double().cpu().reshape(batch, math.prod(g.shape[1:])) for g in grads]
+    expected = torch.cat(flat, dim=1).square().sum(dim=1)
+    for backend in backends("per_example_norm_sq", device):
+        out = dpf.ops.per_example_norm_sq(grads, backend=backend)
+        dtype = torch.float64 if mix == "float64" else torch.float32
+        assert out.dtype == dtype and out.shape == (batch,)
+        finite = [i for i in range(batch) if i != 2 or batch != 7]
+        assert batch != 7 or out[2] == INF
+        assert_close(out[finite], expected[finite], dtype, scale=50)
+
+
+def test_per_example_norm_sq_refuses_bad_lists(device):
+    with pytest.raises(ValueError, match="one or more"):
+        dpf.ops.per_example_norm_sq([])
+    with pytest.raises(ValueError, match=r"\(B, \.\.\.\) with B = 3"):
+        dpf.ops.per_example_norm_sq([torch.ones(3, 2), torch.ones(2, 2)])
+    with pytest.raises(TypeError, match="must be a floating-point tensor"):
+        dpf.ops.per_example_norm_sq([torch.ones(3, dtype=torch.long)])

@@ -170,6 +170,67 @@ def total_clip_factors(
     return _total_clip_factors(*args, backend)
 
 
+# ---------------------------------------------------------------- per_example_norm_sq
+
+
+@torch.library.custom_op("torch_dpfast::per_example_norm_sq", mutates_args=())
+def _per_example_norm_sq(per_example: list[Tensor], backend: str) -> Tensor:
+    return _backend.run("per_example_norm_sq", backend, per_example)
+
+
+@_per_example_norm_sq.register_fake
+def _(per_example: list[Tensor], backend: str) -> Tensor:
+    return per_example[0].new_empty(per_example[0].shape[0], dtype=_norms_dtype(per_example))
+
+
+def _norms_dtype(per_example: list[Tensor]) -> torch.dtype:
+    return torch.float64 if any(g.dtype == torch.float64 for g in per_example) else torch.float32
+
+
+@_backend.register("per_example_norm_sq", "reference")
+def per_example_norm_sq_reference(per_example: list[Tensor]) -> Tensor:
+    """Reference: sum over the tensors of (B, n_k) sums of squares, each accumulated in float32
+    (float64 for float64 tensors)."""
+    dtype, batch = _norms_dtype(per_example), per_example[0].shape[0]
+    total = torch.zeros(batch, dtype=dtype, device=per_example[0].device)
+    for g in per_example:
+        acc = accumulation_dtype(g)
+        total += g.reshape(batch, math.prod(g.shape[1:])).to(acc).square().sum(dim=1).to(dtype)
+    return total
+
+
+_backend.register_compiled("per_example_norm_sq", "cpp", "CPU")
+
+
+def per_example_norm_sq(per_example: list[Tensor], backend: str = "auto") -> Tensor:
+    """Squared per-example norms of materialised gradients spread over many tensors.
+
+    n_i = sum_k ||per_example[k][i]||^2. The cpp kernel accumulates in float64 in one pass over
+    each tensor, without temporaries; the reference in float32 (float64 for float64 inputs).
+
+    Args:
+        per_example: tensors of shape (B, *shape_k).
+        backend: ``"auto"``, ``"reference"`` or ``"cpp"``.
+
+    Returns:
+        (B,) float32 (float64 if any input is float64).
+    """
+    op = "per_example_norm_sq"
+    per_example = list(per_example)
+    if not per_example:
+        raise ValueError(f"{op}: needs one or more per-example tensors")
+    batch = per_example[0].shape[0] if per_example[0].dim() else -1
+    for k, g in enumerate(per_example):
+        check_floating(op, **{f"per_example[{k}]": g})
+        if g.dim() < 1 or g.shape[0] != batch:
+            raise ValueError(
+                f"{op}: every tensor must be (B, ...) with B = {batch}, got per_example[{k}] of "
+                f"shape {tuple(g.shape)}"
+            )
+    device = _one_device(op, per_example)
+    return _per_example_norm_sq(per_example, _backend.resolve(op, backend, device, per_example))
+
+
 # ---------------------------------------------------------------- clip_accumulate_
 
 

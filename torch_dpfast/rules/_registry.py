@@ -43,7 +43,10 @@ class Rule:
     def materialise_saving(self, module: nn.Module, x: Tensor, g: Tensor) -> tuple[int, int] | None:
         """(multiply-adds per example of the fast-path norm, values per example of the
         per-example gradients) when ``per_example_grads`` costs no more than the clipped sum's
-        GEMM, so that materialising saves the norm (see materialise_plan.py); None otherwise."""
+        GEMM, so that materialising saves the norm (see materialise_plan.py); None otherwise.
+        Rules that return a saving take ``per_example_grads(..., out={name: buffer})``: buffers
+        of shape (B, *param.shape) to write the gradients into (the engine reuses them from one
+        physical batch to the next)."""
         return None
 
     def norm_sq(self, module: nn.Module, x: Tensor, g: Tensor, method: str = "auto") -> Tensor:

@@ -37,29 +37,51 @@ def _spatial_sum(g: Tensor) -> Tensor:
     return g.sum(dim=tuple(range(2, g.dim()))) if g.dim() > 2 else g
 
 
-def weight_grads(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
-    """(B, *weight.shape) materialised per-example gradients of the conv weight."""
+def _spatial_sum_into(g: Tensor, out: Tensor) -> Tensor:
+    """:func:`_spatial_sum` written into ``out`` (B, C)."""
+    return torch.sum(g.reshape(*g.shape[:2], -1), dim=2, out=out)
+
+
+def weight_grads(module: nn.Module, x: Tensor, g: Tensor, out: Tensor | None = None) -> Tensor:
+    """(B, *weight.shape) materialised per-example gradients of the conv weight (written into
+    ``out`` if given: ungrouped convs only, one batched GEMM g_i a_i over the patches)."""
     x, kwargs = _conv_args(module, x)
     a4, g4 = _grouped(x, g, conv_geometry("conv rule", x, g, **kwargs), module.groups)
-    grads = torch.einsum("btgo,btgi->bgoi", g4, a4)
-    return grads.reshape(x.shape[0], *module.weight.shape)
+    batch = x.shape[0]
+    if module.groups == 1:
+        rows = g.reshape(batch, module.out_channels, -1)  # (B, C_out, T)
+        target = None if out is None else out.view(*rows.shape[:2], -1)
+        grads = torch.bmm(rows, a4.squeeze(2), out=target)
+    else:
+        grads = torch.einsum("btgo,btgi->bgoi", g4, a4)
+    return grads.reshape(batch, *module.weight.shape)
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(Rule):
-    def per_example_grads(self, module, x, g):
-        out = {}
+    def per_example_grads(self, module, x, g, out=None):
+        out = {} if out is None else out
+        grads = {}
         if module.weight.requires_grad:
-            out["weight"] = weight_grads(module, x, g)
+            grads["weight"] = weight_grads(module, x, g, out.get("weight"))
         if module.bias is not None and module.bias.requires_grad:
-            out["bias"] = _spatial_sum(g)
-        return out
+            bias = out.get("bias")
+            grads["bias"] = _spatial_sum(g) if bias is None else _spatial_sum_into(g, bias)
+        return grads
 
     def plan(self, module, x, out, clipping):
         t = math.prod(out.shape[2:])
         d_in = module.in_channels // module.groups * math.prod(module.kernel_size)
         method, cost = plan_linear(clipping, t, d_in, module.out_channels // module.groups)
         return method, cost * module.groups
+
+    def materialise_saving(self, module, x, g):
+        if module.groups != 1 or not module.weight.requires_grad:
+            return None  # grouped per-example gradients are no single batched GEMM
+        trainable_bias = module.bias is not None and module.bias.requires_grad
+        return self.plan(module, x, g, "auto")[1], module.weight.numel() + (
+            module.out_channels if trainable_bias else 0
+        )
 
     def norm_sq(self, module, x, g, method="auto"):
         x, kwargs = _conv_args(module, x)

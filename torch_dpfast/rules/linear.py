@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from .. import ops
@@ -27,14 +28,15 @@ def _rows(t: Tensor) -> Tensor:
 
 @register_rule(nn.Linear)
 class LinearRule(Rule):
-    def per_example_grads(self, module, x, g):
+    def per_example_grads(self, module, x, g, out=None):
         x, g = _rows(x), _rows(g)
-        out = {}
+        out = {} if out is None else out
+        grads = {}
         if module.weight.requires_grad:
-            out["weight"] = g.mT @ x
+            grads["weight"] = torch.bmm(g.mT, x, out=out.get("weight"))
         if module.bias is not None and module.bias.requires_grad:
-            out["bias"] = g.sum(dim=1)
-        return out
+            grads["bias"] = torch.sum(g, dim=1, out=out.get("bias"))
+        return grads
 
     def plan(self, module, x, out, clipping):
         t, d_in, d_out = math.prod(x.shape[1:-1]), x.shape[-1], out.shape[-1]
