@@ -9,9 +9,11 @@ warm-up step:
   (as the paper's Nsight measurement, the synchronisation is included);
 * inside them, from the torch profiler (CPU time on CPU, kernel time on CUDA) in a second,
   profiled pass: per-example norms and book-keeping clipped sums (our ``torch_dpfast::*_norm_sq``
-  and ``*_clipped_sum`` ops), clip and accumulate (our ``clip_factors`` and ``clip_accumulate_``;
-  Opacus's ``DPOptimizer.clip_and_accumulate``), noise (our ``add_noise_``; Opacus's
-  ``DPOptimizer.add_noise``) and Opacus's per-example gradients (its backward hooks).
+  and ``*_clipped_sum`` ops), materialised per-example gradients (the engine's
+  ``torch_dpfast::per_example_gradients`` label), clip and accumulate (our ``clip_factors``
+  and ``clip_accumulate_``; Opacus's ``DPOptimizer.clip_and_accumulate``), noise (our
+  ``add_noise_``; Opacus's ``DPOptimizer.add_noise``) and Opacus's per-example gradients (its
+  backward hooks).
 
 Usage:
   python benchmarks/profile.py --device cuda --model vit_base --physical 32 --out DIR
@@ -43,6 +45,8 @@ PARTS = {
     "torch_dpfast::linear_clipped_sum": "clipped sums",
     "torch_dpfast::conv_clipped_sum": "clipped sums",
     "torch_dpfast::embedding_clipped_sum": "clipped sums",
+    "torch_dpfast::per_example_norm_sq": "per-example norms",
+    "torch_dpfast::per_example_gradients": "per-example gradients (materialised)",
     "torch_dpfast::clip_factors": "clip and accumulate",
     "torch_dpfast::total_clip_factors": "clip and accumulate",
     "torch_dpfast::clip_accumulate_": "clip and accumulate",

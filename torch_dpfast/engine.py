@@ -468,19 +468,25 @@ def materialise(
     examples only, (rows, *p.shape), into the buffers ``cut`` gives them."""
     cut = cut or {}
     per_example: dict[int, tuple[nn.Parameter, Tensor]] = {}
-    for r in records:
-        if r.rule is FALLBACK:
-            grads = FALLBACK.per_example_grads(r.module, r.x, r.g, rows=r.fold)
-            _check_examples_independent(r, grads)
-        elif id(r) in cut:
-            grads = r.rule.per_example_grads(r.module, *leading_rows(r, rows), out=cut[id(r)])
-        else:
-            grads = r.rule.per_example_grads(r.module, r.x, r.g)
-        for name, grad in grads.items():
-            p = r.params[name]
-            prev = per_example.get(id(p))
-            per_example[id(p)] = (p, grad if prev is None else prev[1] + grad)
+    with torch.profiler.record_function("torch_dpfast::per_example_gradients"):
+        for r in records:
+            _materialise_one(r, cut, rows, per_example)
     return per_example
+
+
+def _materialise_one(r: _Record, cut, rows: int, per_example: dict) -> None:
+    """Adds the per-example gradients of one layer call to ``per_example`` (see materialise)."""
+    if r.rule is FALLBACK:
+        grads = FALLBACK.per_example_grads(r.module, r.x, r.g, rows=r.fold)
+        _check_examples_independent(r, grads)
+    elif id(r) in cut:
+        grads = r.rule.per_example_grads(r.module, *leading_rows(r, rows), out=cut[id(r)])
+    else:
+        grads = r.rule.per_example_grads(r.module, r.x, r.g)
+    for name, grad in grads.items():
+        p = r.params[name]
+        prev = per_example.get(id(p))
+        per_example[id(p)] = (p, grad if prev is None else prev[1] + grad)
 
 
 def _check_examples_independent(record: _Record, grads: dict[str, Tensor]) -> None:
