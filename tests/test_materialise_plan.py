@@ -159,3 +159,31 @@ def test_ungrouped_convolutions_are_materialised_too(monkeypatch, gen):
         att.detach()
     assert {name for name, m in model.named_children() if m in fast} == {"depthwise", "head"}
     torch.testing.assert_close(summed, expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("model_class", [SequenceMLP, SmallCNN])
+def test_materialising_under_bf16_autocast_agrees_with_the_fast_paths(model_class, gen):
+    """Under autocast the layer input is float32 and the output gradient bfloat16: the
+    materialised gradients are computed in float32 and agree with the fast paths'."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (), generator=gen)))
+    model = model_class()
+    shape = (4, 40, 5) if model_class is SequenceMLP else (4, 3, 8, 8)
+    x, y = torch.randn(*shape, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+    results = []
+    for materialise_bytes in (1 << 30, 0):
+        att = dpf.attach(model, materialise_bytes=materialise_bytes)
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            norm_sq = att.clip_and_accumulate(0.5)
+            summed = torch.cat([p.summed_grad.flatten() for p in model.parameters()])
+        finally:
+            att.detach()
+            for p in model.parameters():
+                p.summed_grad = None
+        results.append((norm_sq.double(), summed.double()))
+    (norms, summed), (fast_norms, fast_summed) = results
+    assert torch.isfinite(summed).all()
+    torch.testing.assert_close(norms, fast_norms, rtol=2**-6, atol=0)
+    assert (summed - fast_summed).norm() <= 2**-6 * fast_summed.norm()

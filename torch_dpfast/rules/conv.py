@@ -45,7 +45,9 @@ def _spatial_sum_into(g: Tensor, out: Tensor) -> Tensor:
 def weight_grads(module: nn.Module, x: Tensor, g: Tensor, out: Tensor | None = None) -> Tensor:
     """(B, *weight.shape) materialised per-example gradients of the conv weight (written into
     ``out`` if given: ungrouped convs only, one batched GEMM g_i a_i over the patches)."""
-    x, kwargs = _conv_args(module, x)
+    dtype = torch.promote_types(x.dtype, g.dtype)  # autocast: float32 x, bfloat16 g
+    x, kwargs = _conv_args(module, x.to(dtype))
+    g = g.to(dtype)
     a4, g4 = _grouped(x, g, conv_geometry("conv rule", x, g, **kwargs), module.groups)
     batch = x.shape[0]
     if module.groups == 1:

@@ -29,7 +29,8 @@ def _rows(t: Tensor) -> Tensor:
 @register_rule(nn.Linear)
 class LinearRule(Rule):
     def per_example_grads(self, module, x, g, out=None):
-        x, g = _rows(x), _rows(g)
+        dtype = torch.promote_types(x.dtype, g.dtype)  # autocast: float32 x, bfloat16 g
+        x, g = _rows(x).to(dtype), _rows(g).to(dtype)
         out = {} if out is None else out
         grads = {}
         if module.weight.requires_grad:
