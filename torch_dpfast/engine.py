@@ -461,26 +461,26 @@ def has_fast_path(rule: Rule) -> bool:
 
 
 def materialise(
-    records: list[_Record], cut: dict[int, dict[str, Tensor]] | None = None, rows: int = 0
+    records: list[_Record], buffers: dict[int, dict[str, Tensor]] | None = None, rows: int = 0
 ) -> dict[int, tuple[nn.Parameter, Tensor]]:
     """{id(p): (p, (B, *p.shape) per-example gradient summed over p's uses)}; the records
-    whose id is in ``cut`` (single-use parameters) are materialised on their first ``rows``
-    examples only, (rows, *p.shape), into the buffers ``cut`` gives them."""
-    cut = cut or {}
+    with buffers (``buffers[id(record)]``, single-use parameters) are materialised on their
+    first ``rows`` examples only, (rows, *p.shape), into those buffers."""
+    buffers = buffers or {}
     per_example: dict[int, tuple[nn.Parameter, Tensor]] = {}
     with torch.profiler.record_function("torch_dpfast::per_example_gradients"):
         for r in records:
-            _materialise_one(r, cut, rows, per_example)
+            _materialise_one(r, buffers, rows, per_example)
     return per_example
 
 
-def _materialise_one(r: _Record, cut, rows: int, per_example: dict) -> None:
+def _materialise_one(r: _Record, buffers, rows: int, per_example: dict) -> None:
     """Adds the per-example gradients of one layer call to ``per_example`` (see materialise)."""
     if r.rule is FALLBACK:
         grads = FALLBACK.per_example_grads(r.module, r.x, r.g, rows=r.fold)
         _check_examples_independent(r, grads)
-    elif id(r) in cut:
-        grads = r.rule.per_example_grads(r.module, *leading_rows(r, rows), out=cut[id(r)])
+    elif id(r) in buffers:
+        grads = r.rule.per_example_grads(r.module, *leading_rows(r, rows), out=buffers[id(r)])
     else:
         grads = r.rule.per_example_grads(r.module, r.x, r.g)
     for name, grad in grads.items():

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .. import ops
 from ..ops._checks import drop_unscaled_rows
 
 
@@ -51,10 +52,8 @@ class Rule:
 
     def norm_sq(self, module: nn.Module, x: Tensor, g: Tensor, method: str = "auto") -> Tensor:
         """Default: from the materialised per-example gradients (cheap for small parameters)."""
-        total = zero_norms(g)
-        for grad in self.per_example_grads(module, x, g).values():
-            total = total + grad.reshape(total.shape[0], -1).to(total.dtype).square().sum(dim=1)
-        return total
+        grads = list(self.per_example_grads(module, x, g).values())
+        return ops.per_example_norm_sq(grads) if grads else zero_norms(g)
 
     def clipped_sums(
         self, module: nn.Module, x: Tensor, g: Tensor, scale: Tensor

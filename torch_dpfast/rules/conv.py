@@ -32,13 +32,10 @@ def _conv_args(module: nn.Module, x: Tensor) -> tuple[Tensor, dict]:
     )
 
 
-def _spatial_sum(g: Tensor) -> Tensor:
-    """(B, C, *S) -> (B, C)."""
-    return g.sum(dim=tuple(range(2, g.dim()))) if g.dim() > 2 else g
-
-
-def _spatial_sum_into(g: Tensor, out: Tensor) -> Tensor:
-    """:func:`_spatial_sum` written into ``out`` (B, C)."""
+def _spatial_sum(g: Tensor, out: Tensor | None = None) -> Tensor:
+    """(B, C, *S) -> (B, C), written into ``out`` if given."""
+    if g.dim() == 2 and out is None:
+        return g
     return torch.sum(g.reshape(*g.shape[:2], -1), dim=2, out=out)
 
 
@@ -67,8 +64,7 @@ class ConvRule(Rule):
         if module.weight.requires_grad:
             grads["weight"] = weight_grads(module, x, g, out.get("weight"))
         if module.bias is not None and module.bias.requires_grad:
-            bias = out.get("bias")
-            grads["bias"] = _spatial_sum(g) if bias is None else _spatial_sum_into(g, bias)
+            grads["bias"] = _spatial_sum(g, out.get("bias"))
         return grads
 
     def plan(self, module, x, out, clipping):
