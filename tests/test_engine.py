@@ -390,6 +390,75 @@ def test_trailing_padding_rows_are_skipped_exactly(name, mode, gen):
     torch.testing.assert_close(norm_sq[mask], expected_norms[mask], rtol=1e-8, atol=1e-10)
 
 
+def _training_flops(model, x, y, mask):
+    """Multiply-adds x 2 of one forward and backward (not the clipping) under ``mask``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    att = dpf.attach(model, clipping="bk")
+    try:
+        att.begin_batch(mask)
+        with FlopCounterMode(display=False) as counter:
+            F.cross_entropy(model(x), y).backward()
+        return counter.get_total_flops()
+    finally:
+        att.detach()
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_captured_layers_compute_only_the_real_rows_of_a_padded_batch(name, gen):
+    """Every multiply-add of these models is in a captured layer, so the forward and backward
+    of a batch whose last rows are padding cost exactly kept / B of the whole batch's."""
+    model, x, y = _setup(name, gen)
+    batch = x.shape[0]
+    kept = batch - 2
+    whole = _training_flops(model, x, y, None)
+    trimmed = _training_flops(model, x, y, torch.arange(batch) < kept)
+    assert whole > 0
+    assert trimmed == pytest.approx(whole * kept / batch, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "tied_lm", "timm_vit", "timm_bit_resnetv2"])
+def test_padded_forward_gives_the_real_rows_outputs_and_copies_of_row_0(name, gen):
+    """Captured layers skip the padding rows and fill their outputs with copies of row 0's:
+    the real rows' outputs are the model's own; with the padding the sampler makes (copies of
+    the batch's first row) every row, so the loss too, is what the model alone computes; NaN
+    or Inf in the padding rows never shows."""
+    model, x, y = _setup(name, gen)
+    plain = copy.deepcopy(model)
+    batch = x.shape[0]
+    kept = max(1, batch - 2)
+    mask = torch.arange(batch) < kept
+    x[kept:] = x[0]
+    expected = plain(x)
+    att = dpf.attach(model, clipping="auto")
+    try:
+        att.begin_batch(mask)
+        torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+        att.discard()
+        if x.is_floating_point():
+            x[kept:] = float("nan")
+            att.begin_batch(mask)
+            out = model(x)
+            torch.testing.assert_close(out[:kept], expected[:kept], rtol=1e-12, atol=1e-12)
+            assert torch.isfinite(out).all()
+    finally:
+        att.detach()
+
+
+def test_rows_are_computed_whole_again_once_the_batch_is_clipped(gen):
+    model, x, y = _setup("mlp", gen)
+    plain = copy.deepcopy(model)
+    att = dpf.attach(model, clipping="auto")
+    try:
+        att.begin_batch(torch.arange(x.shape[0]) < 2)
+        F.cross_entropy(model(x), y).backward()
+        att.clip_and_accumulate(1.0)
+        other = torch.randn(x.shape, generator=gen, dtype=x.dtype)  # same size, all rows real
+        torch.testing.assert_close(model(other), plain(other), rtol=1e-12, atol=1e-12)
+    finally:
+        att.detach()
+
+
 def test_kept_prefix_finds_trailing_padding_only():
     from torch_dpfast.engine import kept_prefix
 

@@ -74,8 +74,11 @@ def test_physical_batches_have_one_shape_and_cover_the_sample(physical_batch_siz
         assert info.mask.sum() > 0 or info.count == 1
         if not info.mask.any():
             empty_steps += 1
-        # Real rows first, padding after.
+        # Real rows first, padding after: copies of the batch's first row (what the engine
+        # copies into the padding rows' layer outputs instead of computing them).
         assert info.mask.tolist() == sorted(info.mask.tolist(), reverse=True)
+        if info.mask.any():
+            assert all(row == rows[0] for row in rows[int(info.mask.sum()) :])
     assert yielded == planned
     assert sampler.epoch == 1
     sizes = [len(b) for b in _logical_batches(n, q, steps, 3, physical_batch_size)]

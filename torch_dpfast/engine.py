@@ -59,18 +59,24 @@ class _Record:
 
 class _Capture(torch.autograd.Function):
     """Runs ``call(x)`` (the layer with detached parameters) on its own small graph; backward
-    records g and returns the gradient of x through that graph (nothing for the parameters)."""
+    records g and returns the gradient of x through that graph (nothing for the parameters).
+
+    With ``rows`` set (a physical batch whose last rows are padding, see
+    :meth:`Attachment.forward_rows`), the layer runs on ``x[:rows]`` only and the output's other
+    rows are copies of its row 0: the padding rows then carry a real example's values, as the
+    padding rows of the input do, without being computed; their input gradient is 0."""
 
     @staticmethod
-    def forward(ctx, x, anchor, call, record):
+    def forward(ctx, x, anchor, call, record, rows):
         with torch.enable_grad():
-            x_in = x.detach()
+            x_leaf = x.detach()
             if x.is_floating_point() and x.requires_grad:
-                x_in.requires_grad_(True)
-            out = call(x_in)
-        ctx.record, ctx.x_in, ctx.out = record, x_in, out
+                x_leaf.requires_grad_(True)
+            out = call(x_leaf if rows is None else x_leaf[:rows])
+        ctx.record, ctx.x_leaf, ctx.out, ctx.rows = record, x_leaf, out, rows
         ctx.save_for_backward(x)  # autograd's version check catches later in-place changes of x
-        return out.detach()
+        out = out.detach()
+        return out if rows is None else _copies_of_first_row(out, rows, x.shape[0], record)
 
     @staticmethod
     def backward(ctx, g):
@@ -79,10 +85,25 @@ class _Capture(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # Ghost clipping runs a second backward through this small graph.
             retain = ctx.record.owner._ghost is not None
-            (grad_x,) = torch.autograd.grad(ctx.out, ctx.x_in, g, retain_graph=retain)
+            g_in = g if ctx.rows is None else g[: ctx.rows]
+            (grad_x,) = torch.autograd.grad(ctx.out, ctx.x_leaf, g_in, retain_graph=retain)
         ctx.record.x, ctx.record.g = x.detach(), g.detach()
         ctx.record.owner._on_backward(ctx.record)
-        return grad_x, None, None, None
+        return grad_x, None, None, None, None
+
+
+def _copies_of_first_row(out: Tensor, rows: int, batch: int, record: _Record) -> Tensor:
+    """(rows, ...) -> (batch, ...): the rows, then batch - rows copies of row 0."""
+    if out.dim() == 0 or out.shape[0] != rows:
+        raise ValueError(
+            f"torch_dpfast: {type(record.module).__name__} turned an input of {rows} examples "
+            f"into an output whose dim 0 is {tuple(out.shape)[:1]}; captured layers must keep the "
+            "batch in dim 0 of their input and output"
+        )
+    full = out.new_empty(batch, *out.shape[1:])  # cheaper than torch.cat of an expanded row
+    full[:rows].copy_(out)
+    full[rows:].copy_(out[:1].expand(batch - rows, *out.shape[1:]))
+    return full
 
 
 class _CaptureCall(torch.autograd.Function):
@@ -191,6 +212,7 @@ class Attachment:
     modules: dict[str, nn.Module] = field(default_factory=dict)
     rules: dict[str, Rule] = field(default_factory=dict)  # path -> the rule capturing it
     mask: Tensor | None = None  # (B,) rows to keep in the next clip_and_accumulate
+    kept: int | None = None  # the mask keeps exactly its first `kept` rows, 0 < kept < B
     generation: int = 0  # counts begin_batch calls
     # bytes of per-example gradients auto may hold on CPU instead of fast paths (0: none)
     materialise_bytes: int = materialise_plan.DEFAULT_MATERIALISE_BYTES
@@ -215,9 +237,26 @@ class Attachment:
         return out
 
     def begin_batch(self, mask: Tensor | None) -> None:
-        """A new physical batch: ``mask`` (B,) marks its real rows (None: all are real)."""
+        """A new physical batch: ``mask`` (B,) marks its real rows (None: all are real). Call it
+        before the forward: when the mask keeps only the first k rows (a CPU mask, as the
+        PrivacyEngine's padded batches have), captured layers compute those k rows only."""
         self.generation += 1
         self.mask = mask
+        kept = None if mask is None else kept_prefix(mask, mask.shape[0])
+        self.kept = kept if mask is not None and kept < mask.shape[0] else None
+
+    def take_mask(self) -> Tensor | None:
+        """The batch's mask, once: its layer calls are being clipped, so later forwards are
+        computed whole again."""
+        mask, self.mask, self.kept = self.mask, None, None
+        return mask
+
+    def forward_rows(self, x: Tensor) -> int | None:
+        """How many leading rows of ``x`` a captured layer computes: the kept rows when ``x``
+        is the masked batch (its dim 0 is the mask's length); None for all of them."""
+        if self.kept is None or x.dim() == 0 or x.shape[0] != self.mask.shape[0]:
+            return None
+        return self.kept
 
     def record(self, module: nn.Module, rule: Rule, params, **fields) -> _Record:
         """Registers one call of a captured layer."""
@@ -242,6 +281,7 @@ class Attachment:
         self.rules.clear()
         self._workspace.clear()
         self.discard()
+        self.take_mask()
         _live.discard(self)
 
     def clip_and_accumulate(self, max_grad_norm: float) -> Tensor:
@@ -253,7 +293,7 @@ class Attachment:
         self.check_no_leaks()
         records = [r for r in self._records if r.g is not None]
         self._records.clear()
-        mask, self.mask = self.mask, None
+        mask = self.take_mask()
         if not records:
             return torch.zeros(0)
         if len({r.generation for r in records}) > 1:
@@ -364,6 +404,7 @@ class Attachment:
         """clip_and_accumulate in ghost mode: the two passes already accumulated the sums."""
         stray, self._stray_backward = self._stray_backward, False
         self._records.clear()
+        self.take_mask()
         if stray:
             raise RuntimeError(
                 "torch_dpfast: clipping='ghost' clips in two backward passes that the wrapped "
@@ -575,7 +616,8 @@ class _IOCapture:
             with _detached(module, params):
                 return original(x_in)
 
-        return _Capture.apply(args[0], self.attachment._anchor, call, record)
+        rows = self.attachment.forward_rows(args[0])
+        return _Capture.apply(args[0], self.attachment._anchor, call, record, rows)
 
 
 def _flag_leak(attachment: Attachment, name: str):

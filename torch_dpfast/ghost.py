@@ -93,7 +93,7 @@ def ghost_backward(
         )
     attachment.check_no_leaks()
     records = list(attachment._records)
-    mask, attachment.mask = attachment.mask, None
+    mask = attachment.take_mask()
     batch = losses.shape[0]
     by_parameter = [r for r in records if getattr(r.rule, "capture", "io") == "parameters"]
     plain = {id(r) for r in plain_records(records) if r not in by_parameter}

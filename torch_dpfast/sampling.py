@@ -7,8 +7,9 @@ way). Drawing the sizes of a whole epoch first makes the number of physical batc
 known in advance, so ``len(loader)`` is exact.
 
 A logical batch of s examples becomes max(1, ceil(s / P)) physical batches of exactly P rows;
-the last is padded with a filler example and a mask marks the real rows. An empty logical batch
-becomes one all-masked batch, so the step still happens (noise only), as the accountant assumes.
+the last is padded with copies of its own first row and a mask marks the real rows. An empty
+logical batch becomes one all-masked batch, so the step still happens (noise only), as the
+accountant assumes.
 With ``padding="pow2"`` the last batch is padded only to the next power of two (at most P):
 fewer padding rows, a few batch shapes instead of one. The sample is the same either way.
 With ``physical_batch_size=None`` each logical batch is one batch of s rows (1 masked row when
@@ -77,8 +78,10 @@ def split(
     padding: str = "full",
 ):
     """[(rows, mask)] for one logical batch, ``count`` physical batches: rows are dataset
-    indices, padded with ``filler`` to :func:`padded_width` rows (whole all-masked batches
-    where ``count`` asks for more)."""
+    indices, padded to :func:`padded_width` rows with copies of the batch's first row (the
+    engine's captured layers copy that row's outputs into the padding rows instead of computing
+    them, so this is what they would compute), or with ``filler`` in whole all-masked batches
+    where ``count`` asks for more."""
     size = len(indices)
     width = physical_batch_size if physical_batch_size is not None else max(size, 1)
     batches = []
@@ -87,7 +90,7 @@ def split(
         rows = padded_width(len(real), width, padding)
         mask = torch.zeros(rows, dtype=torch.bool)
         mask[: len(real)] = True
-        batches.append((real + [filler] * (rows - len(real)), mask))
+        batches.append((real + [real[0] if real else filler] * (rows - len(real)), mask))
     return batches
 
 
