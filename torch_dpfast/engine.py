@@ -242,8 +242,9 @@ class Attachment:
         PrivacyEngine's padded batches have), captured layers compute those k rows only."""
         self.generation += 1
         self.mask = mask
-        kept = None if mask is None else kept_prefix(mask, mask.shape[0])
-        self.kept = kept if mask is not None and kept < mask.shape[0] else None
+        self.kept = None
+        if mask is not None and (kept := kept_prefix(mask, mask.shape[0])) < mask.shape[0]:
+            self.kept = kept
 
     def take_mask(self) -> Tensor | None:
         """The batch's mask, once: its layer calls are being clipped, so later forwards are
