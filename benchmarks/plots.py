@@ -32,11 +32,20 @@ def best_rows(results: list[dict], precision: str) -> dict[tuple[str, str], dict
     return best
 
 
-def _grouped_bars(ax, models, modes, value, ylabel):
+def _grouped_bars(ax, models, modes, value, ylabel, spread=None):
+    """Bars of ``value(model, mode)``; ``spread(model, mode)`` -> (low, high) draws its range."""
     width = 0.8 / max(len(modes), 1)
     for j, mode in enumerate(modes):
         xs = [i + j * width for i in range(len(models))]
-        ax.bar(xs, [value(m, mode) for m in models], width, label=mode)
+        heights = [value(m, mode) for m in models]
+        yerr = None
+        if spread is not None:
+            ranges = [spread(m, mode) for m in models]
+            yerr = [
+                [h - low for h, (low, _) in zip(heights, ranges)],
+                [high - h for h, (_, high) in zip(heights, ranges)],
+            ]
+        ax.bar(xs, heights, width, label=mode, yerr=yerr, capsize=3)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(models))])
     ax.set_xticklabels([_label(m) for m in models], rotation=20)
     ax.set_ylabel(ylabel)
@@ -64,14 +73,26 @@ def throughput_figures(results: list[dict], out: pathlib.Path) -> list[pathlib.P
         r = ratio(model, mode)
         return 1.0 / r if r else 0.0
 
-    for name, value, ylabel in (
-        ("relative_throughput.png", ratio, "throughput / non-private"),
-        ("dp_cost.png", cost, "non-private / DP throughput"),
+    def ratio_range(model, mode):
+        row = best.get((model, mode), {})
+        return row.get("ratio_min", ratio(model, mode)), row.get("ratio_max", ratio(model, mode))
+
+    def cost_range(model, mode):
+        low, high = ratio_range(model, mode)
+        return (1.0 / high if high else 0.0), (1.0 / low if low else 0.0)
+
+    for name, value, spread, ylabel in (
+        ("relative_throughput.png", ratio, ratio_range, "throughput / non-private"),
+        ("dp_cost.png", cost, cost_range, "non-private / DP throughput"),
     ):
         fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(models)), 3.6))
-        _grouped_bars(ax, models, private, value, ylabel)
+        _grouped_bars(ax, models, private, value, ylabel, spread)
         ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_title(f"{precision}, each mode at its best physical batch")
+        ax.set_title(
+            f"{precision}, each mode at its best physical batch\n"
+            "median of the per-round ratios; whiskers: their range",
+            fontsize=9,
+        )
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
         plt.close(fig)

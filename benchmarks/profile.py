@@ -1,9 +1,11 @@
 """Per-phase time of a training step, for non-private training, our modes and Opacus (the seed
 paper's Table A3).
 
-Each mode runs in a fresh process at one physical batch size (logical batches of the same
-expected size). Phases, averaged per physical batch over ``--steps`` logical steps after one
-warm-up step:
+Each mode runs in a fresh process at one physical batch size P (logical batches of the same
+expected size). Phases are reported per P real examples (the time of one full physical batch),
+over ``--steps`` logical steps after one warm-up step: the physical batches of a Poisson sample
+are not all full (our padded ones, Opacus's shorter last ones), so per physical batch would
+flatter whichever mode skips most work on padding rows.
 
 * forward, backward, step: wall time of each phase with the device synchronised at both ends
   (as the paper's Nsight measurement, the synchronisation is included);
@@ -151,8 +153,7 @@ def worker(settings: Settings, steps: int) -> dict:
         pass
     timer = PhaseTimer(run.device)
     run.phase = timer
-    for _ in run.logical_steps(steps):
-        pass
+    examples = sum(real for real, _, _ in run.logical_steps(steps))
     activities = [torch.profiler.ProfilerActivity.CPU]
     if run.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -160,12 +161,14 @@ def worker(settings: Settings, steps: int) -> dict:
     with torch.profiler.profile(activities=activities) as prof:
         for _ in run.logical_steps(steps):
             pass
-    phases_ms = {k: 1e3 * v / max(timer.batches, 1) for k, v in timer.seconds.items()}
+    per_batch = settings.physical / max(examples, 1)  # seconds -> seconds per P examples
+    phases_ms = {k: 1e3 * v * per_batch for k, v in timer.seconds.items()}
     # The profiler slows what it watches: a part is its share of its phase in the profiled
     # pass, applied to the phase's time in the timed pass.
     parts, profiled_phases = profiled_parts(prof.events(), run.device.type == "cuda")
     return dict(
         physical_batches=timer.batches,
+        examples=examples,
         phases_ms=phases_ms,
         parts_ms={
             key: phases_ms[key.split("/")[0]] * v / profiled_phases[key.split("/")[0]]
@@ -178,13 +181,14 @@ def markdown(env: dict, settings: dict, results: list[dict]) -> str:
     good = [r for r in results if "error" not in r]
     parts = list(dict.fromkeys(p for r in good for p in r["parts_ms"]))
     lines = [
-        f"# Time per physical batch by phase ({env['device']})",
+        f"# Time per {settings['physical']} examples by phase ({env['device']})",
         "",
         f"{MODELS[settings['model']][2]}, physical batch {settings['physical']}, precision "
         f"{settings['precision']}; torch {env['torch']}, commit {env['commit']}, "
-        f"{env['time_utc']}. Milliseconds per physical batch, averaged over {settings['steps']} "
-        "logical steps; phases synchronised at both ends; indented rows are parts of the phase "
-        "above them (their share of it in a second pass under the torch profiler).",
+        f"{env['time_utc']}. Milliseconds per {settings['physical']} real examples (one full "
+        f"physical batch), over {settings['steps']} logical steps; phases synchronised at both "
+        "ends; indented rows are parts of the phase above them (their share of it in a second "
+        "pass under the torch profiler).",
         "",
         "| phase | " + " | ".join(r["mode"] for r in results) + " |",
         "|---|" + "---|" * len(results),
@@ -218,7 +222,7 @@ def plot(results: list[dict], out: pathlib.Path) -> None:
         heights = [r["phases_ms"][phase] for r in good]
         ax.bar([r["mode"] for r in good], heights, bottom=bottom, label=phase)
         bottom = [b + h for b, h in zip(bottom, heights)]
-    ax.set_ylabel("ms per physical batch")
+    ax.set_ylabel("ms per physical batch of real examples")
     ax.legend(fontsize=8)
     plt.setp(ax.get_xticklabels(), rotation=20)
     fig.tight_layout()

@@ -137,6 +137,8 @@ def test_profile_smoke_run_splits_phases_for_us_and_for_opacus(tmp_path):
         assert "error" not in r, r
         assert all(ms > 0 for ms in r["phases_ms"].values())
     assert rows["non_private"]["parts_ms"] == {}
+    # Per 4 real examples (the smoke run's physical batch): non-private's batches are full.
+    assert rows["non_private"]["examples"] == 4 * rows["non_private"]["physical_batches"]
     ours, opacus = rows["dpfast_auto"]["parts_ms"], rows["opacus_hooks"]["parts_ms"]
     assert ours["step/noise"] > 0 and any("norms" in k for k in ours)
     assert opacus["backward/per-example gradients (Opacus hooks)"] > 0

@@ -417,7 +417,21 @@ def test_captured_layers_compute_only_the_real_rows_of_a_padded_batch(name, gen)
     assert trimmed == pytest.approx(whole * kept / batch, rel=1e-12)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "tied_lm", "timm_vit", "timm_bit_resnetv2"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mlp",
+        "cnn",
+        "tied_lm",
+        "attention_lm",  # nn.MultiheadAttention's q/k/v projections in one capture
+        "attention_lm_packed",
+        "attention_lm_square",
+        "timm_vit",
+        "timm_vit_relpos",
+        "timm_bit_resnetv2",
+        "timm_swin",  # window attention's B * W rows are not the batch: computed whole
+    ],
+)
 def test_padded_forward_gives_the_real_rows_outputs_and_copies_of_row_0(name, gen):
     """Captured layers skip the padding rows and fill their outputs with copies of row 0's:
     the real rows' outputs are the model's own; with the padding the sampler makes (copies of
@@ -441,6 +455,32 @@ def test_padded_forward_gives_the_real_rows_outputs_and_copies_of_row_0(name, ge
             out = model(x)
             torch.testing.assert_close(out[:kept], expected[:kept], rtol=1e-12, atol=1e-12)
             assert torch.isfinite(out).all()
+    finally:
+        att.detach()
+
+
+@pytest.mark.parametrize("name", ["attention_lm", "attention_lm_square"])
+def test_attention_projections_compute_only_the_real_rows(name, gen, monkeypatch):
+    from torch_dpfast.rules.attention import MultiheadAttentionRule
+
+    seen = []
+    project = MultiheadAttentionRule.project
+
+    def recording(self, module, *xs):
+        seen.append([x.shape[0] for x in xs])
+        return project(self, module, *xs)
+
+    monkeypatch.setattr(MultiheadAttentionRule, "project", recording)
+    model, x, y = _setup(name, gen)
+    kept = x.shape[0] - 1
+    att = dpf.attach(model, clipping="auto")
+    try:
+        att.begin_batch(torch.arange(x.shape[0]) < kept)
+        F.cross_entropy(model(x), y).backward()
+        assert seen == [[kept] * 3]
+        att.clip_and_accumulate(1.0)
+        model(x)
+        assert seen[-1] == [x.shape[0]] * 3
     finally:
         att.detach()
 

@@ -162,16 +162,21 @@ class _CaptureCall(torch.autograd.Function):
 
 class _CaptureMany(torch.autograd.Function):
     """Like _Capture for a call with several inputs and outputs (attention's q/k/v projections):
-    backward records the tuple of output gradients and returns the inputs' gradients."""
+    backward records the tuple of output gradients and returns the inputs' gradients. With
+    ``rows`` set, the call runs on the first ``rows`` rows of every input and each output's
+    other rows are copies of its row 0 (as in _Capture)."""
 
     @staticmethod
-    def forward(ctx, anchor, call, record, *xs):
+    def forward(ctx, anchor, call, record, rows, *xs):
         with torch.enable_grad():
             ins = [x.detach().requires_grad_(x.is_floating_point() and x.requires_grad) for x in xs]
-            outs = call(*ins)
-        ctx.record, ctx.ins, ctx.outs = record, ins, outs
+            outs = call(*(ins if rows is None else [x[:rows] for x in ins]))
+        ctx.record, ctx.ins, ctx.outs, ctx.rows = record, ins, outs, rows
         ctx.save_for_backward(*xs)  # version check against later in-place changes
-        return tuple(o.detach() for o in outs)
+        if rows is None:
+            return tuple(o.detach() for o in outs)
+        batch = xs[0].shape[0]
+        return tuple(_copies_of_first_row(o.detach(), rows, batch, record) for o in outs)
 
     @staticmethod
     def backward(ctx, *gs):
@@ -180,15 +185,16 @@ class _CaptureMany(torch.autograd.Function):
         grads = [None] * len(ctx.ins)
         if needs:
             retain = ctx.record.owner._ghost is not None  # ghost clipping's second backward
+            gs_in = gs if ctx.rows is None else [g[: ctx.rows] for g in gs]
             found = torch.autograd.grad(
-                ctx.outs, [ctx.ins[i] for i in needs], gs, allow_unused=True, retain_graph=retain
+                ctx.outs, [ctx.ins[i] for i in needs], gs_in, allow_unused=True, retain_graph=retain
             )
             for i, grad in zip(needs, found):
                 grads[i] = grad
         ctx.record.x = tuple(x.detach() for x in xs)
         ctx.record.g = tuple(g.detach() for g in gs)
         ctx.record.owner._on_backward(ctx.record)
-        return (None, None, None, *grads)
+        return (None, None, None, None, *grads)
 
 
 @contextlib.contextmanager
@@ -252,12 +258,13 @@ class Attachment:
         mask, self.mask, self.kept = self.mask, None, None
         return mask
 
-    def forward_rows(self, x: Tensor) -> int | None:
-        """How many leading rows of ``x`` a captured layer computes: the kept rows when ``x``
-        is the masked batch (its dim 0 is the mask's length); None for all of them."""
-        if self.kept is None or x.dim() == 0 or x.shape[0] != self.mask.shape[0]:
+    def forward_rows(self, *xs: Tensor) -> int | None:
+        """How many leading rows of its inputs ``xs`` a captured layer computes: the kept rows
+        when every input is the masked batch (its dim 0 is the mask's length); None for all."""
+        if self.kept is None:
             return None
-        return self.kept
+        batch = self.mask.shape[0]
+        return self.kept if all(x.dim() and x.shape[0] == batch for x in xs) else None
 
     def record(self, module: nn.Module, rule: Rule, params, **fields) -> _Record:
         """Registers one call of a captured layer."""
@@ -668,7 +675,8 @@ class _ProjectionCapture:
                 with _detached(module, params):
                     return call(*xs)
 
-            return _CaptureMany.apply(self.attachment._anchor, detached_call, record, *inputs)
+            rows = self.attachment.forward_rows(*inputs)
+            return _CaptureMany.apply(self.attachment._anchor, detached_call, record, rows, *inputs)
 
         return self.rule.forward(module, capture, *args, **kwargs)
 

@@ -91,7 +91,8 @@ class PrivacyEngine:
             clipping: "auto" | "bk" | "ghost" | "per_example" (see docs/clipping.md); Opacus's
                 "flat" means "auto".
             physical_batch_size: rows per physical batch (the last one of a logical batch is
-                padded and masked); None: each logical batch is one variable-size batch.
+                padded with copies of its first row and masked; the captured layers compute
+                only its real rows); None: each logical batch is one variable-size batch.
             padding: "full" pads that last batch to ``physical_batch_size`` rows (one batch
                 shape: no recompilation, CUDA-graph friendly); "pow2" only to the next power
                 of two (fewer padding rows, at most log2(physical_batch_size) + 2 shapes).
