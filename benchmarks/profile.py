@@ -1,11 +1,11 @@
 """Per-phase time of a training step, for non-private training, our modes and Opacus (the seed
 paper's Table A3).
 
-Each mode runs in a fresh process at one physical batch size P (logical batches of the same
-expected size). Phases are reported per P real examples (the time of one full physical batch),
-over ``--steps`` logical steps after one warm-up step: the physical batches of a Poisson sample
-are not all full (our padded ones, Opacus's shorter last ones), so per physical batch would
-flatter whichever mode skips most work on padding rows.
+Each mode runs in a fresh process at one physical batch size P, with logical batches of
+expected size ``--logical`` (default P). Phases are reported per P real examples (the time of
+one full physical batch), over ``--steps`` logical steps after one warm-up step: the physical
+batches of a Poisson sample are not all full (our padded ones, Opacus's shorter last ones), so
+per physical batch would flatter whichever mode skips most work on padding rows.
 
 * forward, backward, step: wall time of each phase with the device synchronised at both ends
   (as the paper's Nsight measurement, the synchronisation is included);
@@ -183,8 +183,9 @@ def markdown(env: dict, settings: dict, results: list[dict]) -> str:
     lines = [
         f"# Time per {settings['physical']} examples by phase ({env['device']})",
         "",
-        f"{MODELS[settings['model']][2]}, physical batch {settings['physical']}, precision "
-        f"{settings['precision']}; torch {env['torch']}, commit {env['commit']}, "
+        f"{MODELS[settings['model']][2]}, physical batch {settings['physical']}, Poisson "
+        f"logical batches of expected size {settings.get('logical', settings['physical'])}, "
+        f"precision {settings['precision']}; torch {env['torch']}, commit {env['commit']}, "
         f"{env['time_utc']}. Milliseconds per {settings['physical']} real examples (one full "
         f"physical batch), over {settings['steps']} logical steps; phases synchronised at both "
         "ends; indented rows are parts of the phase above them (their share of it in a second "
@@ -239,6 +240,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"))
     parser.add_argument("--physical", type=int, default=32)
+    parser.add_argument("--logical", type=int, help="expected logical batch (default: physical)")
     parser.add_argument("--steps", type=int, default=4, help="logical steps timed")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU")
     args = parser.parse_args(argv)
@@ -252,15 +254,15 @@ def main(argv=None) -> dict:
     results = []
     for mode in args.modes.split(","):
         print(f"[profile] {args.model} / {mode} ...", flush=True)
-        settings = Settings(
-            args.model, mode, args.precision, args.physical, args.physical, args.device
-        )
+        logical = args.logical or args.physical
+        settings = Settings(args.model, mode, args.precision, args.physical, logical, args.device)
         worker_args = ["--worker", json.dumps(vars(settings)), "--steps", str(args.steps)]
         results.append(dict(mode=mode, **run_worker(__file__, worker_args)))
     settings = dict(
         model=args.model,
         precision=args.precision,
         physical=args.physical,
+        logical=args.logical or args.physical,
         steps=args.steps,
         device=args.device,
     )
