@@ -62,6 +62,19 @@ CASES = [
         _floats(3, 3, 5, 5),
     ),
     ("conv3d", lambda: nn.Conv3d(2, 3, 2, dilation=(1, 2, 1)), _floats(2, 2, 4, 5, 3)),
+    # >= 512 output positions: on CPU, one weight-gradient convolution per example
+    ("conv2d-high-res", lambda: nn.Conv2d(2, 3, 3, padding=1), _floats(2, 2, 23, 25)),
+    (
+        "conv1d-high-res-dilated",
+        lambda: nn.Conv1d(2, 3, 5, stride=2, padding=4, dilation=2, bias=False),
+        _floats(3, 2, 1100),
+    ),
+    (
+        "conv2d-high-res-same-reflect",
+        lambda: nn.Conv2d(2, 3, 3, padding="same", padding_mode="reflect"),
+        _floats(2, 2, 24, 23),
+    ),
+    ("conv3d-high-res", lambda: nn.Conv3d(1, 2, 3, padding=1), _floats(2, 1, 8, 9, 8)),
     ("embedding", lambda: nn.Embedding(6, 4), _ids(6, 3, 9)),
     ("embedding-padding", lambda: nn.Embedding(5, 3, padding_idx=1), _ids(5, 4, 7)),
     ("layernorm", lambda: nn.LayerNorm(6), _floats(3, 5, 6)),
@@ -91,6 +104,11 @@ CASES = [
         _floats(2, 4, 3, 3),
     ),
     ("timm-stdconv", lambda: timm_layers.StdConv2d(3, 4, 3), _floats(2, 3, 6, 5)),
+    (
+        "timm-stdconv-high-res",
+        lambda: timm_layers.StdConv2d(2, 3, 3, padding=1),
+        _floats(2, 2, 24, 24),
+    ),
     (
         "timm-stdconv-bias-groups",
         lambda: timm_layers.StdConv2d(4, 6, 3, stride=2, groups=2, bias=True),
@@ -151,6 +169,34 @@ def test_rule_matches_per_example_autograd(name, factory, make_input, gen):
         want = torch.einsum("b,b...->...", scale[1:], per_example[1:])
         assert sums[n].shape == getattr(module, n).shape
         torch.testing.assert_close(sums[n], want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "conv,x,by_example",
+    [
+        (nn.Conv2d(2, 3, 3, padding=1), (2, 2, 23, 25), True),  # 575 output positions
+        (nn.Conv2d(2, 3, 3, padding=1), (2, 2, 22, 23), False),  # 506
+        (nn.Conv2d(2, 3, 1), (2, 2, 30, 30), False),  # 1x1: the GEMM needs no unfolding
+        (nn.Conv2d(2, 4, 3, padding=1, groups=2), (2, 2, 30, 30), False),
+        (nn.Conv2d(2, 3, 2, padding="same"), (2, 2, 30, 30), False),  # (0, 1) padding
+    ],
+)
+def test_conv_per_example_gradients_by_example_only_at_high_resolution(
+    conv, x, by_example, gen, monkeypatch
+):
+    from torch_dpfast.rules import conv as conv_rule
+
+    calls = []
+    original = conv_rule._weight_grads_by_example
+    monkeypatch.setattr(
+        conv_rule, "_weight_grads_by_example", lambda *a: calls.append(1) or original(*a)
+    )
+    module = conv.double()
+    inputs = torch.randn(*x, generator=gen, dtype=torch.float64)
+    g = _output_grad(module, inputs, gen)
+    got = rule_for(module).per_example_grads(module, inputs, g)["weight"]
+    torch.testing.assert_close(got, _brute_force(module, inputs, g)["weight"])
+    assert bool(calls) == by_example
 
 
 def test_frozen_parameters_are_skipped(gen):
