@@ -404,17 +404,19 @@ def _training_flops(model, x, y, mask):
         att.detach()
 
 
+@pytest.mark.parametrize("padding", [2, "all"])
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
-def test_captured_layers_compute_only_the_real_rows_of_a_padded_batch(name, gen):
+def test_captured_layers_compute_only_the_real_rows_of_a_padded_batch(name, padding, gen):
     """Every multiply-add of these models is in a captured layer, so the forward and backward
-    of a batch whose last rows are padding cost exactly kept / B of the whole batch's."""
+    of a batch whose last rows are padding cost exactly kept / B of the whole batch's, and of
+    an all-masked batch 1 / B (row 0 stands for all)."""
     model, x, y = _setup(name, gen)
     batch = x.shape[0]
-    kept = batch - 2
+    kept = 0 if padding == "all" else batch - padding
     whole = _training_flops(model, x, y, None)
     trimmed = _training_flops(model, x, y, torch.arange(batch) < kept)
     assert whole > 0
-    assert trimmed == pytest.approx(whole * kept / batch, rel=1e-12)
+    assert trimmed == pytest.approx(whole * max(kept, 1) / batch, rel=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -481,6 +483,25 @@ def test_attention_projections_compute_only_the_real_rows(name, gen, monkeypatch
         att.clip_and_accumulate(1.0)
         model(x)
         assert seen[-1] == [x.shape[0]] * 3
+    finally:
+        att.detach()
+
+
+def test_a_captured_layer_that_loses_the_batch_dim_is_refused_when_rows_are_skipped(gen):
+    from torch_dpfast.rules import register_rule
+    from torch_dpfast.rules.linear import LinearRule
+
+    class PooledLinear(nn.Linear):  # pools the batch away: not per-example, but registered
+        def forward(self, x):
+            return super().forward(x).mean(0, keepdim=True).expand(4, -1)
+
+    register_rule(PooledLinear)(type("PooledLinearRule", (LinearRule,), {}))
+    model = PooledLinear(3, 2).double()
+    att = dpf.attach(model, clipping="auto")
+    try:
+        att.begin_batch(torch.arange(4) < 3)
+        with pytest.raises(ValueError, match="PooledLinear turned an input of 3 examples"):
+            model(torch.randn(4, 3, generator=gen, dtype=torch.float64))
     finally:
         att.detach()
 

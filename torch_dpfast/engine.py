@@ -218,7 +218,9 @@ class Attachment:
     modules: dict[str, nn.Module] = field(default_factory=dict)
     rules: dict[str, Rule] = field(default_factory=dict)  # path -> the rule capturing it
     mask: Tensor | None = None  # (B,) rows to keep in the next clip_and_accumulate
-    kept: int | None = None  # the mask keeps exactly its first `kept` rows, 0 < kept < B
+    # rows the captured layers compute: the mask's kept prefix (0 < k < B), 1 for an all-masked
+    # batch; None: all of them
+    computed_rows: int | None = None
     generation: int = 0  # counts begin_batch calls
     # bytes of per-example gradients auto may hold on CPU instead of fast paths (0: none)
     materialise_bytes: int = materialise_plan.DEFAULT_MATERIALISE_BYTES
@@ -245,26 +247,33 @@ class Attachment:
     def begin_batch(self, mask: Tensor | None) -> None:
         """A new physical batch: ``mask`` (B,) marks its real rows (None: all are real). Call it
         before the forward: when the mask keeps only the first k rows (a CPU mask, as the
-        PrivacyEngine's padded batches have), captured layers compute those k rows only."""
+        PrivacyEngine's padded batches have), captured layers compute those k rows only; when
+        it keeps none (an empty sample, or a rank's padding batch), row 0 only."""
         self.generation += 1
         self.mask = mask
-        self.kept = None
-        if mask is not None and (kept := kept_prefix(mask, mask.shape[0])) < mask.shape[0]:
-            self.kept = kept
+        self.computed_rows = None
+        if mask is None or mask.device.type != "cpu" or mask.shape[0] < 2:
+            return
+        kept = kept_prefix(mask, mask.shape[0])
+        if kept < mask.shape[0]:
+            self.computed_rows = kept
+        elif not mask.any():
+            self.computed_rows = 1
 
     def take_mask(self) -> Tensor | None:
         """The batch's mask, once: its layer calls are being clipped, so later forwards are
         computed whole again."""
-        mask, self.mask, self.kept = self.mask, None, None
+        mask, self.mask, self.computed_rows = self.mask, None, None
         return mask
 
     def forward_rows(self, *xs: Tensor) -> int | None:
-        """How many leading rows of its inputs ``xs`` a captured layer computes: the kept rows
-        when every input is the masked batch (its dim 0 is the mask's length); None for all."""
-        if self.kept is None:
+        """How many leading rows of its inputs ``xs`` a captured layer computes:
+        ``computed_rows`` when every input is the masked batch (its dim 0 is the mask's
+        length); None for all."""
+        if self.computed_rows is None:
             return None
         batch = self.mask.shape[0]
-        return self.kept if all(x.dim() and x.shape[0] == batch for x in xs) else None
+        return self.computed_rows if all(x.dim() and x.shape[0] == batch for x in xs) else None
 
     def record(self, module: nn.Module, rule: Rule, params, **fields) -> _Record:
         """Registers one call of a captured layer."""
