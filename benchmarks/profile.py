@@ -184,7 +184,7 @@ def markdown(env: dict, settings: dict, results: list[dict]) -> str:
         f"# Time per {settings['physical']} examples by phase ({env['device']})",
         "",
         f"{MODELS[settings['model']][2]}, physical batch {settings['physical']}, Poisson "
-        f"logical batches of expected size {settings.get('logical', settings['physical'])}, "
+        f"logical batches of expected size {settings['logical']}, "
         f"precision {settings['precision']}; torch {env['torch']}, commit {env['commit']}, "
         f"{env['time_utc']}. Milliseconds per {settings['physical']} real examples (one full "
         f"physical batch), over {settings['steps']} logical steps; phases synchronised at both "
@@ -252,9 +252,9 @@ def main(argv=None) -> dict:
             setattr(args, key, value)
         args.device = "cpu"
     results = []
+    logical = args.logical or args.physical
     for mode in args.modes.split(","):
         print(f"[profile] {args.model} / {mode} ...", flush=True)
-        logical = args.logical or args.physical
         settings = Settings(args.model, mode, args.precision, args.physical, logical, args.device)
         worker_args = ["--worker", json.dumps(vars(settings)), "--steps", str(args.steps)]
         results.append(dict(mode=mode, **run_worker(__file__, worker_args)))
@@ -262,7 +262,7 @@ def main(argv=None) -> dict:
         model=args.model,
         precision=args.precision,
         physical=args.physical,
-        logical=args.logical or args.physical,
+        logical=logical,
         steps=args.steps,
         device=args.device,
     )
