@@ -16,10 +16,13 @@ constexpr double kClipEps = 1e-6;
 
 // c = min(1, C / (sqrt(n) + eps)) computed in double with IEEE sqrt and division, so that
 // ||c g|| <= C holds for the norm that was measured. A non-finite n (NaN or +Inf from a
-// non-finite gradient) gives c = 0; a slightly negative n (rounding in a ghost norm) counts as 0.
+// non-finite gradient) gives c = 0, and so does a negative n: a squared norm below 0 was
+// computed with cancellation (a ghost norm of crafted inputs) and says nothing about the
+// gradient's size, so the example is left out rather than kept unclipped.
 DPFAST_HOST_DEVICE inline double clip_factor(double norm_sq, double max_norm) {
   if (!(norm_sq - norm_sq == 0.0)) return 0.0;  // x - x is NaN exactly when x is NaN or +-Inf
-  const double norm = sqrt(norm_sq > 0.0 ? norm_sq : 0.0);
+  if (norm_sq < 0.0) return 0.0;
+  const double norm = sqrt(norm_sq);
   const double c = max_norm / (norm + kClipEps);
   return c < 1.0 ? c : 1.0;
 }

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import materialise_plan, ops
+from . import certify, materialise_plan, ops
 from .explain import assign_rules, check_no_batch_statistics
 from .materialise_plan import check_budget
 from .rules import scaled_sum
@@ -343,8 +343,7 @@ class Attachment:
         plain_ids = {id(r) for r in plain}
         per_example = materialise([r for r in records if id(r) not in plain_ids], buffers, kept)
 
-        method = _NORM_METHOD[self.clipping]
-        parts = [r.rule.norm_sq(r.module, *leading_rows(r, kept), method)[:kept] for r in plain]
+        parts, exact = self._certified_norms(plain, kept, _NORM_METHOD[self.clipping])
         if per_example:
             parts.append(ops.per_example_norm_sq([g[:kept] for _, g in per_example.values()]))
         device = leading(records[0].g).device
@@ -360,11 +359,35 @@ class Attachment:
         for r in plain:
             x, g = leading_rows(r, kept)
             factors_of_rows = scale if g is r.g else scale[:kept]
+            if id(r) in exact:  # recomputed examples are added exactly, not by the fast sum
+                exact[id(r)].add_to(r.params, scale)
+                factors_of_rows = exact[id(r)].without(factors_of_rows)
             for name, summed in r.rule.clipped_sums(r.module, x, g, factors_of_rows).items():
                 _accumulate(r.params[name], summed)
         for p, grad in per_example.values():
             _accumulate(p, scaled_sum(grad, scale[: grad.shape[0]]))
         return norm_sq
+
+    @staticmethod
+    def _certified_norms(
+        plain: list[_Record], kept: int, method: str
+    ) -> tuple[list[Tensor], dict[int, certify.Exact]]:
+        """The (kept,) squared norms of the fast-path records, certified against their rules'
+        bounds (certify.py), and {id(record): Exact} for the examples recomputed exactly."""
+        checked = []
+        for r in plain:
+            x, g = leading_rows(r, kept)
+            norm_sq, _, bad = certify.check(r, x, g, r.rule.norm_sq(r.module, x, g, method))
+            checked.append((r, x, g, norm_sq[:kept], bad[:kept]))
+        if not checked:
+            return [], {}
+        flagged = torch.stack([bad for *_, bad in checked]).any(dim=1).tolist()  # one sync
+        parts, exact = [], {}
+        for (r, x, g, norm_sq, bad), recompute in zip(checked, flagged):
+            if recompute:
+                norm_sq, exact[id(r)] = certify.certified(r, x, g, norm_sq, bad)
+            parts.append(norm_sq)
+        return parts, exact
 
     def _workspace_for(self, record: _Record, rows: int) -> dict[str, Tensor]:
         """{name: (rows, *p.shape) buffer} for the per-example gradients of a materialised
@@ -513,9 +536,10 @@ def zero_padded(per_example: Tensor, batch: int) -> Tensor:
 
 
 def has_fast_path(rule: Rule) -> bool:
-    """Whether ``rule`` computes norms without materialising per-example gradients (it
-    overrides the default :meth:`Rule.norm_sq`)."""
-    return type(rule).norm_sq is not Rule.norm_sq
+    """Whether ``rule`` computes norms without materialising per-example gradients: it
+    overrides the default :meth:`Rule.norm_sq`, and gives the ``norm_bound`` that certifies
+    them (certify.py)."""
+    return type(rule).norm_sq is not Rule.norm_sq and hasattr(rule, "norm_bound")
 
 
 def materialise(

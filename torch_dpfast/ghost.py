@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import certify, ops
 from .engine import (
     Attachment,
     _accumulate,
@@ -31,11 +31,12 @@ from .engine import (
     _Record,
     _warn_non_finite,
     check_batch,
+    has_fast_path,
     materialise,
     plain_records,
 )
 from .rules import scaled_sum
-from .rules._registry import leading
+from .rules._registry import Rule, leading
 
 
 @dataclass(eq=False)
@@ -48,6 +49,8 @@ class _GhostPass:
     stage: int = 1
     norm_sq: Tensor | None = None
     include: Tensor | None = None  # (B,) 1.0 for examples with a non-zero clip factor
+    factors: Tensor | None = None  # (B,) the clip factors
+    exact: dict = field(default_factory=dict)  # id(record) -> certify.Exact
     kept: list[_Record] = field(default_factory=list)  # records materialised after pass 1
     on_final: object = None  # called with parameters whose clipped sums are final (pass 2)
 
@@ -60,10 +63,21 @@ class _GhostPass:
         x, g = record.x, record.g
         record.x = record.g = None  # nothing of this layer outlives its backward
         if self.stage == 1:
-            contribution = record.rule.norm_sq(record.module, x, g, "auto")
+            contribution, _, bad = certify.check(
+                record, x, g, record.rule.norm_sq(record.module, x, g, "auto")
+            )
+            if bool(bad.any()):
+                contribution, self.exact[id(record)] = certify.certified(
+                    record, x, g, contribution, bad
+                )
             self.norm_sq = contribution if self.norm_sq is None else self.norm_sq + contribution
         else:
-            sums = record.rule.clipped_sums(record.module, x, g, self.include.to(leading(g).device))
+            include = self.include.to(leading(g).device)
+            exact = self.exact.get(id(record))
+            if exact is not None:  # recomputed examples are added exactly, not by the fast sum
+                exact.add_to(record.params, self.factors)
+                include = exact.without(include)
+            sums = record.rule.clipped_sums(record.module, x, g, include)
             for name, summed in sums.items():
                 _accumulate(record.params[name], summed)
             if self.on_final is not None:
@@ -96,7 +110,13 @@ def ghost_backward(
     mask = attachment.take_mask()
     batch = losses.shape[0]
     by_parameter = [r for r in records if getattr(r.rule, "capture", "io") == "parameters"]
-    plain = {id(r) for r in plain_records(records) if r not in by_parameter}
+    # A rule's own norm_sq counts only with the bound that certifies it (certify.py); one
+    # without is materialised, as in book-keeping.
+    plain = {
+        id(r)
+        for r in plain_records(records)
+        if r not in by_parameter and (has_fast_path(r.rule) or type(r.rule).norm_sq is Rule.norm_sq)
+    }
     state = _GhostPass(batch, mask, plain, on_final=on_final)
     attachment._ghost = state
     try:
@@ -119,6 +139,7 @@ def ghost_backward(
         )
         _warn_non_finite(norm_sq, mask)
         state.stage, state.include = 2, (factors > 0).to(norm_sq.dtype)
+        state.factors = factors
         (losses * factors.to(losses.dtype)).sum().backward()
         for p, grad in per_example.values():
             _accumulate(p, scaled_sum(grad, factors))

@@ -2,7 +2,8 @@
 
 The clip factor of example i is c_i = min(1, C / (||g_i|| + 1e-6)), computed in float64 with
 IEEE sqrt and division; a non-finite squared norm (a NaN or Inf anywhere in the example's
-gradient) or a masked-out example gets c_i = 0, and examples with c_i = 0 are left out of every
+gradient), a negative one (cancellation in a ghost norm: it says nothing of the size) or a
+masked-out example gets c_i = 0, and examples with c_i = 0 are left out of every
 sum exactly, so 0 * Inf = NaN never reaches a parameter.
 """
 
@@ -49,10 +50,11 @@ def _(norm_sq: Tensor, max_norm: float, mask: Tensor | None, backend: str) -> Te
 
 @_backend.register("clip_factors", "reference")
 def clip_factors_reference(norm_sq: Tensor, max_norm: float, mask: Tensor | None) -> Tensor:
-    """Reference: min(1, C / (sqrt(max(n, 0)) + 1e-6)) in float64; 0 if n non-finite or masked."""
+    """Reference: min(1, C / (sqrt(n) + 1e-6)) in float64; 0 if n is non-finite, negative or
+    masked."""
     n = norm_sq.to(torch.float64)
     c = (max_norm / (n.clamp_min(0).sqrt() + CLIP_EPS)).clamp(max=1.0)
-    keep = torch.isfinite(n)
+    keep = torch.isfinite(n) & (n >= 0)
     if mask is not None:
         keep &= mask.to(device=n.device, dtype=torch.bool)
     return torch.where(keep, c, torch.zeros((), dtype=c.dtype, device=c.device)).to(norm_sq.dtype)
@@ -74,7 +76,7 @@ def clip_factors(
         backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"cuda"``.
 
     Returns:
-        (B,) in the dtype of ``norm_sq``; 0 where ``norm_sq`` is NaN or Inf.
+        (B,) in the dtype of ``norm_sq``; 0 where ``norm_sq`` is NaN, Inf or negative.
     """
     op = "clip_factors"
     max_norm = _check_max_norm(op, max_norm)

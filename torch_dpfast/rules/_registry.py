@@ -7,7 +7,11 @@ its output) into, for the layer's own trainable parameters:
   the parameters;
 * ``clipped_sums(module, x, g, scale)``: {name: sum_i scale_i G_i} in the parameter's shape;
 * ``per_example_grads(module, x, g)``: {name: (B, *param.shape)} materialised gradients (the
-  ``per_example`` mode, and parameters used more than once per forward).
+  ``per_example`` mode, and parameters used more than once per forward);
+* ``norm_bound(module, x, g)`` (rules with a fast ``norm_sq`` only): (B,) float64 upper bound
+  U_i >= ||G_i|| built from sums of non-negative terms (no cancellation), e.g.
+  sum_t ||g_it|| ||a_it|| for a linear map. The engine certifies a fast-path norm with it
+  (certify.py); a rule that overrides ``norm_sq`` without it is materialised instead.
 
 Rules are found by walking the module type's MRO, so subclasses inherit their base's rule unless
 they register their own.
@@ -62,6 +66,11 @@ class Rule:
         examples with scale 0 exactly (so their non-finite values cannot leak)."""
         grads = self.per_example_grads(module, x, g)
         return {name: scaled_sum(grad, scale) for name, grad in grads.items()}
+
+
+def row_norms(t: Tensor) -> Tensor:
+    """(..., d) -> (...) float64 Euclidean norms of the last dim (no overflow for float32)."""
+    return torch.linalg.vector_norm(t, dim=-1, dtype=torch.float64)
 
 
 def leading(g: Tensor | tuple[Tensor, ...]) -> Tensor:

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ._registry import Rule, register_rule, scaled_sum, zero_norms
-from .linear import plan_linear
+from ._registry import Rule, register_rule, row_norms, scaled_sum, zero_norms
+from .linear import linear_bound_sq, plan_linear
 
 _WEIGHTS = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
 
@@ -177,6 +177,19 @@ class MultiheadAttentionRule(Rule):
             if name in params:
                 total = total + extra.to(total.dtype).square().sum(dim=1)
         return total
+
+    def norm_bound(self, module, x, g):
+        parts, extra_k, extra_v = self._parts(module, x, g)
+        params = self.parameters(module)
+        names = self._weight_names(module)
+        total = row_norms(g[0][:, :1]).new_zeros(g[0].shape[0])
+        for k, (ai, gi) in enumerate(parts):
+            weight = (names[0] if len(names) == 1 else names[k]) in params
+            total = total + linear_bound_sq(ai, gi, weight, "in_proj_bias" in params)
+        for name, extra in (("bias_k", extra_k), ("bias_v", extra_v)):
+            if name in params:
+                total = total + row_norms(extra).square()
+        return total.sqrt()
 
     def clipped_sums(self, module, x, g, scale):
         parts, extra_k, extra_v = self._parts(module, x, g)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.conv import _grouped, conv_geometry
-from ._registry import Rule, register_rule, scaled_sum, zero_norms
+from ._registry import Rule, register_rule, row_norms, scaled_sum, zero_norms
 from .linear import plan_linear
 
 
@@ -37,6 +37,29 @@ def _spatial_sum(g: Tensor, out: Tensor | None = None) -> Tensor:
     if g.dim() == 2 and out is None:
         return g
     return torch.sum(g.reshape(*g.shape[:2], -1), dim=2, out=out)
+
+
+def patch_norms(x: Tensor, kwargs: dict) -> Tensor:
+    """(B, T) float64 norms of the input patches the conv's weight sees at each of its T output
+    positions, over all input channels: a conv of sum_c x_c^2 with an all-ones kernel."""
+    squares = x.to(torch.float64).square().sum(dim=1, keepdim=True)
+    ones = squares.new_ones(1, 1, *kwargs["kernel_size"])
+    conv = (F.conv1d, F.conv2d, F.conv3d)[x.dim() - 3]
+    sums = conv(squares, ones, None, kwargs["stride"], kwargs["padding"], kwargs["dilation"])
+    return sums.flatten(1).clamp_min(0).sqrt()
+
+
+def conv_bound_sq(x: Tensor, g: Tensor, kwargs: dict, weight: bool, bias: bool) -> Tensor:
+    """(B,) float64 squared upper bound of an example's conv weight and bias gradient norms,
+    (sum_t ||g_t|| ||patch_t||)^2 + (sum_t ||g_t||)^2 (a grouped conv's block-diagonal gradient
+    is bounded by the same sum); x as the weight sees it (_conv_args), g (B, C_out, *S_out)."""
+    g_norms = row_norms(g.flatten(2).mT)  # (B, T)
+    total = g_norms.new_zeros(g.shape[0])
+    if weight:
+        total = total + (patch_norms(x, kwargs) * g_norms).sum(dim=1).square()
+    if bias:
+        total = total + g_norms.sum(dim=1).square()
+    return total
 
 
 # Output positions from which, on CPU, one weight-gradient convolution per example (oneDNN's
@@ -142,6 +165,11 @@ class ConvRule(Rule):
         if module.bias is not None and module.bias.requires_grad:
             total = total + _spatial_sum(g.to(total.dtype)).square().sum(dim=1)
         return total
+
+    def norm_bound(self, module, x, g):
+        x, kwargs = _conv_args(module, x)
+        bias = module.bias is not None and module.bias.requires_grad
+        return conv_bound_sq(x, g, kwargs, module.weight.requires_grad, bias).sqrt()
 
     def clipped_sums(self, module, x, g, scale):
         x, kwargs = _conv_args(module, x)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ._registry import Rule, register_rule
+from ._registry import Rule, register_rule, row_norms
 
 
 def _check(module: nn.Embedding) -> None:
@@ -45,6 +45,16 @@ class EmbeddingRule(Rule):
         if not module.weight.requires_grad:
             return g.new_zeros(g.shape[0], dtype=torch.float32)
         return ops.embedding_norm_sq(ids, g, module.num_embeddings, module.padding_idx)
+
+    def norm_bound(self, module, ids, g):
+        """sum_t ||g_t|| over the positions whose id is not padding_idx."""
+        _check(module)
+        norms = row_norms(g.reshape(g.shape[0], -1, g.shape[-1]))
+        if not module.weight.requires_grad:
+            return norms.new_zeros(g.shape[0])
+        ids = ids.reshape(ids.shape[0], -1)
+        valid = ids != module.padding_idx if module.padding_idx is not None else ids >= 0
+        return (norms * valid).sum(dim=1)
 
     def clipped_sums(self, module, ids, g, scale):
         _check(module)

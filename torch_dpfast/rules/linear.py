@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops._checks import norm_method
-from ._registry import Rule, register_rule, scaled_sum, zero_norms
+from ._registry import Rule, register_rule, row_norms, scaled_sum, zero_norms
 
 
 def plan_linear(clipping: str, t: int, d_in: int, d_out: int) -> tuple[str, int]:
@@ -19,6 +19,18 @@ def plan_linear(clipping: str, t: int, d_in: int, d_out: int) -> tuple[str, int]
         return "materialised", t * d_in * d_out
     method = norm_method("ghost" if clipping == "bk" else "auto", t, d_in, d_out)
     return method, t * t * (d_in + d_out) if method == "ghost" else t * d_in * d_out
+
+
+def linear_bound_sq(x: Tensor, g: Tensor, weight: bool = True, bias: bool = False) -> Tensor:
+    """(B,) float64 squared upper bound of an example's weight and bias gradient norms:
+    (sum_t ||g_t|| ||x_t||)^2 + (sum_t ||g_t||)^2 for x (B, T, d_in), g (B, T, d_out)."""
+    g_norms = row_norms(g)
+    total = g_norms.new_zeros(g.shape[0])
+    if weight:
+        total = total + (row_norms(x) * g_norms).sum(dim=1).square()
+    if bias:
+        total = total + g_norms.sum(dim=1).square()
+    return total
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -58,6 +70,10 @@ class LinearRule(Rule):
         if module.bias is not None and module.bias.requires_grad:
             total = total + g.to(total.dtype).sum(dim=1).square().sum(dim=1)
         return total
+
+    def norm_bound(self, module, x, g):
+        bias = module.bias is not None and module.bias.requires_grad
+        return linear_bound_sq(_rows(x), _rows(g), module.weight.requires_grad, bias).sqrt()
 
     def clipped_sums(self, module, x, g, scale):
         x, g = _rows(x), _rows(g)

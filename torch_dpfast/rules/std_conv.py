@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ._registry import Rule, register_rule, scaled_sum, zero_norms
-from .conv import ConvRule, _conv_args, _spatial_sum, weight_grads
+from ._registry import Rule, register_rule, row_norms, scaled_sum, zero_norms
+from .conv import ConvRule, _conv_args, _spatial_sum, patch_norms, weight_grads
 
 try:
     from timm.layers import std_conv
@@ -132,6 +132,26 @@ if std_conv is not None:
             if hasattr(module, "gain") and module.gain.requires_grad:
                 total = total + (module.scale * row_proj).square().sum(dim=1)
             return total
+
+        def norm_bound(self, module, x, g):
+            """Per output row r, ||G_ir|| <= U_ir = sum_t |g_itr| ||patch_it||; the Jacobian has
+            norm <= |s_r| / sigma_r (a projection scaled by it) and |<w_hat_r, G_ir>| <=
+            sqrt(n) U_ir, since ||w_hat_r||^2 <= n."""
+            x = _padded(module, x)
+            xx, kwargs = _conv_args(module, x)
+            rows = torch.einsum(
+                "bot,bt->bo", g.flatten(2).abs().to(torch.float64), patch_norms(xx, kwargs)
+            )
+            w_hat, sigma, s = _standardised(module)
+            factor = rows.new_zeros(module.out_channels)
+            if module.weight.requires_grad:
+                factor = factor + (s.to(rows.dtype) / sigma.to(rows.dtype)).square()
+            if hasattr(module, "gain") and module.gain.requires_grad:
+                factor = factor + float(module.scale) ** 2 * w_hat.shape[1]
+            total = (rows.square() * factor).sum(dim=1)
+            if module.bias is not None and module.bias.requires_grad:
+                total = total + row_norms(g.flatten(2).mT).sum(dim=1).square()
+            return total.sqrt()
 
         def clipped_sums(self, module, x, g, scale):
             x = _padded(module, x)
