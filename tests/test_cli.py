@@ -40,7 +40,7 @@ def test_non_private_baseline_shows_what_privacy_costs(tmp_path):
 
 def test_resume_continues_the_privacy_accounting(tmp_path):
     ckpt, first, second, straight = (tmp_path / n for n in ("c.pt", "a.json", "b.json", "s.json"))
-    common = ["train", "--epochs", "4", "--noise-multiplier", "1.0"]
+    common = ["train", "--epochs", "4", "--noise-multiplier", "1.0", "--seed", "0"]
     assert main([*common[:2], "2", *common[3:], "--save", str(ckpt), "--summary", str(first)]) == 0
     assert main([*common, "--resume", str(ckpt), "--summary", str(second)]) == 0
     assert main([*common, "--summary", str(straight)]) == 0
@@ -103,7 +103,7 @@ def test_bad_data_files_get_clear_errors(case, tmp_path, capsys):
     [
         (["train", "--data", "nothing.csv"], ".npz file"),
         (["train", "--data", "missing.npz"], "no such file"),
-        (["train", "--epochs", "0"], "--epochs must be > 0"),
+        (["train", "--epochs", "0"], "--epochs must be a finite number > 0"),
         (["train", "--delta", "2"], "--delta must be in (0, 1)"),
         (["train", "--batch-size", "5000"], "exceeds the 1438 training examples"),
         (["train", "--model", "not_a_model_xyz"], "not 'cnn' and not a timm model"),

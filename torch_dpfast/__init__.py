@@ -1,6 +1,7 @@
 """torch_dpfast: fast, correct differentially private training (DP-SGD) for PyTorch."""
 
 from . import accounting, ops, rules
+from .checkpoint import CheckpointError
 from .data_loader import DPDataLoader
 from .engine import Attachment, attach
 from .explain import Explanation, explain
@@ -13,6 +14,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "Attachment",
+    "CheckpointError",
     "DPDataLoader",
     "DPOptimizer",
     "Explanation",

@@ -13,13 +13,14 @@ once and every rank ends the step with the same gradient, hence the same paramet
 
 from __future__ import annotations
 
+import os
 import secrets
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .random_source import RandomSource
+from .random_source import KEY_BYTES, RandomSource
 
 #: Bytes per all-reduce bucket.
 BUCKET_BYTES = 25 * 2**20
@@ -125,23 +126,20 @@ def check_not_ddp(module: nn.Module) -> None:
         )
 
 
-class SharedSecureSource(RandomSource):
-    """Secure mode across ranks: the batch-size stream is seeded once per run with 63 bits that
-    rank 0 takes from the OS CSPRNG and broadcasts; it is never stored. (Re-seeding per draw
-    would need a collective per draw, and every rank would have to draw at the same moments.)"""
-
-    def __init__(self):
-        super().__init__(secure=True)
-        self.generator.manual_seed(broadcast_seed())
-
-    def draw(self) -> torch.Generator:
-        return self.generator
+def shared_secure_source() -> RandomSource:
+    """Secure mode across ranks: the batch-size stream, which every rank must draw alike, is
+    SHAKE-256 keyed with 256 bits that rank 0 takes from the OS CSPRNG and broadcasts once; the
+    key is never stored (random_source.py)."""
+    key = torch.frombuffer(bytearray(os.urandom(KEY_BYTES)), dtype=torch.int64).clone()
+    staged = key.to(_device())
+    dist.broadcast(staged, src=0)
+    return RandomSource(key=staged.cpu().numpy().tobytes())
 
 
 def sources(secure: bool, sample_generator: torch.Generator | None, rank: int):
     """(per-rank sample source, shared batch-size source) for a run across ranks."""
     if secure:
-        return RandomSource(secure=True, generator=sample_generator), SharedSecureSource()
+        return RandomSource(secure=True, generator=sample_generator), shared_secure_source()
     base = broadcast_seed(int(torch.randint(2**62, ())))
     if sample_generator is not None:
         return RandomSource(generator=sample_generator), RandomSource(seed=base)

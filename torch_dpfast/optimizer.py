@@ -18,7 +18,7 @@ import torch
 from . import ops
 from .distributed import OverlappedReduction, all_reduce_sum, world
 from .engine import Attachment, attachments_of
-from .random_source import RandomSource
+from .random_source import RandomSource, add_secure_noise_
 
 
 class DPOptimizer(torch.optim.Optimizer):
@@ -30,8 +30,8 @@ class DPOptimizer(torch.optim.Optimizer):
         max_grad_norm: the clipping bound C > 0.
         expected_batch_size: q * N, the expected logical batch size the noisy sum is divided by.
         generator: source of the noise seeds (torch's default generator if None).
-        secure_mode: re-seed the noise from the OS CSPRNG at every step (see
-            random_source.py); excludes ``generator``.
+        secure_mode: draw the noise from the OS CSPRNG (random_source.py, docs/security.md);
+            excludes ``generator``.
         distributed: under torch.distributed, all-reduce the clipped sums across ranks once
             per logical step, with the noise added by rank 0 only (see distributed.py). Every
             rank must run the same number of physical batches per logical step.
@@ -60,7 +60,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 f"expected_batch_size must be a number > 0 (q * N), got {expected_batch_size!r}"
             )
         if secure_mode and generator is not None:
-            raise ValueError("secure_mode draws the noise seeds from the OS; give no generator")
+            raise ValueError("secure_mode draws the noise from the OS CSPRNG; give no generator")
         self.original_optimizer = optimizer
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)
@@ -183,12 +183,11 @@ class DPOptimizer(torch.optim.Optimizer):
         """Adds N(0, sigma^2 C^2) and divides by q N, in place. Under torch.distributed the
         noise is added once, by rank 0, before the sum over ranks."""
         std = self.noise_multiplier * self.max_grad_norm if self.rank == 0 else 0.0
-        ops.add_noise_(
-            sums,
-            std=std,
-            scale=1.0 / self.expected_batch_size,
-            generator=self._secure.draw() if self._secure else self.generator,
-        )
+        scale = 1.0 / self.expected_batch_size
+        if self._secure is not None:
+            add_secure_noise_(sums, std, scale, self._secure)
+        else:
+            ops.add_noise_(sums, std=std, scale=scale, generator=self.generator)
 
     def overlap(self):
         """For ghost clipping: a callback taking parameters whose clipped sums are final, to
@@ -220,7 +219,8 @@ class DPOptimizer(torch.optim.Optimizer):
             state["generator"] = self.generator.get_state()
         return state
 
-    def load_dp_state_dict(self, state: dict) -> None:
+    def check_dp_state_dict(self, state: dict) -> None:
+        """Raises if ``state`` does not fit this optimizer's parameters; changes nothing."""
         params = self._params()
         sums = state["summed_grads"]
         if len(sums) != len(params):
@@ -234,6 +234,10 @@ class DPOptimizer(torch.optim.Optimizer):
                     f"saved clipped sum of shape {tuple(summed.shape)} does not fit a parameter "
                     f"of shape {tuple(p.shape)}"
                 )
+
+    def load_dp_state_dict(self, state: dict) -> None:
+        self.check_dp_state_dict(state)
+        for p, summed in zip(self._params(), state["summed_grads"]):
             p.summed_grad = None if summed is None else summed.to(p.device, p.dtype)
         self.steps_taken = state["steps_taken"]
         self._accumulating = state["accumulating"]

@@ -18,6 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import accounting
+from .checkpoint import load as load_file
+from .checkpoint import save as save_file
 from .data_loader import DPDataLoader, check_map_style
 from .distributed import broadcast_module, check_not_ddp, world
 from .distributed import sources as distributed_sources
@@ -39,8 +41,9 @@ class PrivacyEngine:
 
     Args:
         accountant: "prv" (default; tight numerical composition) or "rdp".
-        secure_mode: draw the Poisson samples and the noise from generators re-seeded from the
-            OS CSPRNG before every draw (not reproducible; see docs/privacy_engine.md).
+        secure_mode: draw the Poisson samples and the noise from the OS CSPRNG (across ranks, the
+            shared batch sizes from SHAKE-256 keyed with 256 OS bits); not reproducible, nothing
+            of it stored (random_source.py, docs/security.md).
     """
 
     def __init__(self, accountant: str = "prv", secure_mode: bool = False):
@@ -50,6 +53,7 @@ class PrivacyEngine:
         self.optimizer: DPOptimizer | None = None
         self.data_loader: DataLoader | None = None
         self.sample_rate: float | None = None
+        self.target: tuple[float, float] | None = None  # (target_epsilon, target_delta)
 
     def make_private(
         self,
@@ -161,6 +165,9 @@ class PrivacyEngine:
         noise_multiplier = self._noise_multiplier(
             noise_multiplier, target_epsilon, target_delta, epochs, sample_rate, steps_per_epoch
         )
+        self.target = None if target_epsilon is None else (target_epsilon, target_delta)
+        if target_delta is not None:
+            accounting.warn_large_delta(target_delta, len(data_loader.dataset))
 
         noise_generator = self._noise_generator(noise_generator)
         rank, world_size = world()
@@ -246,7 +253,9 @@ class PrivacyEngine:
         )
 
     def get_epsilon(self, delta: float) -> float:
-        """Epsilon spent by the noisy steps taken so far, at ``delta``."""
+        """Epsilon spent by the noisy steps taken so far, at ``delta`` (warns if delta > 1/N)."""
+        if self.data_loader is not None:
+            accounting.warn_large_delta(delta, len(self.data_loader.dataset))
         return self.accountant.get_epsilon(delta)
 
     @property
@@ -325,7 +334,9 @@ class PrivacyEngine:
 
     def load_state_dict(self, state: dict) -> None:
         """Restores :meth:`state_dict` into an engine on which make_private was called with the
-        same settings."""
+        same settings. Everything is checked before anything changes: the sample rate, the
+        parameters' shapes, the physical batch size of a checkpoint taken inside a logical
+        batch, and that the budget already spent does not exceed this run's target_epsilon."""
         if self.optimizer is None:
             raise RuntimeError("call make_private first, then load_state_dict")
         if state["sample_rate"] != self.sample_rate:
@@ -333,27 +344,57 @@ class PrivacyEngine:
                 f"the checkpoint was taken with sample rate {state['sample_rate']}, this engine "
                 f"samples with {self.sample_rate}: same data set and batch size needed to resume"
             )
+        self.optimizer.check_dp_state_dict(state["optimizer"])
+        resumes_sampler = "data_loader" in state and isinstance(self.data_loader, DPDataLoader)
+        if resumes_sampler:
+            self.data_loader.batch_sampler.resumable_cursor(state["data_loader"])
+        self._check_budget_left(state["accountant"])
         self.accountant.load_state_dict(state["accountant"])
         self.optimizer.load_dp_state_dict(state["optimizer"])
-        if "data_loader" in state and isinstance(self.data_loader, DPDataLoader):
+        if resumes_sampler:
             self.data_loader.load_state_dict(state["data_loader"])
 
+    def _check_budget_left(self, accountant_state: dict) -> None:
+        """Refuses to resume a run whose checkpoint already spent more than the target_epsilon
+        this engine was calibrated for (sigma was chosen as if nothing had been spent)."""
+        if self.target is None:
+            return
+        target_epsilon, target_delta = self.target
+        spent_accountant = accounting.create_accountant(self.accountant.mechanism)
+        spent_accountant.load_state_dict(accountant_state)
+        if not len(spent_accountant):
+            return
+        spent = spent_accountant.get_epsilon(target_delta)
+        if spent > target_epsilon * (1 + 1e-6):
+            raise ValueError(
+                f"the checkpoint has already spent epsilon = {spent:.4g} at delta = "
+                f"{target_delta:g}, more than this run's target_epsilon = {target_epsilon:g}; "
+                "resuming would exceed the budget. Resume with the target the run was started "
+                "with, or stop training"
+            )
+
     def save_checkpoint(self, *, path, module: nn.Module, optimizer=None, checkpoint_dict=None):
-        """Saves module, optimizer and engine state to ``path`` (Opacus's method)."""
+        """Saves module, optimizer and engine state to ``path`` (Opacus's method), atomically:
+        a kill during the save leaves the previous file intact (checkpoint.py)."""
         checkpoint = dict(checkpoint_dict or {})
         checkpoint["module_state_dict"] = module.state_dict()
         checkpoint["privacy_engine_state_dict"] = self.state_dict()
         if optimizer is not None:
             checkpoint["optimizer_state_dict"] = optimizer.state_dict()
-        torch.save(checkpoint, path)
+        save_file(checkpoint, path)
 
     def load_checkpoint(self, *, path, module: nn.Module, optimizer=None, map_location=None):
-        """Restores what :meth:`save_checkpoint` saved; returns the whole checkpoint dict."""
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        """Restores what :meth:`save_checkpoint` saved; returns the whole checkpoint dict.
+        The file is read with ``weights_only=True`` (loading runs no code); a corrupt or foreign
+        file raises :class:`torch_dpfast.CheckpointError` naming it."""
+        required = ("module_state_dict", "privacy_engine_state_dict")
+        if optimizer is not None:
+            required += ("optimizer_state_dict",)
+        checkpoint = load_file(path, map_location=map_location, required=required)
+        self.load_state_dict(checkpoint["privacy_engine_state_dict"])
         module.load_state_dict(checkpoint["module_state_dict"])
         if optimizer is not None:
             optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
-        self.load_state_dict(checkpoint["privacy_engine_state_dict"])
         return checkpoint
 
 

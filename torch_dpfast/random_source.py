@@ -1,22 +1,51 @@
 """Where the randomness of sampling and noise comes from.
 
 Reproducible (default): a ``torch.Generator`` seeded by the user, or from torch's default
-generator (so ``torch.manual_seed`` makes a run repeatable).
-Secure mode: before every draw the generator is re-seeded with 64 bits from the operating
-system's CSPRNG (``secrets``), so the sample and the noise cannot be reproduced or predicted from
-anything stored (checkpoints hold no seed). See docs/privacy_engine.md for the threat model.
+generator (so ``torch.manual_seed`` makes a run repeatable). Not a secret: anyone who knows the
+seed can recompute the sample and the noise.
+
+Secure mode: every privacy-relevant draw (Poisson batch sizes, the subsets, the Gaussian noise)
+is computed from bytes of a cryptographically secure generator, never from a torch.Generator
+(whose CPU Mersenne Twister keeps only 32 bits of a seed):
+
+* on one process, the operating system's CSPRNG (``os.urandom``: getrandom(2) on Linux) for
+  every draw;
+* for the batch-size stream that all ranks must share, SHAKE-256 keyed with 256 bits that rank 0
+  takes from the OS and broadcasts once (``RandomSource(key=...)``): a standard extendable-output
+  function used as a stream cipher, so an adversary who does not know the key cannot predict
+  or reproduce it. Nothing of either is stored in checkpoints.
+
+Uniforms are 53-bit (k / 2^53); normals come from the Box-Muller transform of two of them in
+float64; Binomial(n, q) is the sum of n Bernoulli(q) draws (exact, n uniforms); a uniform
+permutation is the argsort of independent 64-bit keys (ties, which would bias it, have
+probability below n^2 / 2^65). docs/security.md has the threat model.
 """
 
 from __future__ import annotations
 
-import secrets
+import hashlib
+import math
+import os
 
+import numpy as np
 import torch
+from torch import Tensor
+
+KEY_BYTES = 32  # 256-bit keys for the shared secure stream
+_CHUNK = 1 << 22  # uniforms per urandom call when drawing Bernoulli sums
 
 
 class RandomSource:
-    """A torch.Generator on ``device`` (or the user's ``generator``); ``draw()`` returns it ready
-    for one draw."""
+    """The source of one stream of sampling or noise randomness; see the module docstring.
+
+    Args:
+        seed: seed of the reproducible generator (default: drawn from torch's default one).
+        secure: draw from the OS CSPRNG instead (no seed, no generator, no state).
+        device: device of the reproducible generator.
+        generator: the user's ``torch.Generator`` to draw from (reproducible mode only).
+        key: secure mode with a keyed SHAKE-256 stream (bytes, at least 16); used for the
+            stream all ranks share.
+    """
 
     def __init__(
         self,
@@ -24,25 +53,96 @@ class RandomSource:
         secure: bool = False,
         device="cpu",
         generator: torch.Generator | None = None,
+        key: bytes | None = None,
     ):
+        secure = secure or key is not None
         if secure and (seed is not None or generator is not None):
             raise ValueError(
-                "secure_mode draws its seeds from the OS; do not also give a seed or generator"
+                "secure_mode draws from the OS CSPRNG; do not also give a seed or generator"
             )
+        if key is not None and len(key) < 16:
+            raise ValueError(f"a secure stream key needs at least 128 bits, got {8 * len(key)}")
         self.secure = secure
+        self._key, self._counter = key, 0
+        self.generator: torch.Generator | None = None
+        if secure:
+            return
         if generator is not None:
             self.generator = generator  # the user's, in the state the user left it
             return
         if seed is None:
             # From torch's default generator, so that torch.manual_seed makes a run repeatable.
-            seed = secrets.randbits(63) if secure else int(torch.randint(2**62, ()))
+            seed = int(torch.randint(2**62, ()))
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
-    def draw(self) -> torch.Generator:
+    # ------------------------------------------------------------------ secure bytes
+
+    def random_bytes(self, count: int) -> bytes:
+        """``count`` bytes of the secure stream (secure mode only)."""
+        if not self.secure:
+            raise RuntimeError("random_bytes is the secure stream; this source is reproducible")
+        if self._key is None:
+            return os.urandom(count)
+        block = hashlib.shake_256(self._key + self._counter.to_bytes(8, "little"))
+        self._counter += 1
+        return block.digest(count)
+
+    def _words(self, count: int) -> np.ndarray:
+        """``count`` uniformly random uint64 words of the secure stream."""
+        return np.frombuffer(self.random_bytes(8 * count), dtype=np.uint64)
+
+    def _uniforms(self, count: int) -> np.ndarray:
+        """``count`` float64 uniforms k / 2^53 in [0, 1) from the secure stream."""
+        return (self._words(count) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+    # ------------------------------------------------------------------ draws
+
+    def binomial(self, count: Tensor, prob: Tensor) -> Tensor:
+        """Binomial(count, prob) elementwise, as torch.binomial (float in, float out)."""
+        if not self.secure:
+            return torch.binomial(count, prob, generator=self.generator)
+        out = torch.empty_like(count)
+        flat_count, flat_prob, flat_out = count.reshape(-1), prob.reshape(-1), out.view(-1)
+        for k in range(flat_count.numel()):
+            n, q, hits = int(flat_count[k]), float(flat_prob[k]), 0
+            for start in range(0, n, _CHUNK):
+                hits += int((self._uniforms(min(_CHUNK, n - start)) < q).sum())
+            flat_out[k] = hits
+        return out
+
+    def randperm(self, n: int) -> Tensor:
+        """A uniformly random permutation of range(n) (int64)."""
+        if not self.secure:
+            return torch.randperm(n, generator=self.generator)
+        keys = self._words(n).view(np.int64)
+        return torch.from_numpy(np.argsort(keys, kind="stable").astype(np.int64))
+
+    def seed(self) -> int:
+        """A 62-bit integer (e.g. to seed a derived reproducible source)."""
         if self.secure:
-            self.generator.manual_seed(secrets.randbits(63))
+            return int(self._words(1)[0] >> np.uint64(2))
+        return int(torch.randint(2**62, (), generator=self.generator))
+
+    def normal(self, count: int) -> Tensor:
+        """``count`` standard normals in float64 on the CPU (secure mode): Box-Muller of
+        53-bit uniforms, u_1 in (0, 1] so that its log is finite."""
+        pairs = math.ceil(count / 2)
+        u = self._uniforms(2 * pairs).reshape(2, pairs)
+        radius = np.sqrt(-2.0 * np.log1p(-u[0]))  # 1 - u_1 in (0, 1]
+        angle = 2.0 * math.pi * u[1]
+        z = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:count]
+        return torch.from_numpy(z)
+
+    def draw(self) -> torch.Generator:
+        """The reproducible generator, for torch functions that take one."""
+        if self.secure:
+            raise RuntimeError(
+                "a secure source has no torch.Generator; use its binomial, randperm and normal"
+            )
         return self.generator
+
+    # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
         """The generator state (nothing in secure mode: it must not be reproducible)."""
@@ -51,3 +151,12 @@ class RandomSource:
     def load_state_dict(self, state: dict) -> None:
         if not self.secure and "generator" in state:
             self.generator.set_state(state["generator"])
+
+
+def add_secure_noise_(grads: list[Tensor], std: float, scale: float, source: RandomSource):
+    """g <- (g + std * z) * scale with z ~ N(0, I) from the secure ``source`` (float64 normals
+    drawn on the CPU, moved to each tensor's device), for every tensor in ``grads``."""
+    for g in grads:
+        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+        z = source.normal(g.numel()).reshape(g.shape).to(device=g.device, dtype=acc)
+        g.copy_((g.to(acc) + std * z) * scale)

@@ -98,7 +98,7 @@ def _derived(random: RandomSource) -> RandomSource:
     """A second source, seeded from ``random`` (or secure if it is)."""
     if random.secure:
         return RandomSource(secure=True)
-    return RandomSource(seed=int(torch.randint(2**62, (), generator=random.draw())))
+    return RandomSource(seed=random.seed())
 
 
 class PoissonBatchSampler(torch.utils.data.Sampler):
@@ -156,8 +156,7 @@ class PoissonBatchSampler(torch.utils.data.Sampler):
             ]
             count = torch.tensor(shards, dtype=torch.float64).expand(self.steps_per_epoch, -1)
             prob = torch.full_like(count, self.sample_rate)
-            generator = self.plan_random.draw()
-            self._sizes = torch.binomial(count.contiguous(), prob, generator=generator).long()
+            self._sizes = self.plan_random.binomial(count.contiguous(), prob).long()
         return self._sizes
 
     def _count(self, sizes_of_step: Tensor) -> int:
@@ -181,7 +180,7 @@ class PoissonBatchSampler(torch.utils.data.Sampler):
     def _draw(self, size: int) -> Tensor:
         if size == 0:
             return torch.zeros(0, dtype=torch.long)
-        perm = torch.randperm(len(self.shard), generator=self.random.draw())
+        perm = self.random.randperm(len(self.shard))
         return self.shard[perm[:size]].sort().values
 
     def _generate(self, queue):
@@ -230,13 +229,40 @@ class PoissonBatchSampler(torch.utils.data.Sampler):
             "random": self.random.state_dict(),
             "plan_random": self.plan_random.state_dict(),
         }
+        state["physical_batch_size"] = self.physical_batch_size
         if self.consumed is not None:
             state["cursor"] = self.consumed
         return state
 
+    def resumable_cursor(self, state: dict) -> dict | None:
+        """The cursor of ``state`` for this sampler's physical batch size, checked; changes
+        nothing. The cursor counts physical batches consumed, so a checkpoint taken inside a
+        logical batch resumes only at the physical batch size it was taken with (a smaller one
+        would count some examples twice into one noisy sum); at the end of a logical batch any
+        size resumes."""
+        if "physical_batch_size" not in state:
+            raise ValueError(
+                "the sampler state does not say which physical batch size it was taken with "
+                "(written by an older torch_dpfast); it cannot be resumed safely"
+            )
+        cursor, saved = state.get("cursor"), state["physical_batch_size"]
+        if cursor is None or saved == self.physical_batch_size:
+            return cursor
+        row = cursor["sizes"][cursor["step"]]
+        if cursor["consumed"] < max(physical_count(int(s), saved) for s in row):
+            raise ValueError(
+                f"the checkpoint was taken inside a logical batch at physical_batch_size={saved}, "
+                f"and this run uses {self.physical_batch_size}: the examples of that logical "
+                f"batch would be split differently, and some counted twice. Resume with "
+                f"physical_batch_size={saved}, or save checkpoints at the end of a logical batch "
+                "(when optimizer.step() really stepped)"
+            )
+        return {**cursor, "consumed": self._count(row)}  # the step was complete
+
     def load_state_dict(self, state: dict) -> None:
+        cursor = self.resumable_cursor(state)
         self._sizes, self._resume = None, None
-        cursor = self.consumed = state.get("cursor")
+        self.consumed = cursor
         if cursor is None:
             self.epoch = state["epoch"]
             self.random.load_state_dict(state["random"])

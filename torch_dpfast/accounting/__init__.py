@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from ._base import Accountant
+from ._base import Accountant, warn_large_delta
 from .calibration import get_noise_multiplier, steps_per_epoch
 from .factory import ACCOUNTANTS, create_accountant
 from .prv import PRVAccountant
@@ -28,4 +28,5 @@ __all__ = [
     "create_accountant",
     "get_noise_multiplier",
     "steps_per_epoch",
+    "warn_large_delta",
 ]

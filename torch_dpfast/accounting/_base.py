@@ -9,6 +9,7 @@ consecutive steps with the same parameters share one entry.
 from __future__ import annotations
 
 import math
+import warnings
 
 
 def check_delta(delta: float) -> float:
@@ -17,9 +18,25 @@ def check_delta(delta: float) -> float:
     return float(delta)
 
 
+def warn_large_delta(delta: float, dataset_size: int, stacklevel: int = 3) -> None:
+    """Warns when delta > 1/N: a mechanism that publishes one random example outright is
+    (0, 1/N)-DP, so such a delta permits leaking examples and the epsilon means little."""
+    if dataset_size > 0 and delta > 1 / dataset_size:
+        warnings.warn(
+            f"torch_dpfast: delta = {delta:g} exceeds 1/N = {1 / dataset_size:.3g} for N = "
+            f"{dataset_size} examples; with delta > 1/N a mechanism may reveal whole examples "
+            "and still meet (epsilon, delta). Use delta well below 1/N (e.g. 1/(10 N))",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+
+
 def check_mechanism(noise_multiplier: float, sample_rate: float) -> None:
+    """sigma >= 0 (inf allowed: such steps release nothing) and q in (0, 1]; NaN refused."""
     if not isinstance(noise_multiplier, (int, float)) or not noise_multiplier >= 0:
-        raise ValueError(f"noise_multiplier must be a number >= 0, got {noise_multiplier!r}")
+        raise ValueError(
+            f"noise_multiplier must be a number >= 0 (or inf), got {noise_multiplier!r}"
+        )
     if not isinstance(sample_rate, (int, float)) or not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
 
@@ -51,7 +68,10 @@ class Accountant:
     def get_epsilon(self, delta: float) -> float:
         """The epsilon of the steps taken so far, at this delta (an upper bound)."""
         delta = check_delta(delta)
-        history = tuple((sigma, q, n) for sigma, q, n in self.history if n > 0)
+        # Steps with infinite noise release nothing: they add no privacy loss.
+        history = tuple(
+            (sigma, q, n) for sigma, q, n in self.history if n > 0 and sigma != math.inf
+        )
         if not history:
             return 0.0
         if any(sigma == 0 for sigma, _, _ in history):

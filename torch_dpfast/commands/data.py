@@ -84,15 +84,18 @@ def _npz(path: pathlib.Path):
             f"--data {path}: needs arrays 'x' (N, H, W) or (N, C, H, W) images and 'y' (N,) "
             f"integer labels; missing {sorted(missing)} (found {sorted(arrays.files)})"
         )
-    x, y = _images(arrays["x"], path, "x"), _labels(arrays["y"], path, "y")
+    x, y = (
+        _images(_array(arrays, "x", path), path, "x"),
+        _labels(_array(arrays, "y", path), path, "y"),
+    )
     if len(x) != len(y):
         raise UsageError(f"--data {path}: x has {len(x)} examples but y has {len(y)} labels")
     if ("x_test" in arrays.files) != ("y_test" in arrays.files):
         raise UsageError(f"--data {path}: give both x_test and y_test, or neither")
     if "x_test" in arrays.files:
         x_test, y_test = (
-            _images(arrays["x_test"], path, "x_test"),
-            _labels(arrays["y_test"], path, "y_test"),
+            _images(_array(arrays, "x_test", path), path, "x_test"),
+            _labels(_array(arrays, "y_test", path), path, "y_test"),
         )
         if x_test.shape[1:] != x.shape[1:]:
             raise UsageError(
@@ -101,6 +104,17 @@ def _npz(path: pathlib.Path):
             )
         return x, y, x_test, y_test
     return x, y, None, None
+
+
+def _array(arrays, key: str, path) -> np.ndarray:
+    """One array of the .npz, read without unpickling (object arrays are refused)."""
+    try:
+        return arrays[key]
+    except (ValueError, OSError, EOFError) as error:
+        raise UsageError(
+            f"--data {path}: array '{key}' cannot be read ({error}); save numeric arrays "
+            "(object arrays are refused: loading them would unpickle)"
+        ) from None
 
 
 def _images(array, path, key) -> torch.Tensor:
@@ -139,6 +153,18 @@ def _split(x, y, test_fraction, seed):
     return x[train], y[train], x[test], y[test]
 
 
+def _check_images(folder, root) -> None:
+    """Every image of the folder opens (checked before training, not in its middle)."""
+    from PIL import Image, UnidentifiedImageError
+
+    for path, _ in folder.samples:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+            raise UsageError(f"--data {root}: image {path} cannot be read ({error})") from None
+
+
 def _image_folder(root: pathlib.Path, test_fraction: float, seed: int, size: int) -> Data:
     try:
         from torchvision import datasets, transforms
@@ -157,6 +183,7 @@ def _image_folder(root: pathlib.Path, test_fraction: float, seed: int, size: int
         folder = datasets.ImageFolder(str(root), transform=transform)
     except (FileNotFoundError, RuntimeError) as error:
         raise UsageError(f"--data {root}: not an ImageFolder directory ({error})") from None
+    _check_images(folder, root)
     perm = torch.randperm(len(folder), generator=torch.Generator().manual_seed(seed)).tolist()
     n_test = max(1, round(len(folder) * test_fraction))
     return Data(

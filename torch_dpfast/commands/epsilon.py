@@ -29,6 +29,8 @@ def run(args) -> int:
         if not 0 < args.batch_size <= args.dataset_size:
             raise UsageError("--batch-size must be in [1, --dataset-size]")
         q = args.batch_size / args.dataset_size
+        if 0 < args.delta < 1:
+            accounting.warn_large_delta(args.delta, args.dataset_size, stacklevel=2)
     else:
         q = args.sample_rate
     try:

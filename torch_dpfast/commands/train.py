@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import secrets
 import time
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .. import PrivacyEngine, set_precision
+from .. import PrivacyEngine, checkpoint, set_precision
 from . import UsageError
 from .data import load
 from .models import build
@@ -50,7 +51,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--precision", default="ieee", choices=["ieee", "tf32", "bf16"])
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--non-private", action="store_true", help="the baseline: plain SGD")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        help="make the run reproducible (sampling and noise included: the privacy guarantee "
+        "then does not hold against anyone who knows the seed); default: fresh OS randomness",
+    )
+    parser.add_argument(
+        "--secure-mode",
+        action="store_true",
+        help="draw sampling and noise from the OS CSPRNG (the default without --seed)",
+    )
     parser.add_argument("--save", help="checkpoint path, written after every epoch")
     parser.add_argument("--resume", help="checkpoint to continue from (privacy spent included)")
     parser.add_argument("--summary", help="write a JSON summary here")
@@ -79,12 +90,27 @@ def _check(args) -> None:
         "--epsilon": args.epsilon,
     }
     for flag, value in positive.items():
-        if not value > 0:
-            raise UsageError(f"{flag} must be > 0, got {value}")
-    if args.noise_multiplier is not None and args.noise_multiplier < 0:
-        raise UsageError(f"--noise-multiplier must be >= 0, got {args.noise_multiplier}")
+        if not (value > 0 and math.isfinite(value)):
+            raise UsageError(f"{flag} must be a finite number > 0, got {value}")
+    if args.image_size is not None and args.image_size < 1:
+        raise UsageError(f"--image-size must be >= 1, got {args.image_size}")
+    sigma = args.noise_multiplier
+    if sigma is not None and not (sigma >= 0 and math.isfinite(sigma)):
+        raise UsageError(f"--noise-multiplier must be a finite number >= 0, got {sigma}")
+    if not (math.isfinite(args.momentum) and args.momentum >= 0):
+        raise UsageError(f"--momentum must be a finite number >= 0, got {args.momentum}")
+    if args.secure_mode and args.seed is not None:
+        raise UsageError(
+            "--secure-mode draws sampling and noise from the OS CSPRNG; --seed would make them "
+            "reproducible: give one or the other"
+        )
     if not 0 < args.delta < 1:
         raise UsageError(f"--delta must be in (0, 1), got {args.delta}")
+    if args.save and not pathlib.Path(args.save).resolve().parent.is_dir():
+        raise UsageError(
+            f"--save {args.save}: the directory {str(pathlib.Path(args.save).parent)!r} does not "
+            "exist (checked before training, not after the first epoch)"
+        )
 
 
 def accuracy(model: nn.Module, dataset, device, batch_size: int = 512) -> float:
@@ -102,8 +128,9 @@ def run(args) -> int:
     _check(args)
     device = _device(args.device)
     set_precision(args.precision)
-    torch.manual_seed(args.seed)
-    data = load(args.data, args.test_fraction, args.seed, args.image_size)
+    torch.manual_seed(args.seed if args.seed is not None else secrets.randbits(63))
+    # The train/test split defines the data set; it stays fixed (seed 0) unless --seed is given.
+    data = load(args.data, args.test_fraction, args.seed or 0, args.image_size)
     if args.batch_size > len(data.train):
         raise UsageError(
             f"--batch-size {args.batch_size} exceeds the {len(data.train)} training examples"
@@ -123,7 +150,7 @@ def run(args) -> int:
     if args.non_private:
         print("  non-private baseline: plain SGD, no privacy guarantee")
     else:
-        engine = PrivacyEngine(accountant=args.accountant)
+        engine = PrivacyEngine(accountant=args.accountant, secure_mode=args.seed is None)
         budget = (
             dict(noise_multiplier=args.noise_multiplier)
             if args.noise_multiplier is not None
@@ -148,6 +175,13 @@ def run(args) -> int:
             f"  DP-SGD: sigma {optimizer.noise_multiplier:.3f}, C {args.max_grad_norm}, "
             f"q {engine.sample_rate:.4f}, clipping {args.clipping}, {args.accountant} accountant"
         )
+        if args.seed is None:
+            print("  sampling and noise: OS CSPRNG (secure mode)")
+        else:
+            print(
+                f"  WARNING: --seed {args.seed} makes sampling and noise reproducible: the "
+                "privacy guarantee does not hold against anyone who knows or guesses the seed"
+            )
     first_epoch = 0
     if args.resume:
         first_epoch = _resume(args.resume, engine, model, optimizer)
@@ -157,27 +191,30 @@ def run(args) -> int:
     history = []
     for epoch in range(first_epoch, args.epochs):
         total = len(loader)
-        loss_sum = batches = 0
+        loss_sum = examples = 0
         for k, (x, y) in enumerate(loader):
+            real = engine.attachment.mask if engine is not None else None  # padding: False
             x, y = x.to(device), y.to(device)
             optimizer.zero_grad()
-            loss = criterion(model(x), y)
+            logits = model(x)
+            loss = criterion(logits, y)
             loss.backward()
             optimizer.step()
-            loss_sum, batches = loss_sum + float(loss.detach()), batches + 1
+            summed, count = _real_loss(loss, logits, y, real)
+            loss_sum, examples = loss_sum + summed, examples + count
             eps = history[-1]["epsilon"] if history else (None if engine is None else 0.0)
-            progress.update(epoch, k + 1, total, len(y), loss_sum / batches, eps)
+            progress.update(epoch, k + 1, total, count, loss_sum / max(examples, 1), eps)
         eps = engine.get_epsilon(args.delta) if engine is not None else None
         test_accuracy = accuracy(model, data.test, device)
         history.append(
             dict(
                 epoch=epoch + 1,
-                loss=loss_sum / max(batches, 1),
+                loss=loss_sum / max(examples, 1),
                 epsilon=eps,
                 test_accuracy=test_accuracy,
             )
         )
-        progress.epoch_end(epoch, loss_sum / max(batches, 1), eps, test_accuracy)
+        progress.epoch_end(epoch, loss_sum / max(examples, 1), eps, test_accuracy)
         if args.save:
             _save(args.save, engine, model, optimizer, epoch + 1)
     seconds = time.perf_counter() - started
@@ -206,9 +243,20 @@ def run(args) -> int:
     return 0
 
 
+def _real_loss(loss, logits, y, real) -> tuple[float, int]:
+    """(sum of the per-example losses of the batch's real rows, their count): the padding rows
+    of a physical batch (copies of its first row) are left out of the reported loss."""
+    if real is None:
+        return float(loss.detach()) * len(y), len(y)
+    real = real.to(logits.device)
+    with torch.no_grad():
+        losses = nn.functional.cross_entropy(logits[real], y[real], reduction="sum")
+    return float(losses), int(real.sum())
+
+
 def _save(path, engine, model, optimizer, epoch: int) -> None:
     if engine is None:
-        torch.save(
+        checkpoint.save(
             dict(
                 module_state_dict=model.state_dict(),
                 epoch=epoch,
@@ -227,14 +275,18 @@ def _resume(path, engine, model, optimizer) -> int:
         raise UsageError(f"--resume {path}: no such file")
     try:
         if engine is None:
-            checkpoint = torch.load(path, weights_only=False)
-            model.load_state_dict(checkpoint["module_state_dict"])
-            optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+            saved = checkpoint.load(path, required=("module_state_dict", "optimizer_state_dict"))
+            model.load_state_dict(saved["module_state_dict"])
+            optimizer.load_state_dict(saved["optimizer_state_dict"])
         else:
-            checkpoint = engine.load_checkpoint(path=path, module=model, optimizer=optimizer)
+            saved = engine.load_checkpoint(path=path, module=model, optimizer=optimizer)
+    except checkpoint.CheckpointError as error:
+        raise UsageError(f"--resume: {error}") from None
     except (KeyError, RuntimeError, ValueError) as error:
         raise UsageError(
             f"--resume {path}: does not match this run (same model, data, batch size and "
             f"--non-private setting needed): {error}"
         ) from None
-    return int(checkpoint["epoch"])
+    if not isinstance(saved.get("epoch"), int):
+        raise UsageError(f"--resume {path}: not a checkpoint of `dpfast train` (no epoch)")
+    return saved["epoch"]
