@@ -12,7 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+)
 
 from .accounting import steps_per_epoch as default_steps_per_epoch
 from .random_source import RandomSource
@@ -124,3 +131,42 @@ def check_map_style(dataset) -> None:
         ) from None
     if size < 1:
         raise ValueError("the data loader's dataset is empty")
+
+
+def check_replaceable_sampler(data_loader) -> None:
+    """Poisson sampling replaces the loader's sampler and samples the whole dataset. That is
+    what the user meant only for the stock samplers (sequential, shuffling without replacement,
+    a distributed shard, Opacus's Poisson sampler); any other (a SubsetRandomSampler holding
+    out examples, a weighted or custom sampler) is refused rather than silently replaced."""
+    batch_sampler = data_loader.batch_sampler
+    if _is_opacus_poisson(batch_sampler):
+        return
+    if type(batch_sampler) is not BatchSampler:
+        raise ValueError(
+            f"the data loader draws its batches with a {type(batch_sampler).__name__} "
+            "(batch_sampler=...); Poisson sampling would replace it and sample every example of "
+            "the dataset with q = 1/len(loader). Give the examples to train on as the dataset "
+            "(e.g. torch.utils.data.Subset(dataset, indices)) with batch_size=, or keep your "
+            "sampler with poisson_sampling=False (the epsilon is then not a proven guarantee)"
+        )
+    sampler = batch_sampler.sampler
+    stock = type(sampler) in (SequentialSampler, DistributedSampler) or (
+        type(sampler) is RandomSampler
+        and not sampler.replacement
+        and sampler.num_samples == len(data_loader.dataset)
+    )
+    if not stock:
+        raise ValueError(
+            f"the data loader samples with a {type(sampler).__name__}; Poisson sampling would "
+            f"replace it and draw from all {len(data_loader.dataset)} examples of the dataset "
+            "(training on any it holds out, with q over the wrong N). Give the examples to "
+            "train on as the dataset (e.g. torch.utils.data.Subset(dataset, indices)), or keep "
+            "your sampler with poisson_sampling=False (the epsilon is then not a proven "
+            "guarantee)"
+        )
+
+
+def _is_opacus_poisson(batch_sampler) -> bool:
+    """Opacus's UniformWithReplacementSampler: Poisson sampling of the whole dataset already."""
+    cls = type(batch_sampler)
+    return cls.__name__ == "UniformWithReplacementSampler" and cls.__module__.startswith("opacus")

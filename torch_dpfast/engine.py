@@ -44,6 +44,7 @@ class _Record:
     g: Tensor | None = None  # the output gradient, once backward ran
     batch_grads: dict[str, Tensor] | None = None  # fallback: the batch gradient, for checking
     generation: int = 0  # which physical batch (Attachment.begin_batch) the call belongs to
+    task: int = -1  # the autograd graph task (one backward() call) that recorded g
     fold: int = 1  # rows of dim 0 per example (window attention: windows per image)
     owner: Attachment | None = None  # told (_on_backward) once the backward ran
 
@@ -222,6 +223,8 @@ class Attachment:
     # batch; None: all of them
     computed_rows: int | None = None
     generation: int = 0  # counts begin_batch calls
+    batch_started: bool = False  # begin_batch was called since the last clip (a loader's batch)
+    clipped_generation: int = 0  # the generation clip_and_accumulate last ran for
     # bytes of per-example gradients auto may hold on CPU instead of fast paths (0: none)
     materialise_bytes: int = materialise_plan.DEFAULT_MATERIALISE_BYTES
     _ghost: object = None  # the ghost pass in progress (ghost.py)
@@ -251,6 +254,7 @@ class Attachment:
         it keeps none (an empty sample, or a rank's padding batch), row 0 only."""
         self.generation += 1
         self.mask = mask
+        self.batch_started = True
         self.computed_rows = None
         if mask is None or mask.device.type != "cpu" or mask.shape[0] < 2:
             return
@@ -264,6 +268,7 @@ class Attachment:
         """The batch's mask, once: its layer calls are being clipped, so later forwards are
         computed whole again."""
         mask, self.mask, self.computed_rows = self.mask, None, None
+        self.batch_started = False
         return mask
 
     def forward_rows(self, *xs: Tensor) -> int | None:
@@ -281,9 +286,14 @@ class Attachment:
         self._records.append(record)
         return record
 
-    def discard(self) -> None:
-        """Forgets captured layer calls (after a step, or a backward that will not be used)."""
-        self._records.clear()
+    def discard(self, keep_pending: bool = False) -> None:
+        """Forgets captured layer calls (after a step, or a backward that will not be used).
+        With ``keep_pending``, calls whose backward has not run yet are kept: ``zero_grad()``
+        between a forward and its backward must not drop what that backward will need."""
+        if keep_pending:
+            self._records[:] = [r for r in self._records if r.g is None]
+        else:
+            self._records.clear()
 
     def detach(self) -> None:
         """Restores the original forwards; the model trains non-privately again."""
@@ -304,12 +314,22 @@ class Attachment:
     def clip_and_accumulate(self, max_grad_norm: float) -> Tensor:
         """Clips each example's gradient over all attached parameters to norm ``max_grad_norm``
         and adds sum_i c_i g_i to ``p.summed_grad``. Returns the (B,) squared norms (after the
-        loss-reduction rescaling). Examples masked out by ``self.mask`` contribute nothing."""
+        loss-reduction rescaling). Examples masked out by ``self.mask`` contribute nothing.
+        Refused a second time for one physical batch of a make_private loader (a second
+        ``optimizer.step()`` would release a partial sum as a logical step)."""
+        if self.generation and self.generation == self.clipped_generation:
+            raise RuntimeError(
+                "torch_dpfast: optimizer.step() was called twice for one physical batch: the "
+                "second step would release a partial sum as a whole logical step. Call "
+                "optimizer.step() once after each backward()"
+            )
+        self.clipped_generation = self.generation
         if self.clipping == "ghost":
             return self._ghost_result()
         self.check_no_leaks()
         records = [r for r in self._records if r.g is not None]
         self._records.clear()
+        batch_started = self.batch_started
         mask = self.take_mask()
         if not records:
             return torch.zeros(0)
@@ -318,6 +338,15 @@ class Attachment:
                 "torch_dpfast: the gradients of several physical batches reached one "
                 "optimizer.step(); call optimizer.step() after the backward of every physical "
                 "batch (it only clips and accumulates until the logical batch is complete)"
+            )
+        if not batch_started and len({r.task for r in records}) > 1:
+            raise RuntimeError(
+                "torch_dpfast: several backward() calls reached one optimizer.step() on batches "
+                "that did not come from a make_private data loader (poisson_sampling=False, or "
+                "a custom loop): their examples would be merged row by row and clipped together "
+                "(sensitivity 2C). Call optimizer.step() after every backward(); for larger "
+                "logical batches use make_private(..., poisson_sampling=True, "
+                "physical_batch_size=...), which accumulates per example"
             )
         batch = min(r.batch for r in records)  # window attention sees a multiple of it
         for r in records:
@@ -435,6 +464,7 @@ class Attachment:
 
     def _on_backward(self, record: _Record) -> None:
         """Called by a captured layer's backward once its g is recorded."""
+        record.task = torch._C._current_graph_task_id()
         if self._ghost is not None:
             self._ghost.on_backward(record)
         elif self.clipping == "ghost":

@@ -10,6 +10,7 @@ wrapped optimizer step. Parameters that received no gradient still get noise.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Callable
 
@@ -115,7 +116,16 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def signal_skip_step(self, do_skip: bool = True) -> None:
         """The next ``step()`` only clips and accumulates (a physical batch that does not end
-        its logical batch)."""
+        its logical batch). Refused when Opacus's BatchMemoryManager calls it."""
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.startswith("opacus."):
+            raise RuntimeError(
+                "Opacus's BatchMemoryManager was kept after switching to torch_dpfast: it splits "
+                "batches behind the sampler's back (with workers it signals steps at the wrong "
+                "batches; under Poisson sampling it trains on a stand-in example in empty "
+                "logical batches). Remove it and pass physical_batch_size= to make_private, "
+                "whose loader yields fixed-shape physical batches and steps at the right one"
+            )
         self._skip_next = do_skip
 
     def start_logical_batch(self) -> None:
@@ -134,9 +144,11 @@ class DPOptimizer(torch.optim.Optimizer):
         self._skip_next = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clears ``p.grad`` and pending captures; clipped sums survive until the logical step."""
+        """Clears ``p.grad`` and the captures of a backward that was not stepped; the captures
+        of a forward whose backward is still to come are kept (the forward -> zero_grad ->
+        backward -> step order works), and clipped sums survive until the logical step."""
         for attachment in attachments_of(self._params()):
-            attachment.discard()
+            attachment.discard(keep_pending=True)
         for p in self._params():
             if set_to_none:
                 p.grad = None

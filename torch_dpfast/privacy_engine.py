@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from . import accounting
 from .checkpoint import load as load_file
 from .checkpoint import save as save_file
-from .data_loader import DPDataLoader, check_map_style
+from .data_loader import DPDataLoader, check_map_style, check_replaceable_sampler
 from .distributed import broadcast_module, check_not_ddp, world
 from .distributed import sources as distributed_sources
 from .engine import CLIPPING_MODES, Attachment, attach
@@ -148,6 +148,8 @@ class PrivacyEngine:
         check_not_ddp(module)
         _check_model(module)
         _check_optimizer(module, optimizer)
+        if poisson_sampling:
+            check_replaceable_sampler(data_loader)
         sample_rate = _sample_rate(data_loader)
         if physical_batch_size is not None and not poisson_sampling:
             raise ValueError("physical_batch_size needs poisson_sampling=True")
