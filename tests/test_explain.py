@@ -52,6 +52,8 @@ def test_batch_norm_is_rejected_with_the_fix():
     # frozen but still normalising with batch statistics: refused when clipping
     model[1].requires_grad_(False)
     att = dpf.attach(model)
+    with pytest.raises(ValueError, match="normalises with batch statistics"):
+        model(torch.randn(4, 3))  # the first forward's independence probe
     model(torch.randn(4, 3)).sum().backward()
     with pytest.raises(ValueError, match="normalises with batch statistics"):
         att.clip_and_accumulate(1.0)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import certify, materialise_plan, ops
+from . import certify, coupling, materialise_plan, ops
 from .explain import assign_rules, check_no_batch_statistics
 from .materialise_plan import check_budget
 from .rules import scaled_sum
@@ -326,7 +326,12 @@ class Attachment:
         self.clipped_generation = self.generation
         if self.clipping == "ghost":
             return self._ghost_result()
-        self.check_no_leaks()
+        try:
+            self.check_no_leaks()
+        except (RuntimeError, ValueError):
+            self.discard()  # this batch cannot be clipped: nothing of it may reach a later one
+            self.take_mask()
+            raise
         records = [r for r in self._records if r.g is not None]
         self._records.clear()
         batch_started = self.batch_started
@@ -782,6 +787,7 @@ def attach(
     clipping: str = "auto",
     loss_reduction: str = "mean",
     materialise_bytes: int = materialise_plan.DEFAULT_MATERIALISE_BYTES,
+    probe_coupling: bool = True,
 ) -> Attachment:
     """Makes every trainable parameter of ``model`` receive clipped per-example gradients.
 
@@ -800,6 +806,9 @@ def attach(
             materialising them is cheaper than their ghost or direct norm (it saves the norm's
             multiply-adds; ``torch_dpfast/materialise_plan.py``). Default 1 GiB; 0 turns it
             off. Ignored on GPUs and in the other modes.
+        probe_coupling: on the first forward with gradients on, check that changing one example
+            moves no other example's layer inputs or outputs (coupling.py; two extra no-grad
+            forwards, once), and raise naming the first layer where it does.
 
     Returns:
         The :class:`Attachment`; ``DPOptimizer`` finds it through the parameters.
@@ -824,6 +833,8 @@ def attach(
             attachment._restores.append(restore)
         attachment.modules[path] = module
         attachment.rules[path] = rule
+    if probe_coupling:
+        attachment._hooks.append(coupling.install(model, attachment.modules))
     names = {id(p): n for n, p in model.named_parameters()}
     for p in attachment.parameters():
         p.summed_grad = None

@@ -1,0 +1,140 @@
+"""Cross-example coupling that no clipping can bound is detected on the first forward (the
+independence probe, torch_dpfast/coupling.py) and refused, naming where it happens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import torch_dpfast as dpf
+
+
+class BatchCentred(nn.Module):
+    """Two layers with a parameter-free ``h - h.mean(0)`` between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.first(x)
+        return self.second(h - h.mean(0))
+
+
+class SequenceFirst(nn.Module):
+    """Feeds its Linear a (T, B, d) tensor: dim 0 is time, and T equals the batch here."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 3)
+
+    def forward(self, x):  # x (B, T, 4)
+        return self.proj(x.transpose(0, 1)).mean(0)  # (B, 3) by averaging over time
+
+
+class Independent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.proj = nn.Embedding(10, 4), nn.Linear(4, 3)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, ids):
+        return self.proj(self.drop(self.embed(ids))).mean(1)
+
+
+def _summed_clipped(model, x, y, probe):
+    attachment = dpf.attach(model, clipping="bk", loss_reduction="sum", probe_coupling=probe)
+    try:
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+        attachment.clip_and_accumulate(1.0)
+        return torch.cat([p.summed_grad.flatten() for p in attachment.parameters()])
+    finally:
+        for p in model.parameters():
+            p.summed_grad = None
+        attachment.detach()
+
+
+def test_without_the_probe_one_example_moves_a_batch_centred_model_by_more_than_c(gen):
+    """Why the probe exists: every norm is clipped, yet the sum moves by several C."""
+    torch.manual_seed(0)
+    model = BatchCentred()
+    x = torch.randn(6, 4, generator=gen)
+    y = torch.randint(0, 3, (6,), generator=gen)
+    x[-1] *= 1000  # the adversary: every other example's centred input now points its way
+    moved = (
+        _summed_clipped(model, x, y, probe=False) - _summed_clipped(model, x[:-1], y[:-1], False)
+    ).norm()
+    assert moved > 2.0
+
+
+def test_a_batch_centred_model_is_refused_naming_the_layer(gen):
+    model = BatchCentred()
+    x, y = torch.randn(6, 4, generator=gen), torch.randint(0, 3, (6,), generator=gen)
+    with pytest.raises(RuntimeError, match=r"couples the examples.*'second'"):
+        _summed_clipped(model, x, y, probe=True)
+
+
+def test_a_sequence_first_layer_with_t_equal_to_the_batch_is_refused(gen):
+    model = SequenceFirst()
+    x, y = torch.randn(5, 5, 4, generator=gen), torch.randint(0, 3, (5,), generator=gen)
+    with pytest.raises(RuntimeError, match=r"'proj'.*another dimension than 0"):
+        _summed_clipped(model, x, y, probe=True)
+
+
+class _Centre(nn.Module):
+    def forward(self, x):
+        return x - x.mean(0)
+
+
+def test_coupling_in_the_models_last_operation_is_refused(gen):
+    model = nn.Sequential(nn.Linear(4, 3), _Centre())
+    attachment = dpf.attach(model)
+    try:
+        with pytest.raises(RuntimeError, match="after the last captured layer"):
+            model(torch.randn(4, 4, generator=gen))
+    finally:
+        attachment.detach()
+
+
+def test_independent_models_with_dropout_and_ids_pass_the_probe(gen):
+    model = Independent()
+    data = TensorDataset(torch.randint(0, 10, (20, 7), generator=gen), torch.randint(0, 3, (20,)))
+    engine = dpf.PrivacyEngine()
+    model, optimizer, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(data, batch_size=5),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        physical_batch_size=4,
+    )
+    for ids, y in loader:
+        optimizer.zero_grad()
+        F.cross_entropy(model(ids), y).backward()
+        optimizer.step()
+    assert len(engine.accountant) > 0
+
+
+def test_a_make_private_loop_refuses_a_coupled_model_at_its_first_forward(gen):
+    model = BatchCentred()
+    data = TensorDataset(torch.randn(20, 4, generator=gen), torch.randint(0, 3, (20,)))
+    engine = dpf.PrivacyEngine()
+    model, optimizer, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(data, batch_size=8),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        physical_batch_size=4,
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="couples the examples"):
+        for x, y in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+    assert len(engine.accountant) == 0
