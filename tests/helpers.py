@@ -53,3 +53,20 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
         rtol=rtol,
         atol=atol * scale,
     )
+
+
+def private(model, dataset, batch_size: int, lr: float = 0.1, **kwargs):
+    """(engine, model, optimizer, loader) of ``make_private`` on SGD and a DataLoader of
+    ``dataset``; ``kwargs`` go to make_private (noise_multiplier 1.0 and C 1.0 by default)."""
+    from torch.utils.data import DataLoader
+
+    kwargs.setdefault("noise_multiplier", 1.0)
+    kwargs.setdefault("max_grad_norm", 1.0)
+    engine = dpf.PrivacyEngine(secure_mode=kwargs.pop("secure_mode", False))
+    model, optimizer, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=lr),
+        data_loader=DataLoader(dataset, batch_size=batch_size),
+        **kwargs,
+    )
+    return engine, model, optimizer, loader

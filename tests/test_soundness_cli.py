@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-import torch_dpfast as dpf
+from tests.helpers import private
 from torch_dpfast import accounting
 from torch_dpfast.cli import main
 from torch_dpfast.commands.train import _real_loss
@@ -127,13 +127,12 @@ def test_a_huge_step_count_gives_an_answer_not_a_memory_error(accountant):
 
 def test_delta_above_one_over_n_is_warned(gen, capsys):
     data = TensorDataset(torch.randn(30, 3, generator=gen), torch.randint(0, 2, (30,)))
-    model = nn.Linear(3, 2)
     with pytest.warns(UserWarning, match="exceeds 1/N"):
-        dpf.PrivacyEngine().make_private(
-            module=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            data_loader=DataLoader(data, batch_size=6),
-            max_grad_norm=1.0,
+        private(
+            nn.Linear(3, 2),
+            data,
+            6,
+            noise_multiplier=None,
             target_epsilon=5.0,
             target_delta=0.1,
             epochs=1,

@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 import torch_dpfast as dpf
+from tests.helpers import private
 
 
 class BatchCentred(nn.Module):
@@ -100,17 +101,8 @@ def test_coupling_in_the_models_last_operation_is_refused(gen):
 
 
 def test_independent_models_with_dropout_and_ids_pass_the_probe(gen):
-    model = Independent()
     data = TensorDataset(torch.randint(0, 10, (20, 7), generator=gen), torch.randint(0, 3, (20,)))
-    engine = dpf.PrivacyEngine()
-    model, optimizer, loader = engine.make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=DataLoader(data, batch_size=5),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        physical_batch_size=4,
-    )
+    engine, model, optimizer, loader = private(Independent(), data, 5, physical_batch_size=4)
     for ids, y in loader:
         optimizer.zero_grad()
         F.cross_entropy(model(ids), y).backward()
@@ -119,17 +111,8 @@ def test_independent_models_with_dropout_and_ids_pass_the_probe(gen):
 
 
 def test_a_make_private_loop_refuses_a_coupled_model_at_its_first_forward(gen):
-    model = BatchCentred()
     data = TensorDataset(torch.randn(20, 4, generator=gen), torch.randint(0, 3, (20,)))
-    engine = dpf.PrivacyEngine()
-    model, optimizer, loader = engine.make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=DataLoader(data, batch_size=8),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        physical_batch_size=4,
-    )
+    engine, model, optimizer, loader = private(BatchCentred(), data, 8, physical_batch_size=4)
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(RuntimeError, match="couples the examples"):
         for x, y in loader:

@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 import torch_dpfast as dpf
+from tests.helpers import private
 from torch_dpfast import random_source
 from torch_dpfast.random_source import RandomSource
 
@@ -35,17 +36,11 @@ def _forbid_torch_randomness(monkeypatch):
 
 
 def test_a_secure_training_run_draws_nothing_from_torch_generators(gen, monkeypatch):
-    model = nn.Linear(4, 3)
     data = TensorDataset(torch.randn(30, 4, generator=gen), torch.randint(0, 3, (30,)))
-    engine = dpf.PrivacyEngine(secure_mode=True)
-    model, optimizer, loader = engine.make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=DataLoader(data, batch_size=6),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        physical_batch_size=4,
+    engine, model, optimizer, loader = private(
+        nn.Linear(4, 3), data, 6, physical_batch_size=4, secure_mode=True
     )
+    model(torch.randn(2, 4))  # the independence probe's (not privacy-relevant) draws
     urandom_calls = []
     real = random_source.os.urandom
     monkeypatch.setattr(random_source.os, "urandom", lambda n: urandom_calls.append(n) or real(n))
