@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -43,6 +44,47 @@ def _device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def check_agreement(settings: dict) -> None:
+    """Raises on every rank unless all ranks give the same ``settings`` (numbers, strings,
+    None, bools): ranks that disagree on the batch size, dataset size, sigma or C would drift
+    apart and then hang in a collective. One all-gather of a fingerprint per make_private."""
+    codes = [_code(value) for value in settings.values()]
+    mine = torch.tensor(codes, dtype=torch.float64, device=_device())
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    table = torch.stack(gathered).cpu()
+    differing = []
+    for k, name in enumerate(settings):
+        column = table[:, k]
+        if bool((column == column[0]).all()):
+            continue
+        values = ", ".join(f"rank {r}: {_decode(settings[name], v)}" for r, v in enumerate(column))
+        differing.append(f"{name} ({values})")
+    if differing:
+        raise ValueError(
+            "torch_dpfast: the ranks disagree on " + "; ".join(differing) + ". Every rank must "
+            "call make_private with the same data set, batch size, physical batch size, "
+            "noise and clipping settings and the same model; otherwise they drift apart and "
+            "hang in a collective"
+        )
+
+
+def _code(value) -> float:
+    """A number that two ranks' values share exactly when the values are equal."""
+    if value is None:
+        return -1.0
+    if isinstance(value, (bool, int, float)):
+        return float(value)
+    return float(zlib.crc32(str(value).encode()))
+
+
+def _decode(mine, code: Tensor) -> str:
+    """A rank's value for the error: the number itself, or (strings) its fingerprint."""
+    if isinstance(mine, str):
+        return f"#{int(code)}"
+    return f"{float(code):g}"
 
 
 def broadcast_seed(seed: int | None = None) -> int:

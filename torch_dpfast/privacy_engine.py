@@ -21,7 +21,7 @@ from . import accounting
 from .checkpoint import load as load_file
 from .checkpoint import save as save_file
 from .data_loader import DPDataLoader, check_map_style, check_replaceable_sampler
-from .distributed import broadcast_module, check_not_ddp, world
+from .distributed import broadcast_module, check_agreement, check_not_ddp, world
 from .distributed import sources as distributed_sources
 from .engine import CLIPPING_MODES, Attachment, attach
 from .explain import is_batch_norm
@@ -174,6 +174,24 @@ class PrivacyEngine:
         noise_generator = self._noise_generator(noise_generator)
         rank, world_size = world()
         if world_size > 1:  # every rank samples its shard; sizes from a shared stream
+            trainable = [p for p in module.parameters() if p.requires_grad]
+            check_agreement(
+                {
+                    "dataset size": len(data_loader.dataset),
+                    "sample rate": sample_rate,
+                    "physical_batch_size": physical_batch_size,
+                    "padding": padding,
+                    "poisson_sampling": poisson_sampling,
+                    "noise_multiplier": noise_multiplier,
+                    "max_grad_norm": max_grad_norm,
+                    "clipping": clipping,
+                    "loss_reduction": loss_reduction,
+                    "secure_mode": self.secure_mode,
+                    "accountant": self.accountant.mechanism,
+                    "trainable parameters": len(trainable),
+                    "trainable values": sum(p.numel() for p in trainable),
+                }
+            )
             sample_source, plan_source = distributed_sources(
                 self.secure_mode, sample_generator, rank
             )
