@@ -31,7 +31,7 @@ if __name__ == "__main__":  # run as a script: import from the repository root, 
 from benchmarks import plots  # noqa: E402
 from benchmarks.common import default_device, write_run  # noqa: E402
 from benchmarks.throughput import run_in_process  # noqa: E402
-from benchmarks.training import MODELS, MODES, Settings  # noqa: E402
+from benchmarks.training import DEFAULT_MODES, MODELS, Settings  # noqa: E402
 
 # How running out of memory shows: torch's CUDA and CPU allocators, Python, C++, and oneDNN (CPU
 # convolutions and matmuls), which reports a failed allocation as a primitive it cannot create.
@@ -206,7 +206,7 @@ def parse_args(argv):
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results"))
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--models", help="default: vit_base on CUDA, vit_small on CPU")
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES))
     parser.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"))
     parser.add_argument("--memory-gib", type=float, default=None, help="memory budget per probe")
     parser.add_argument("--cap", type=int, default=4096, help="largest batch tried")

@@ -36,7 +36,7 @@ if __name__ == "__main__":  # run as a script: import from the repository root, 
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 from benchmarks.common import default_device, pyplot, run_worker, write_run  # noqa: E402
-from benchmarks.training import MODELS, MODES, Settings  # noqa: E402
+from benchmarks.training import DEFAULT_MODES, MODELS, Settings  # noqa: E402
 
 PHASES = ("forward", "backward", "step")
 # Profiler event name -> the part of a phase it belongs to.
@@ -237,7 +237,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results"))
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--model", default="vit_base", choices=list(MODELS))
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES))
     parser.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"))
     parser.add_argument("--physical", type=int, default=32)
     parser.add_argument("--logical", type=int, help="expected logical batch (default: physical)")

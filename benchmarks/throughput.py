@@ -31,7 +31,14 @@ if __name__ == "__main__":  # run as a script: import from the repository root, 
 
 from benchmarks import plots  # noqa: E402
 from benchmarks.common import default_device, run_worker, write_run  # noqa: E402
-from benchmarks.training import MODELS, MODES, OURS, Settings, dpfast_options  # noqa: E402
+from benchmarks.training import (
+    DEFAULT_MODES,
+    MODELS,
+    MODES,
+    OURS,
+    Settings,
+    dpfast_options,
+)  # noqa: E402
 
 SMOKE = dict(
     models="smoke_vit",
@@ -204,7 +211,7 @@ def parse_args(argv):
     parser.add_argument(
         "--models", help="default: vit_base,bit_50x1 on CUDA, vit_small,resnet18_gn on CPU"
     )
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES))
     parser.add_argument("--precisions", default="fp32", help="comma-separated fp32,tf32,bf16")
     parser.add_argument("--physical", default="32", help="physical batch sizes, comma-separated")
     parser.add_argument("--logical", type=int, default=256, help="expected logical batch size")

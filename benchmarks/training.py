@@ -34,9 +34,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-OURS = ("dpfast_auto", "dpfast_auto_pow2", "dpfast_bk", "dpfast_ghost", "dpfast_per_example")
+# Ablations: our modes with the norm certification (torch_dpfast/certify.py) switched off, to
+# measure its cost side by side. Not private against crafted inputs; never in a default run.
+UNCERTIFIED = ("dpfast_auto_uncertified", "dpfast_bk_uncertified", "dpfast_ghost_uncertified")
+OURS = (
+    "dpfast_auto",
+    "dpfast_auto_pow2",
+    "dpfast_bk",
+    "dpfast_ghost",
+    "dpfast_per_example",
+    *UNCERTIFIED,
+)
 OPACUS = ("opacus_hooks", "opacus_ghost")
 MODES = ("non_private", *OURS, *OPACUS)
+DEFAULT_MODES = tuple(m for m in MODES if m not in UNCERTIFIED)
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 # name -> (timm model name or None for a hand-built one, input size, label). The paper's
@@ -62,8 +73,20 @@ NUM_CLASSES = 100
 
 def dpfast_options(mode: str) -> tuple[str, str]:
     """(clipping, padding) of one of our modes: "dpfast_auto_pow2" -> ("auto", "pow2")."""
+    mode = mode.removesuffix("_uncertified")
     clipping, pow2, _ = mode.removeprefix("dpfast_").partition("_pow2")
     return clipping, "pow2" if pow2 else "full"
+
+
+def _switch_off_certification() -> None:
+    """For the UNCERTIFIED ablations only (this benchmark process): every fast-path norm is
+    taken as it is, no bound is computed and nothing is recomputed."""
+    from torch_dpfast import certify
+
+    def unchecked(record, x, g, norm_sq):
+        return norm_sq, None, torch.zeros(norm_sq.shape, dtype=torch.bool, device=norm_sq.device)
+
+    certify.check = unchecked
 
 
 def build_model(name: str) -> nn.Module:
@@ -164,6 +187,8 @@ class Run:
         if ours:
             from torch_dpfast import PrivacyEngine
 
+            if self.settings.mode in UNCERTIFIED:
+                _switch_off_certification()
             clipping, padding = dpfast_options(self.settings.mode)
             options = dict(
                 clipping=clipping, physical_batch_size=self.settings.physical, padding=padding

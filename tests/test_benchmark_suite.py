@@ -7,6 +7,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from benchmarks import max_batch, profile, throughput
 from benchmarks.training import Run, Settings
@@ -16,7 +17,10 @@ def test_dp_steps_count_real_examples_not_padding_rows():
     physical, logical, size = 3, 5, 40
     run = Run(Settings("smoke_vit", "dpfast_auto", "fp32", physical, logical, "cpu", size))
     rows = []
-    run.model.register_forward_hook(lambda m, args, out: rows.append(len(args[0])))
+    # training forwards only (not the independence probe's two no-grad ones on the first batch)
+    run.model.register_forward_hook(
+        lambda m, args, out: rows.append(len(args[0])) if torch.is_grad_enabled() else None
+    )
     steps = list(run.logical_steps(40))
     examples = [n for n, _, _ in steps]
     assert all(seconds > 0 for _, _, seconds in steps)

@@ -235,3 +235,20 @@ def test_a_negative_squared_norm_gives_factor_zero(backend_name):
     assert factors.tolist()[:3] == [0.0, 0.0, 1.0]
     _, total = dpf.ops.total_clip_factors([norm_sq], 1.0, backend=backend_name)
     assert total.tolist()[:2] == [0.0, 0.0]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "bf16"])
+@pytest.mark.parametrize("mode,budget", MODES)
+@pytest.mark.parametrize("magnitude", [1e3, 1e15, 1e30])
+def test_cancelling_tokens_on_a_gpu(precision, mode, budget, magnitude, gen):
+    """The CUDA and Triton kernels that auto takes on a GPU, at every precision setting."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = nn.Linear(6, 3).cuda()
+    honest = torch.randn(3, 2, 6, generator=gen).cuda()
+    with dpf.precision(precision):
+        distance = neighbour_distance(
+            model, honest, cancelling_pair(magnitude, 6).cuda(), summed_output, mode, budget
+        )
+    assert distance <= C + SLACK
