@@ -161,3 +161,23 @@ def test_our_modes_name_their_clipping_and_padding():
     assert dpfast_options("dpfast_auto_pow2") == ("auto", "pow2")
     assert dpfast_options("dpfast_per_example") == ("per_example", "full")
     assert all(dpfast_options(m)[0] in ("auto", "bk", "ghost", "per_example") for m in OURS)
+
+
+def test_certify_cost_times_the_step_with_and_without_the_certification(tmp_path, monkeypatch):
+    from benchmarks import certify_cost
+    from torch_dpfast import certify
+
+    calls = []
+    real = certify.check
+    monkeypatch.setattr(certify, "check", lambda *a: calls.append(1) or real(*a))
+    payload = certify_cost.main(
+        ["--models", "smoke_vit", "--modes", "bk,ghost", "--batch", "3", "--repeats", "2"]
+        + ["--out", str(tmp_path)]
+    )
+    assert [r["mode"] for r in payload["results"]] == ["bk", "ghost"]
+    for result in payload["results"]:
+        assert len(result["pairs"]) == 2 and all(on > 0 and off > 0 for on, off in result["pairs"])
+        assert result["ratio_min"] <= result["ratio"] <= result["ratio_max"]
+    assert calls  # the certified runs went through certify.check
+    assert certify.check.__name__ == "<lambda>"  # restored to what it was
+    assert "certified / uncertified" in (tmp_path / "certify_cost.md").read_text()

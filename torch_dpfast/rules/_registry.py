@@ -68,9 +68,19 @@ class Rule:
         return {name: scaled_sum(grad, scale) for name, grad in grads.items()}
 
 
-def row_norms(t: Tensor) -> Tensor:
-    """(..., d) -> (...) float64 Euclidean norms of the last dim (no overflow for float32)."""
-    return torch.linalg.vector_norm(t, dim=-1, dtype=torch.float64)
+def bound_dtype(t: Tensor) -> torch.dtype:
+    """Precision of norm bounds: float64 for float64 tensors, else float32. A bound is a sum of
+    non-negative terms, so float32 loses no more than ~1e-5 relative; one that overflows is
+    inf, which sends its example to the exact float64 path (certify.py)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def row_norms(t: Tensor, dim: int = -1) -> Tensor:
+    """Euclidean norms over ``dim`` (the last by default), as float64 (computed in
+    :func:`bound_dtype`)."""
+    t = t.to(bound_dtype(t))
+    norms = torch.linalg.vector_norm(t, dim=-1) if dim == -1 else t.square().sum(dim).sqrt()
+    return norms.to(torch.float64)
 
 
 def leading(g: Tensor | tuple[Tensor, ...]) -> Tensor:

@@ -182,7 +182,7 @@ class MultiheadAttentionRule(Rule):
         parts, extra_k, extra_v = self._parts(module, x, g)
         params = self.parameters(module)
         names = self._weight_names(module)
-        total = row_norms(g[0][:, :1]).new_zeros(g[0].shape[0])
+        total = torch.zeros(g[0].shape[0], dtype=torch.float64, device=g[0].device)
         for k, (ai, gi) in enumerate(parts):
             weight = (names[0] if len(names) == 1 else names[k]) in params
             total = total + linear_bound_sq(ai, gi, weight, "in_proj_bias" in params)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.conv import _grouped, conv_geometry
-from ._registry import Rule, register_rule, row_norms, scaled_sum, zero_norms
+from ._registry import Rule, bound_dtype, register_rule, row_norms, scaled_sum, zero_norms
 from .linear import plan_linear
 
 
@@ -41,19 +41,20 @@ def _spatial_sum(g: Tensor, out: Tensor | None = None) -> Tensor:
 
 def patch_norms(x: Tensor, kwargs: dict) -> Tensor:
     """(B, T) float64 norms of the input patches the conv's weight sees at each of its T output
-    positions, over all input channels: a conv of sum_c x_c^2 with an all-ones kernel."""
-    squares = x.to(torch.float64).square().sum(dim=1, keepdim=True)
+    positions, over all input channels: a conv of sum_c x_c^2 with an all-ones kernel (in
+    bound_dtype: float32 unless x is float64)."""
+    squares = x.to(bound_dtype(x)).square().sum(dim=1, keepdim=True)
     ones = squares.new_ones(1, 1, *kwargs["kernel_size"])
     conv = (F.conv1d, F.conv2d, F.conv3d)[x.dim() - 3]
     sums = conv(squares, ones, None, kwargs["stride"], kwargs["padding"], kwargs["dilation"])
-    return sums.flatten(1).clamp_min(0).sqrt()
+    return sums.flatten(1).clamp_min(0).sqrt().to(torch.float64)
 
 
 def conv_bound_sq(x: Tensor, g: Tensor, kwargs: dict, weight: bool, bias: bool) -> Tensor:
     """(B,) float64 squared upper bound of an example's conv weight and bias gradient norms,
     (sum_t ||g_t|| ||patch_t||)^2 + (sum_t ||g_t||)^2 (a grouped conv's block-diagonal gradient
     is bounded by the same sum); x as the weight sees it (_conv_args), g (B, C_out, *S_out)."""
-    g_norms = row_norms(g.flatten(2).mT)  # (B, T)
+    g_norms = row_norms(g.flatten(2), dim=1)  # (B, T)
     total = g_norms.new_zeros(g.shape[0])
     if weight:
         total = total + (patch_norms(x, kwargs) * g_norms).sum(dim=1).square()

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ._registry import Rule, register_rule, row_norms, scaled_sum, zero_norms
+from ._registry import Rule, bound_dtype, register_rule, row_norms, scaled_sum, zero_norms
 from .conv import ConvRule, _conv_args, _spatial_sum, patch_norms, weight_grads
 
 try:
@@ -139,9 +139,10 @@ if std_conv is not None:
             sqrt(n) U_ir, since ||w_hat_r||^2 <= n."""
             x = _padded(module, x)
             xx, kwargs = _conv_args(module, x)
-            rows = torch.einsum(
-                "bot,bt->bo", g.flatten(2).abs().to(torch.float64), patch_norms(xx, kwargs)
-            )
+            dtype = bound_dtype(g)
+            patches = patch_norms(xx, kwargs).to(dtype)
+            rows = torch.einsum("bot,bt->bo", g.flatten(2).abs().to(dtype), patches)
+            rows = rows.to(torch.float64)
             w_hat, sigma, s = _standardised(module)
             factor = rows.new_zeros(module.out_channels)
             if module.weight.requires_grad:
@@ -150,7 +151,7 @@ if std_conv is not None:
                 factor = factor + float(module.scale) ** 2 * w_hat.shape[1]
             total = (rows.square() * factor).sum(dim=1)
             if module.bias is not None and module.bias.requires_grad:
-                total = total + row_norms(g.flatten(2).mT).sum(dim=1).square()
+                total = total + row_norms(g.flatten(2), dim=1).sum(dim=1).square()
             return total.sqrt()
 
         def clipped_sums(self, module, x, g, scale):
