@@ -138,3 +138,19 @@ def test_stock_samplers_are_replaced_by_poisson_sampling(gen):
             {"batch_size": 4, "sampler": SubsetRandomSampler(range(12))},
             poisson_sampling=False,
         )
+
+
+def test_one_backward_of_a_model_with_per_example_parameter_leaves_is_one_pass(gen):
+    """A ViT's cls_token/pos_embed capture records no backward of its own: a custom loop's
+    single backward must not count as several."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=3
+    )
+    attachment = dpf.attach(model, clipping="bk")
+    try:
+        x = torch.randn(3, 3, 32, 32, generator=gen)
+        F.cross_entropy(model(x), torch.tensor([0, 1, 2])).backward()
+        assert attachment.clip_and_accumulate(1.0).shape == (3,)
+    finally:
+        attachment.detach()

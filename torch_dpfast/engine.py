@@ -344,7 +344,8 @@ class Attachment:
                 "optimizer.step(); call optimizer.step() after the backward of every physical "
                 "batch (it only clips and accumulates until the logical batch is complete)"
             )
-        if not batch_started and len({r.task for r in records}) > 1:
+        # (records of the "parameters" capture have no backward of their own: task -1)
+        if not batch_started and len({r.task for r in records if r.task >= 0}) > 1:
             raise RuntimeError(
                 "torch_dpfast: several backward() calls reached one optimizer.step() on batches "
                 "that did not come from a make_private data loader (poisson_sampling=False, or "
