@@ -4,6 +4,7 @@ from . import accounting, ops, rules
 from .checkpoint import CheckpointError
 from .data_loader import DPDataLoader
 from .engine import Attachment, attach
+from .errors import UnsupportedModuleError
 from .explain import Explanation, explain
 from .fix import fix
 from .optimizer import DPOptimizer
@@ -18,6 +19,7 @@ __all__ = [
     "DPDataLoader",
     "DPOptimizer",
     "Explanation",
+    "UnsupportedModuleError",
     "PrivacyEngine",
     "__version__",
     "accounting",

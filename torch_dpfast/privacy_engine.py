@@ -24,7 +24,9 @@ from .data_loader import DPDataLoader, check_map_style, check_replaceable_sample
 from .distributed import broadcast_module, check_agreement, check_not_ddp, world
 from .distributed import sources as distributed_sources
 from .engine import CLIPPING_MODES, Attachment, attach
-from .explain import is_batch_norm
+from .errors import unsupported_module
+from .explain import assign_rules, is_batch_norm
+from .fix import fix
 from .ghost import DPCriterion
 from .materialise_plan import DEFAULT_MATERIALISE_BYTES, check_budget
 from .optimizer import DPOptimizer
@@ -77,6 +79,7 @@ class PrivacyEngine:
         batch_first: bool = True,
         grad_sample_mode: str | None = None,
         materialise_bytes: int = DEFAULT_MATERIALISE_BYTES,
+        wrap_model: bool = True,
     ):
         """Returns ``(module, optimizer, data_loader)``: the same module with per-example
         clipping attached, a :class:`DPOptimizer` around ``optimizer``, and a
@@ -108,7 +111,10 @@ class PrivacyEngine:
             sample_generator: generator of the Poisson sample (default: seeded from torch's).
             batch_first: must be True (inputs are batch-first everywhere); for Opacus scripts.
             grad_sample_mode: accepted for Opacus scripts: "ghost" means clipping="ghost"; the
-                others change nothing (our rules are exact).
+                others change nothing (our rules are exact), except "no_op", refused (it leaves
+                per-sample gradients to the user; torch_dpfast computes them itself).
+            wrap_model: accepted for Opacus 1.6 scripts; the module is returned as it is either
+                way (layers are captured in place, there is no wrapper).
             materialise_bytes: with clipping="auto" on CPU, the bytes of per-example gradients
                 a physical batch may hold where that is cheaper than a layer's norm (see
                 ``dpf.attach``); default 1 GiB, 0 turns it off.
@@ -393,17 +399,43 @@ class PrivacyEngine:
                 "with, or stop training"
             )
 
-    def save_checkpoint(self, *, path, module: nn.Module, optimizer=None, checkpoint_dict=None):
+    def save_checkpoint(
+        self,
+        *,
+        path,
+        module: nn.Module,
+        optimizer=None,
+        checkpoint_dict=None,
+        noise_scheduler=None,
+        grad_clip_scheduler=None,
+    ):
         """Saves module, optimizer and engine state to ``path`` (Opacus's method), atomically:
-        a kill during the save leaves the previous file intact (checkpoint.py)."""
+        a kill during the save leaves the previous file intact (checkpoint.py). Opacus's noise
+        and clipping schedulers' states are saved as Opacus saves them."""
         checkpoint = dict(checkpoint_dict or {})
+        # A scheduler's state implies the values it set: sigma and C are saved with it.
+        if noise_scheduler is not None:
+            checkpoint["noise_scheduler_state_dict"] = noise_scheduler.state_dict()
+            checkpoint["noise_multiplier"] = self.optimizer.noise_multiplier
+        if grad_clip_scheduler is not None:
+            checkpoint["grad_clip_scheduler_state_dict"] = grad_clip_scheduler.state_dict()
+            checkpoint["max_grad_norm"] = self.optimizer.max_grad_norm
         checkpoint["module_state_dict"] = module.state_dict()
         checkpoint["privacy_engine_state_dict"] = self.state_dict()
         if optimizer is not None:
             checkpoint["optimizer_state_dict"] = optimizer.state_dict()
         save_file(checkpoint, path)
 
-    def load_checkpoint(self, *, path, module: nn.Module, optimizer=None, map_location=None):
+    def load_checkpoint(
+        self,
+        *,
+        path,
+        module: nn.Module,
+        optimizer=None,
+        noise_scheduler=None,
+        grad_clip_scheduler=None,
+        map_location=None,
+    ):
         """Restores what :meth:`save_checkpoint` saved; returns the whole checkpoint dict.
         The file is read with ``weights_only=True`` (loading runs no code); a corrupt or foreign
         file raises :class:`torch_dpfast.CheckpointError` naming it."""
@@ -415,7 +447,40 @@ class PrivacyEngine:
         module.load_state_dict(checkpoint["module_state_dict"])
         if optimizer is not None:
             optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+        for scheduler, key, value in (
+            (noise_scheduler, "noise_scheduler_state_dict", "noise_multiplier"),
+            (grad_clip_scheduler, "grad_clip_scheduler_state_dict", "max_grad_norm"),
+        ):
+            if scheduler is not None and checkpoint.get(key):
+                scheduler.load_state_dict(checkpoint[key])
+                if value in checkpoint:  # where the scheduler had brought it
+                    setattr(self.optimizer, value, float(checkpoint[value]))
         return checkpoint
+
+    # ------------------------------------------------------------------ Opacus's validators
+
+    @staticmethod
+    def get_compatible_module(module: nn.Module) -> nn.Module:
+        """``module`` with every BatchNorm replaced by GroupNorm (Opacus's name for
+        :func:`torch_dpfast.fix`)."""
+        return fix(module)
+
+    def validate(self, *, module: nn.Module, optimizer=None, data_loader=None) -> None:
+        """Raises :class:`~torch_dpfast.errors.UnsupportedModuleError` (also Opacus's, when it
+        is installed) naming the first module make_private would refuse, with the fix."""
+        _check_model(module)
+        try:
+            assign_rules(module)
+        except NotImplementedError as error:
+            raise unsupported_module(str(error)) from None
+
+    def is_compatible(self, *, module: nn.Module, optimizer=None, data_loader=None) -> bool:
+        """Whether :meth:`validate` passes."""
+        try:
+            self.validate(module=module, optimizer=optimizer, data_loader=data_loader)
+        except ValueError:
+            return False
+        return True
 
 
 def _check_positive(name: str, value) -> None:
@@ -438,6 +503,12 @@ def _check_clipping(clipping: str, grad_sample_mode: str | None) -> str:
             )
         if grad_sample_mode == "ghost":
             clipping = "ghost"
+        if grad_sample_mode == "no_op":
+            raise ValueError(
+                "grad_sample_mode='no_op' is Opacus's mode for per-sample gradients computed by "
+                "the user (e.g. with functorch); torch_dpfast computes and clips them itself: "
+                "drop grad_sample_mode (or use clipping='per_example' for materialised ones)"
+            )
     return clipping
 
 
@@ -449,7 +520,7 @@ def _check_model(module: nn.Module) -> None:
     for path, child in module.named_modules():
         trainable = any(p.requires_grad for p in child.parameters(recurse=False))
         if is_batch_norm(child) and (trainable or child.training or not child.track_running_stats):
-            raise ValueError(
+            raise unsupported_module(
                 f"module {path or '<root>'!r} ({type(child).__name__}) is a BatchNorm: it "
                 "normalises with the statistics of the whole batch, so examples have no "
                 "separate gradients to clip. Replace every BatchNorm with GroupNorm by "

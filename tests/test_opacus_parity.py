@@ -1,0 +1,98 @@
+"""Opacus's public names that scripts switched by one import call: the validators, the checkpoint
+schedulers, make_private(wrap_model=...), and the error type Opacus users catch (issue 20, in
+part: the rest of its API table is still open)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import torch_dpfast as dpf
+from tests.helpers import private
+
+opacus_errors = pytest.importorskip("opacus.validators.errors")
+
+
+def _bn_model():
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2))
+
+
+def _loader(gen, n=24):
+    data = TensorDataset(torch.randn(n, 4, generator=gen), torch.randint(0, 2, (n,)))
+    return DataLoader(data, batch_size=6)
+
+
+def test_validators_name_the_module_and_raise_what_opacus_users_catch(gen):
+    engine = dpf.PrivacyEngine()
+    model = _bn_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert not engine.is_compatible(module=model, optimizer=optimizer, data_loader=_loader(gen))
+    for caught in (dpf.UnsupportedModuleError, opacus_errors.UnsupportedModuleError, ValueError):
+        with pytest.raises(caught, match="'1'.*BatchNorm"):
+            engine.validate(module=model, optimizer=optimizer, data_loader=_loader(gen))
+    fixed = dpf.PrivacyEngine.get_compatible_module(model)
+    assert isinstance(fixed[1], nn.GroupNorm)
+    assert engine.is_compatible(module=fixed, optimizer=optimizer, data_loader=_loader(gen))
+    model = _bn_model()  # get_compatible_module fixed the first one in place
+    with pytest.raises(opacus_errors.UnsupportedModuleError):
+        engine.make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=_loader(gen),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+        )
+
+
+@pytest.mark.parametrize("wrap_model", [True, False])
+def test_wrap_model_is_accepted_and_the_model_is_returned_as_is(wrap_model, gen):
+    model = nn.Linear(4, 2)
+    engine, returned, optimizer, loader = private(
+        model, _loader(gen).dataset, 6, wrap_model=wrap_model
+    )
+    assert returned is model
+    for x, y in loader:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert len(engine.accountant) > 0
+
+
+def test_grad_sample_mode_no_op_is_refused_with_the_reason(gen):
+    with pytest.raises(ValueError, match="no_op.*computes and clips them itself"):
+        private(nn.Linear(4, 2), _loader(gen).dataset, 6, grad_sample_mode="no_op")
+
+
+def test_checkpoints_carry_opacus_noise_and_clipping_schedulers(gen, tmp_path):
+    schedulers = pytest.importorskip("opacus.schedulers")
+    engine, model, optimizer, loader = private(nn.Linear(4, 2), _loader(gen).dataset, 6)
+    noise = schedulers.ExponentialNoise(optimizer, gamma=0.5)
+    clip = schedulers.StepGradClip(optimizer, step_size=1, gamma=0.5)
+    for _ in range(2):
+        noise.step()
+        clip.step()
+    assert optimizer.noise_multiplier == pytest.approx(0.25)
+    path = tmp_path / "ckpt.pt"
+    engine.save_checkpoint(
+        path=path,
+        module=model,
+        optimizer=optimizer,
+        noise_scheduler=noise,
+        grad_clip_scheduler=clip,
+    )
+    engine2, model2, optimizer2, _ = private(nn.Linear(4, 2), _loader(gen).dataset, 6)
+    noise2 = schedulers.ExponentialNoise(optimizer2, gamma=0.5)
+    clip2 = schedulers.StepGradClip(optimizer2, step_size=1, gamma=0.5)
+    engine2.load_checkpoint(
+        path=path,
+        module=model2,
+        optimizer=optimizer2,
+        noise_scheduler=noise2,
+        grad_clip_scheduler=clip2,
+    )
+    assert noise2.last_epoch == noise.last_epoch == 2 and clip2.last_epoch == 2
+    noise2.step()
+    assert optimizer2.noise_multiplier == pytest.approx(0.125)
