@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import torch_dpfast as dpf
-from tests.helpers import private
+from tests.helpers import private, train_epoch
 
 opacus_errors = pytest.importorskip("opacus.validators.errors")
 
@@ -54,10 +53,7 @@ def test_wrap_model_is_accepted_and_the_model_is_returned_as_is(wrap_model, gen)
         model, _loader(gen).dataset, 6, wrap_model=wrap_model
     )
     assert returned is model
-    for x, y in loader:
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
+    train_epoch(model, optimizer, loader)
     assert len(engine.accountant) > 0
 
 
@@ -68,31 +64,25 @@ def test_grad_sample_mode_no_op_is_refused_with_the_reason(gen):
 
 def test_checkpoints_carry_opacus_noise_and_clipping_schedulers(gen, tmp_path):
     schedulers = pytest.importorskip("opacus.schedulers")
-    engine, model, optimizer, loader = private(nn.Linear(4, 2), _loader(gen).dataset, 6)
-    noise = schedulers.ExponentialNoise(optimizer, gamma=0.5)
-    clip = schedulers.StepGradClip(optimizer, step_size=1, gamma=0.5)
+
+    def setup():
+        engine, model, optimizer, _ = private(nn.Linear(4, 2), _loader(gen).dataset, 6)
+        noise = schedulers.ExponentialNoise(optimizer, gamma=0.5)
+        clip = schedulers.StepGradClip(optimizer, step_size=1, gamma=0.5)
+        return engine, dict(
+            module=model, optimizer=optimizer, noise_scheduler=noise, grad_clip_scheduler=clip
+        )
+
+    engine, parts = setup()
     for _ in range(2):
-        noise.step()
-        clip.step()
-    assert optimizer.noise_multiplier == pytest.approx(0.25)
+        parts["noise_scheduler"].step()
+        parts["grad_clip_scheduler"].step()
+    assert parts["optimizer"].noise_multiplier == pytest.approx(0.25)
     path = tmp_path / "ckpt.pt"
-    engine.save_checkpoint(
-        path=path,
-        module=model,
-        optimizer=optimizer,
-        noise_scheduler=noise,
-        grad_clip_scheduler=clip,
-    )
-    engine2, model2, optimizer2, _ = private(nn.Linear(4, 2), _loader(gen).dataset, 6)
-    noise2 = schedulers.ExponentialNoise(optimizer2, gamma=0.5)
-    clip2 = schedulers.StepGradClip(optimizer2, step_size=1, gamma=0.5)
-    engine2.load_checkpoint(
-        path=path,
-        module=model2,
-        optimizer=optimizer2,
-        noise_scheduler=noise2,
-        grad_clip_scheduler=clip2,
-    )
-    assert noise2.last_epoch == noise.last_epoch == 2 and clip2.last_epoch == 2
-    noise2.step()
-    assert optimizer2.noise_multiplier == pytest.approx(0.125)
+    engine.save_checkpoint(path=path, **parts)
+    engine2, parts2 = setup()
+    engine2.load_checkpoint(path=path, **parts2)
+    assert parts2["noise_scheduler"].last_epoch == 2
+    assert parts2["grad_clip_scheduler"].last_epoch == 2
+    parts2["noise_scheduler"].step()
+    assert parts2["optimizer"].noise_multiplier == pytest.approx(0.125)

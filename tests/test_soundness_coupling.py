@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import torch_dpfast as dpf
-from tests.helpers import private
+from tests.helpers import private, train_epoch
 
 
 class BatchCentred(nn.Module):
@@ -103,10 +103,7 @@ def test_coupling_in_the_models_last_operation_is_refused(gen):
 def test_independent_models_with_dropout_and_ids_pass_the_probe(gen):
     data = TensorDataset(torch.randint(0, 10, (20, 7), generator=gen), torch.randint(0, 3, (20,)))
     engine, model, optimizer, loader = private(Independent(), data, 5, physical_batch_size=4)
-    for ids, y in loader:
-        optimizer.zero_grad()
-        F.cross_entropy(model(ids), y).backward()
-        optimizer.step()
+    train_epoch(model, optimizer, loader)
     assert len(engine.accountant) > 0
 
 
