@@ -45,7 +45,8 @@ tests)
 TORCH_DPFAST_TRITON_AUTOTUNE=0 timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -rfs \
   --tb=short -p no:cacheprovider tests --ignore=tests/test_distributed.py \
   --ignore=tests/test_cli.py --ignore=tests/test_examples.py \
-  --ignore=tests/test_benchmark_suite.py 2>&1 \
+  --ignore=tests/test_benchmark_suite.py --ignore=tests/test_soundness_cli.py \
+  --ignore=tests/test_soundness_distributed.py 2>&1 \
   | tee "$out/gpu_tests.log" | tail -40
 test_rc=${PIPESTATUS[0]} ;;
 kernels) bench benchmarks/kernels/bench_triton.py; bench benchmarks/kernels/bench_ops.py

@@ -105,3 +105,17 @@ def test_two_secure_runs_with_the_same_torch_seed_differ():
         return sums[0]
 
     assert not torch.equal(noise(), noise())
+
+
+@pytest.mark.cuda
+def test_secure_noise_reaches_gpu_tensors(gen):
+    """Secure normals are drawn on the CPU from OS bytes and copied to the gradients' device."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    grads = [
+        torch.zeros(4096, device="cuda"),
+        torch.zeros(3, 5, device="cuda", dtype=torch.bfloat16),
+    ]
+    random_source.add_secure_noise_(grads, std=2.0, scale=0.5, source=RandomSource(secure=True))
+    assert grads[0].device.type == "cuda" and grads[1].dtype == torch.bfloat16
+    assert abs(grads[0].std().item() - 1.0) < 0.1  # std 2 scaled by 0.5
