@@ -86,3 +86,27 @@ def test_checkpoints_carry_opacus_noise_and_clipping_schedulers(gen, tmp_path):
     assert parts2["grad_clip_scheduler"].last_epoch == 2
     parts2["noise_scheduler"].step()
     assert parts2["optimizer"].noise_multiplier == pytest.approx(0.125)
+
+
+def test_a_seeded_loader_and_noise_generator_reproduce_a_run(gen):
+    """As under Opacus: DataLoader(generator=...) seeds the sample, noise_generator= the noise,
+    whatever the global seed does in between."""
+    data = _loader(gen).dataset
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 2)
+        torch.manual_seed(global_seed)
+        engine = dpf.PrivacyEngine()
+        model, optimizer, loader = engine.make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(data, batch_size=6, generator=torch.Generator().manual_seed(5)),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            noise_generator=torch.Generator().manual_seed(7),
+        )
+        train_epoch(model, optimizer, loader)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for p, q in zip(*runs):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

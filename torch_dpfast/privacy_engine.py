@@ -108,7 +108,9 @@ class PrivacyEngine:
             loss_reduction: "mean" or "sum", how the loss reduces over the batch.
             criterion: the loss module, needed by ``clipping="ghost"``.
             noise_generator: generator of the noise seeds (default: seeded from torch's).
-            sample_generator: generator of the Poisson sample (default: seeded from torch's).
+            sample_generator: generator of the Poisson sample (default: the data loader's own
+                ``generator=`` if it has one, as Opacus uses it, else one seeded from torch's;
+                ignored in secure mode, which takes no generator).
             batch_first: must be True (inputs are batch-first everywhere); for Opacus scripts.
             grad_sample_mode: accepted for Opacus scripts: "ghost" means clipping="ghost"; the
                 others change nothing (our rules are exact), except "no_op", refused (it leaves
@@ -178,6 +180,8 @@ class PrivacyEngine:
             accounting.warn_large_delta(target_delta, len(data_loader.dataset))
 
         noise_generator = self._noise_generator(noise_generator)
+        if sample_generator is None and not self.secure_mode:
+            sample_generator = data_loader.generator  # a seeded loader reproduces the sample
         rank, world_size = world()
         if world_size > 1:  # every rank samples its shard; sizes from a shared stream
             trainable = [p for p in module.parameters() if p.requires_grad]
