@@ -110,3 +110,17 @@ def test_a_seeded_loader_and_noise_generator_reproduce_a_run(gen):
         runs.append([p.detach().clone() for p in model.parameters()])
     for p, q in zip(*runs):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "options,error,match",
+    [
+        ({"clipping": "adaptive", "target_unclipped_quantile": 0.5}, ValueError, "adaptive"),
+        ({"clipping": "per_layer", "max_grad_norm": [1.0, 1.0]}, ValueError, "per-layer"),
+        ({"clipping": "per_layer"}, ValueError, "per-layer and adaptive"),
+        ({"max_grad_norms": 1.0}, TypeError, "max_grad_norms"),
+    ],
+)
+def test_adaptive_and_per_layer_clipping_are_refused_clearly(options, error, match, gen):
+    with pytest.raises(error, match=match):
+        private(nn.Linear(4, 2), _loader(gen).dataset, 6, **options)

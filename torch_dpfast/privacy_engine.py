@@ -80,6 +80,7 @@ class PrivacyEngine:
         grad_sample_mode: str | None = None,
         materialise_bytes: int = DEFAULT_MATERIALISE_BYTES,
         wrap_model: bool = True,
+        **opacus_adaptive,
     ):
         """Returns ``(module, optimizer, data_loader)``: the same module with per-example
         clipping attached, a :class:`DPOptimizer` around ``optimizer``, and a
@@ -117,6 +118,10 @@ class PrivacyEngine:
                 per-sample gradients to the user; torch_dpfast computes them itself).
             wrap_model: accepted for Opacus 1.6 scripts; the module is returned as it is either
                 way (layers are captured in place, there is no wrapper).
+            **opacus_adaptive: Opacus's adaptive-clipping keywords (target_unclipped_quantile,
+                clipbound_learning_rate, max_clipbound, min_clipbound, unclipped_num_std) are
+                refused with a clear error: adaptive clipping is not supported; any other
+                keyword is a TypeError naming it.
             materialise_bytes: with clipping="auto" on CPU, the bytes of per-example gradients
                 a physical batch may hold where that is cheaper than a layer's norm (see
                 ``dpf.attach``); default 1 GiB, 0 turns it off.
@@ -126,7 +131,13 @@ class PrivacyEngine:
                 "this PrivacyEngine already made a model private; create one PrivacyEngine per "
                 "model (its accountant tracks that model's privacy spending)"
             )
+        _check_no_adaptive_clipping(opacus_adaptive)
         clipping = _check_clipping(clipping, grad_sample_mode)
+        if isinstance(max_grad_norm, (list, tuple)):
+            raise ValueError(
+                "max_grad_norm is a list (Opacus's per-layer clipping), which is not supported: "
+                "give one bound for the whole gradient, e.g. max_grad_norm=1.0 (flat clipping)"
+            )
         _check_positive("max_grad_norm", max_grad_norm)
         if physical_batch_size is not None and (
             not isinstance(physical_batch_size, int) or physical_batch_size < 1
@@ -490,6 +501,26 @@ class PrivacyEngine:
 def _check_positive(name: str, value) -> None:
     if not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+_OPACUS_ADAPTIVE = (
+    "target_unclipped_quantile",
+    "clipbound_learning_rate",
+    "max_clipbound",
+    "min_clipbound",
+    "unclipped_num_std",
+)
+
+
+def _check_no_adaptive_clipping(options: dict) -> None:
+    unknown = sorted(k for k in options if k not in _OPACUS_ADAPTIVE)
+    if unknown:
+        raise TypeError(f"make_private() got unexpected keyword argument(s) {unknown}")
+    if options:
+        raise ValueError(
+            f"{sorted(options)} configure Opacus's adaptive clipping, which torch_dpfast does not "
+            "support: drop them and give a fixed max_grad_norm (flat clipping, clipping='auto')"
+        )
 
 
 def _check_clipping(clipping: str, grad_sample_mode: str | None) -> str:
