@@ -78,15 +78,17 @@ def dpfast_options(mode: str) -> tuple[str, str]:
     return clipping, "pow2" if pow2 else "full"
 
 
+def uncertified_check(record, x, g, norm_sq):
+    """certify.check with the certification off: every fast-path norm taken as it is, no bound
+    computed, nothing recomputed (the UNCERTIFIED ablations and certify_cost.py only)."""
+    return norm_sq, torch.zeros(norm_sq.shape, dtype=torch.bool, device=norm_sq.device)
+
+
 def _switch_off_certification() -> None:
-    """For the UNCERTIFIED ablations only (this benchmark process): every fast-path norm is
-    taken as it is, no bound is computed and nothing is recomputed."""
+    """For the UNCERTIFIED ablations only (this benchmark process)."""
     from torch_dpfast import certify
 
-    def unchecked(record, x, g, norm_sq):
-        return norm_sq, None, torch.zeros(norm_sq.shape, dtype=torch.bool, device=norm_sq.device)
-
-    certify.check = unchecked
+    certify.check = uncertified_check
 
 
 def build_model(name: str) -> nn.Module:

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from . import ops
 from .precision import get_precision
+from .rules import scaled_sum
 
 RELATIVE_ERROR = 1e-3  # the largest relative error of a certified squared norm (norm: half)
 ROUNDING_MARGIN = 16.0
@@ -60,16 +61,13 @@ class Exact:
     rows: Tensor
     grads: dict[str, Tensor]
 
-    def add_to(self, params: dict, scale: Tensor) -> None:
-        """Adds sum_k scale[rows_k] grads[k] to each parameter's summed_grad; examples with
-        scale 0 are left out exactly."""
-        from .rules import scaled_sum
-
+    def sums(self, scale: Tensor) -> dict[str, Tensor]:
+        """{name: sum_k scale[rows_k] grads[k]} (float64); examples with scale 0 are left out
+        exactly."""
         factors = scale[self.rows.to(scale.device)].to(torch.float64)
-        for name, grad in self.grads.items():
-            p = params[name]
-            summed = scaled_sum(grad.to(factors.device), factors).to(p.dtype)
-            p.summed_grad = summed if p.summed_grad is None else p.summed_grad + summed
+        return {
+            name: scaled_sum(grad.to(factors.device), factors) for name, grad in self.grads.items()
+        }
 
     def without(self, scale: Tensor) -> Tensor:
         """``scale`` with the recomputed rows set to 0 (the fast sum must leave them out)."""
@@ -87,13 +85,13 @@ def untrusted(norm_sq: Tensor, bound: Tensor, dtype: torch.dtype) -> Tensor:
     return ~trusted & (bound != 0)  # U_i = 0: every term is 0, and so is n_i, exactly
 
 
-def check(record, x, g, norm_sq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(norm_sq with the reduced-precision allowance added, the bound, the untrusted rows) of
-    one layer call on inputs ``x`` and output gradients ``g``. A rule without ``norm_bound``
-    computes its norm from materialised per-example gradients (Rule.norm_sq's default), the
-    same numbers its clipped sum adds up: nothing to certify (bound None, no row untrusted)."""
+def check(record, x, g, norm_sq: Tensor) -> tuple[Tensor, Tensor]:
+    """(norm_sq with the reduced-precision allowance added, the untrusted rows) of one layer
+    call on inputs ``x`` and output gradients ``g``. A rule without ``norm_bound`` computes its
+    norm from materialised per-example gradients (Rule.norm_sq's default), the same numbers its
+    clipped sum adds up: nothing to certify (no row untrusted)."""
     if not hasattr(record.rule, "norm_bound"):
-        return norm_sq, None, torch.zeros(norm_sq.shape, dtype=torch.bool, device=norm_sq.device)
+        return norm_sq, torch.zeros(norm_sq.shape, dtype=torch.bool, device=norm_sq.device)
     bound = record.rule.norm_bound(record.module, x, g)
     dtype = _float_dtype(g)
     bad = untrusted(norm_sq, bound, dtype)
@@ -101,7 +99,7 @@ def check(record, x, g, norm_sq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if u_in:
         norm = norm_sq.to(torch.float64).clamp_min(0).sqrt() + 2 * u_in * bound.to(norm_sq.device)
         norm_sq = norm.square().to(torch.float64)
-    return norm_sq, bound, bad
+    return norm_sq, bad
 
 
 def recompute(record, x, g, rows: Tensor) -> tuple[Tensor, Exact]:
@@ -118,11 +116,10 @@ def recompute(record, x, g, rows: Tensor) -> tuple[Tensor, Exact]:
     return norm_sq, Exact(rows, grads)
 
 
-def certified(record, x, g, norm_sq: Tensor, bad: Tensor) -> tuple[Tensor, Exact | None]:
-    """``norm_sq`` with its ``bad`` rows replaced by exact float64 norms, and their gradients."""
+def certified(record, x, g, norm_sq: Tensor, bad: Tensor) -> tuple[Tensor, Exact]:
+    """``norm_sq`` with its ``bad`` rows (at least one) replaced by exact float64 norms, and
+    their gradients."""
     rows = bad.nonzero().flatten()
-    if rows.numel() == 0:
-        return norm_sq, None
     exact_sq, exact = recompute(record, x, g, rows.cpu())
     norm_sq = norm_sq.to(torch.float64).clone()
     norm_sq[rows] = exact_sq.to(norm_sq.device)

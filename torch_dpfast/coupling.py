@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from .explain import check_no_batch_statistics
 
@@ -117,39 +118,30 @@ def _others_moved(a: Tensor, b: Tensor, batch: int) -> bool:
 
 def _perturbed(tree, batch: int):
     """``tree`` with row PROBE_ROW of every batch-first tensor changed."""
-    if isinstance(tree, Tensor):
-        if tree.dim() == 0 or tree.shape[0] != batch:
-            return tree
-        out = tree.clone()
-        row = out[PROBE_ROW]
-        if out.is_floating_point():
-            generator = torch.Generator(device=out.device).manual_seed(_SEED)
-            noise = torch.randn(row.shape, generator=generator, device=out.device)
-            out[PROBE_ROW] = row + (10 * (row.float().std().nan_to_num() + 1) * noise).to(out.dtype)
-        elif out.dtype != torch.bool:
-            top = int(out.max()) + 1 if out.numel() else 1
-            out[PROBE_ROW] = (row + 1) % max(top, 1)
-        else:
-            out[PROBE_ROW] = ~row
-        return out
-    if isinstance(tree, tuple):
-        return tuple(_perturbed(item, batch) for item in tree)
-    if isinstance(tree, list):
-        return [_perturbed(item, batch) for item in tree]
-    if isinstance(tree, dict):
-        return {key: _perturbed(value, batch) for key, value in tree.items()}
-    return tree
+    return tree_map_only(Tensor, lambda t: _perturbed_rows(t, batch), tree)
+
+
+def _perturbed_rows(t: Tensor, batch: int) -> Tensor:
+    if t.dim() == 0 or t.shape[0] != batch:
+        return t
+    out = t.clone()
+    row = out[PROBE_ROW]
+    if out.is_floating_point():
+        generator = torch.Generator(device=out.device).manual_seed(_SEED)
+        noise = torch.randn(row.shape, generator=generator, device=out.device)
+        out[PROBE_ROW] = row + (10 * (row.float().std().nan_to_num() + 1) * noise).to(out.dtype)
+    elif out.dtype != torch.bool:
+        top = int(out.max()) + 1 if out.numel() else 1
+        out[PROBE_ROW] = (row + 1) % max(top, 1)
+    else:
+        out[PROBE_ROW] = ~row
+    return out
 
 
 def _tensors(tree) -> list[Tensor]:
-    """The tensors in nested tuples, lists and dicts (ModelOutput included), in order."""
-    if isinstance(tree, Tensor):
-        return [tree]
-    if isinstance(tree, (tuple, list)):
-        return [t for item in tree for t in _tensors(item)]
-    if isinstance(tree, dict):
-        return [t for value in tree.values() for t in _tensors(value)]
-    return []
+    """The tensors in nested tuples, lists and dicts (and registered containers such as
+    transformers' ModelOutput), in order."""
+    return [leaf for leaf in tree_leaves(tree) if isinstance(leaf, Tensor)]
 
 
 def _batch_size(args, kwargs) -> int | None:

@@ -395,7 +395,8 @@ class Attachment:
             x, g = leading_rows(r, kept)
             factors_of_rows = scale if g is r.g else scale[:kept]
             if id(r) in exact:  # recomputed examples are added exactly, not by the fast sum
-                exact[id(r)].add_to(r.params, scale)
+                for name, summed in exact[id(r)].sums(scale).items():
+                    _accumulate(r.params[name], summed)
                 factors_of_rows = exact[id(r)].without(factors_of_rows)
             for name, summed in r.rule.clipped_sums(r.module, x, g, factors_of_rows).items():
                 _accumulate(r.params[name], summed)
@@ -412,7 +413,7 @@ class Attachment:
         checked = []
         for r in plain:
             x, g = leading_rows(r, kept)
-            norm_sq, _, bad = certify.check(r, x, g, r.rule.norm_sq(r.module, x, g, method))
+            norm_sq, bad = certify.check(r, x, g, r.rule.norm_sq(r.module, x, g, method))
             checked.append((r, x, g, norm_sq[:kept], bad[:kept]))
         if not checked:
             return [], {}

@@ -63,7 +63,7 @@ class _GhostPass:
         x, g = record.x, record.g
         record.x = record.g = None  # nothing of this layer outlives its backward
         if self.stage == 1:
-            contribution, _, bad = certify.check(
+            contribution, bad = certify.check(
                 record, x, g, record.rule.norm_sq(record.module, x, g, "auto")
             )
             if bool(bad.any()):
@@ -75,7 +75,8 @@ class _GhostPass:
             include = self.include.to(leading(g).device)
             exact = self.exact.get(id(record))
             if exact is not None:  # recomputed examples are added exactly, not by the fast sum
-                exact.add_to(record.params, self.factors)
+                for name, summed in exact.sums(self.factors).items():
+                    _accumulate(record.params[name], summed)
                 include = exact.without(include)
             sums = record.rule.clipped_sums(record.module, x, g, include)
             for name, summed in sums.items():
