@@ -36,6 +36,7 @@ from benchmarks.training import (
     MODELS,
     MODES,
     OURS,
+    SEQUENCE_MODELS,
     Settings,
     dpfast_options,
 )  # noqa: E402
@@ -93,7 +94,7 @@ def flop_model(model_name: str, mode: str) -> float | None:
 
     if mode == "non_private" or mode == "dpfast_per_example":
         return 1.0
-    if mode not in OURS:
+    if mode not in OURS or model_name in SEQUENCE_MODELS:
         return None
     model = build_model(model_name)
     size = MODELS[model_name][1]

@@ -67,8 +67,26 @@ MODELS = {
     "resnet18_gn": (None, 224, "ResNet-18 (GroupNorm)"),
     "smoke_vit": (None, 32, "tiny ViT (2 blocks, 32x32)"),
     "smoke_bit": (None, 32, "tiny BiT ResNetV2 (4 blocks, 32x32)"),
+    "char_lstm": (None, 64, "char-LSTM (embedding 64, 2-layer LSTM 128, 64 steps)"),
 }
 NUM_CLASSES = 100
+SEQUENCE_MODELS = {"char_lstm"}  # take token ids (B, T) instead of images
+VOCAB = 128
+
+
+class CharLSTM(nn.Module):
+    """Opacus's char-LSTM classifier shape: embedding, a 2-layer LSTM, a head on the last step.
+    ``lstm`` is nn.LSTM, or Opacus's DPLSTM for the Opacus modes (Opacus cannot clip nn.LSTM)."""
+
+    def __init__(self, lstm: type = nn.LSTM):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 64)
+        self.lstm = lstm(64, 128, num_layers=2, batch_first=True)
+        self.head = nn.Linear(128, NUM_CLASSES)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.embed(ids))
+        return self.head(out[:, -1])
 
 
 def dpfast_options(mode: str) -> tuple[str, str]:
@@ -91,12 +109,19 @@ def _switch_off_certification() -> None:
     certify.check = uncertified_check
 
 
-def build_model(name: str) -> nn.Module:
-    """A freshly initialised model with a 100-class head (no pretrained weights)."""
+def build_model(name: str, opacus: bool = False) -> nn.Module:
+    """A freshly initialised model with a 100-class head (no pretrained weights); with
+    ``opacus``, the variant Opacus can train (DPLSTM for nn.LSTM)."""
     import timm
 
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    if name == "char_lstm":
+        if opacus:
+            from opacus.layers import DPLSTM
+
+            return CharLSTM(DPLSTM)
+        return CharLSTM()
     timm_name, size, _ = MODELS[name]
     if timm_name is not None:
         return timm.create_model(timm_name, pretrained=False, num_classes=NUM_CLASSES)
@@ -118,6 +143,14 @@ def build_model(name: str) -> nn.Module:
         num_classes=NUM_CLASSES,
         norm_layer=functools.partial(GroupNormAct, num_groups=8),
     )
+
+
+def synthetic_tokens(num_examples: int, length: int, seed: int = 0) -> TensorDataset:
+    """(token ids (N, length) in [0, VOCAB), labels (N,) in [0, 100)), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (num_examples, length), generator=g)
+    labels = torch.randint(0, NUM_CLASSES, (num_examples,), generator=g)
+    return TensorDataset(ids, labels)
 
 
 def synthetic_cifar100(num_examples: int, seed: int = 0) -> TensorDataset:
@@ -171,9 +204,12 @@ class Run:
             else contextlib.nullcontext()
         )
         self.input_size = MODELS[s.model][1]
-        model = build_model(s.model).to(self.device)
+        model = build_model(s.model, opacus=s.mode in OPACUS).to(self.device)
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        dataset = synthetic_cifar100(s.dataset_size, s.seed)
+        if s.model in SEQUENCE_MODELS:
+            dataset = synthetic_tokens(s.dataset_size, self.input_size, s.seed)
+        else:
+            dataset = synthetic_cifar100(s.dataset_size, s.seed)
         loader = DataLoader(dataset, batch_size=s.logical)  # q = logical / dataset_size
         self.criterion = nn.CrossEntropyLoss()
         self.model, self.optimizer = model, optimizer
@@ -220,7 +256,10 @@ class Run:
             self.loader.on_batch = lambda info: (self._batch_info.append(info), forward(info))
 
     def _inputs(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, 32, 32) -> normalised float (B, 3, S, S) on the device."""
+        """uint8 (B, 3, 32, 32) -> normalised float (B, 3, S, S) on the device; token ids
+        (B, T) as they are."""
+        if images.dtype != torch.uint8:
+            return images.to(self.device, non_blocking=True)
         x = images.to(self.device, non_blocking=True).float().div_(255.0).sub_(0.5).div_(0.25)
         if self.input_size != x.shape[-1]:
             x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)

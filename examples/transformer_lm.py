@@ -40,7 +40,7 @@ class TinyLM(nn.Module):
 
     def forward(self, ids):
         t = ids.shape[1]
-        h = self.embed(ids) + self.position(torch.arange(t, device=ids.device))
+        h = self.embed(ids) + self.position(torch.arange(t, device=ids.device)[None])
         a, _ = self.attention(h, h, h, attn_mask=self.causal[:t, :t], need_weights=False)
         return self.out(self.norm(h + a))
 

@@ -7,19 +7,19 @@ import math
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from benchmarks import max_batch, profile, throughput
 from benchmarks.training import Run, Settings
+from torch_dpfast import coupling
 
 
 def test_dp_steps_count_real_examples_not_padding_rows():
     physical, logical, size = 3, 5, 40
     run = Run(Settings("smoke_vit", "dpfast_auto", "fp32", physical, logical, "cpu", size))
     rows = []
-    # training forwards only (not the independence probe's two no-grad ones on the first batch)
+    # training forwards only (not the independence probe's on the first batch)
     run.model.register_forward_hook(
-        lambda m, args, out: rows.append(len(args[0])) if torch.is_grad_enabled() else None
+        lambda m, args, out: None if coupling.probing() else rows.append(len(args[0]))
     )
     steps = list(run.logical_steps(40))
     examples = [n for n, _, _ in steps]

@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -58,6 +60,21 @@ def test_transformer_lm_example_runs_in_ghost_mode():
 
     loss = _example("transformer_lm").main(["--epochs", "1", "--clipping", "ghost"])
     assert math.isfinite(loss) and loss < 4.0  # below the ~3.4 nats of a uniform guess + margin
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_causal_lm_example_fine_tunes_a_transformers_model(lora):
+    """A GPT-2-architecture model from transformers, unmodified, through make_private: padding
+    and attention masks, the per-example token-mean loss, LoRA adapters (peft) with the base
+    frozen. The loss must fall below a uniform guess over the ~28-symbol vocabulary."""
+    import math
+
+    pytest.importorskip("transformers")
+    if lora:
+        pytest.importorskip("peft")
+    argv = ["--epochs", "2", "--context", "48"] + (["--lora"] if lora else [])
+    loss = _example("dp_causal_lm").main(argv)
+    assert math.isfinite(loss) and loss < math.log(28)
 
 
 def test_timm_vit_example_on_an_image_folder(tmp_path):

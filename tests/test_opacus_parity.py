@@ -1,6 +1,7 @@
 """Opacus's public names that scripts switched by one import call: the validators, the checkpoint
-schedulers, make_private(wrap_model=...), and the error type Opacus users catch (issue 20, in
-part: the rest of its API table is still open)."""
+schedulers and options, make_private(wrap_model=..., rand_on_empty=...), the accountants'
+get_privacy_spent and "gdp", seeding, and the error type Opacus users catch (docs/migrating.md
+has the whole table)."""
 
 from __future__ import annotations
 
@@ -112,6 +113,33 @@ def test_a_seeded_loader_and_noise_generator_reproduce_a_run(gen):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("physical", [None, 2])
+def test_torch_manual_seed_after_make_private_decides_the_run(physical, gen):
+    """Opacus users seed after make_private: the sample and the noise must follow that seed
+    (their own seeds are drawn at the first draw, not at make_private). Two runs whose seeds
+    before make_private differ but agree after it are identical; another seed after it
+    changes the run."""
+    data = _loader(gen).dataset
+    runs = []
+    for before, after in ((1, 9), (2, 9), (1, 10)):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 2)
+        torch.manual_seed(before)
+        model, optimizer, loader = dpf.PrivacyEngine().make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(data, batch_size=6),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            physical_batch_size=physical,
+        )
+        torch.manual_seed(after)
+        train_epoch(model, optimizer, loader)
+        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    assert not torch.equal(runs[0], runs[2])
+
+
 @pytest.mark.parametrize(
     "options,error,match",
     [
@@ -124,3 +152,70 @@ def test_a_seeded_loader_and_noise_generator_reproduce_a_run(gen):
 def test_adaptive_and_per_layer_clipping_are_refused_clearly(options, error, match, gen):
     with pytest.raises(error, match=match):
         private(nn.Linear(4, 2), _loader(gen).dataset, 6, **options)
+
+
+def test_get_privacy_spent_and_the_gdp_accountant_agree_with_opacus():
+    accountants = pytest.importorskip("opacus.accountants")
+    ours, theirs = dpf.accounting.RDPAccountant(), accountants.RDPAccountant()
+    for sigma, steps in ((1.1, 50), (0.9, 30)):
+        ours.step(noise_multiplier=sigma, sample_rate=0.02, steps=steps)
+        for _ in range(steps):
+            theirs.step(noise_multiplier=sigma, sample_rate=0.02)
+    for alphas in (None, [2, 4, 8.5, 32]):
+        got = ours.get_privacy_spent(delta=1e-5, alphas=alphas)
+        expected = theirs.get_privacy_spent(delta=1e-5, alphas=alphas)
+        assert got == pytest.approx(expected, rel=1e-9)
+    assert dpf.accounting.RDPAccountant().get_privacy_spent(delta=1e-5) == (0.0, 0.0)
+
+    with pytest.warns(UserWarning, match="underestimate"):
+        gdp = dpf.accounting.create_accountant("gdp")
+    with pytest.warns(UserWarning):
+        reference = accountants.GaussianAccountant()
+    gdp.step(noise_multiplier=1.1, sample_rate=0.01, steps=1000)
+    for _ in range(1000):
+        reference.step(noise_multiplier=1.1, sample_rate=0.01)
+    for delta in (1e-5, 1e-3):
+        assert gdp.get_epsilon(delta) == pytest.approx(reference.get_epsilon(delta), rel=1e-6)
+    with pytest.raises(ValueError, match="one noise multiplier"):
+        gdp.step(noise_multiplier=2.0, sample_rate=0.01)
+
+
+def test_the_gdp_accountant_calibrates_make_private_with_epsilon(gen):
+    with pytest.warns(UserWarning, match="underestimate"):
+        engine = dpf.PrivacyEngine(accountant="gdp")
+    model = nn.Linear(4, 2)
+    with pytest.warns(UserWarning, match="underestimate"):
+        engine.make_private_with_epsilon(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=_loader(gen),
+            target_epsilon=2.0,
+            target_delta=1e-5,
+            epochs=3,
+            max_grad_norm=1.0,
+            rand_on_empty=True,  # Opacus 1.6's keyword: accepted
+        )
+    assert 0 < engine.noise_multiplier < 100
+
+
+def test_checkpoint_options_opacus_passes_through_and_the_unsafe_ones_refused(gen, tmp_path):
+    engine, model, optimizer, _ = private(nn.Linear(4, 2), _loader(gen).dataset, 6)
+    path = tmp_path / "ckpt.pt"
+    engine.save_checkpoint(
+        path=path,
+        module=model,
+        optimizer=optimizer,
+        module_state_dict_kwargs={"prefix": "net."},
+        torch_save_kwargs={},
+    )
+    with pytest.raises(ValueError, match="weights_only"):
+        engine.load_checkpoint(path=path, module=model, torch_load_kwargs={"weights_only": False})
+    for unsafe in ({"pickle_module": None}, {"pickle_protocol": 4}):
+        with pytest.raises(ValueError, match="weights_only=True"):
+            engine.save_checkpoint(path=path, module=model, torch_save_kwargs=unsafe)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        engine.load_checkpoint(path=path, module=model, torch_load_kwargs={"map_location": "cpu"})
+    checkpoint = engine.load_checkpoint(
+        path=path, module=model, module_load_dict_kwargs={"strict": False}
+    )
+    assert set(checkpoint["module_state_dict"]) == {"net.weight", "net.bias"}

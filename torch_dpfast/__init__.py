@@ -7,6 +7,7 @@ from .engine import Attachment, attach
 from .errors import UnsupportedModuleError
 from .explain import Explanation, explain
 from .fix import fix
+from .losses import CausalLMLoss, TokenMeanLoss
 from .optimizer import DPOptimizer
 from .precision import get_precision, precision, set_precision
 from .privacy_engine import PrivacyEngine
@@ -15,12 +16,14 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "Attachment",
+    "CausalLMLoss",
     "CheckpointError",
     "DPDataLoader",
     "DPOptimizer",
     "Explanation",
     "UnsupportedModuleError",
     "PrivacyEngine",
+    "TokenMeanLoss",
     "__version__",
     "accounting",
     "attach",

@@ -25,6 +25,21 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be read or does not hold what was expected."""
 
 
+def checkpoint_options(options: dict | None, allowed: tuple[str, ...]) -> dict:
+    """The keyword arguments of Opacus's ``torch_save_kwargs`` / ``torch_load_kwargs`` that
+    keep a checkpoint safe (``allowed``); any other raises, saying why."""
+    options = dict(options or {})
+    refused = sorted(set(options) - set(allowed))
+    if refused:
+        raise ValueError(
+            f"torch_dpfast: checkpoint option(s) {refused} are not accepted (allowed: "
+            f"{list(allowed)}): checkpoints are zip archives read with weights_only=True, so "
+            "that loading one cannot run code; weights_only=False, a custom pickle_module or "
+            "another pickle_protocol would undo that or make the file unreadable"
+        )
+    return options
+
+
 def save(obj: dict, path) -> None:
     """Writes ``obj`` to ``path`` atomically (module docstring)."""
     path = pathlib.Path(path)
@@ -70,7 +85,7 @@ def _refused_object(error: Exception) -> str:
     return found.removeprefix("WeightsUnpickler error: ").split(" was not an allowed")[0]
 
 
-def load(path, map_location=None, required: tuple[str, ...] = ()) -> dict:
+def load(path, map_location=None, required: tuple[str, ...] = (), mmap: bool | None = None) -> dict:
     """The dict saved at ``path``, rebuilt without running code; ``required`` keys must be in
     it. Raises :class:`CheckpointError` for anything else."""
     path = pathlib.Path(path)
@@ -82,7 +97,7 @@ def load(path, map_location=None, required: tuple[str, ...] = ()) -> dict:
             f"zip archive in its {path.stat().st_size} bytes)"
         )
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"checkpoint {str(path)!r} holds objects other than tensors, numbers, strings and "

@@ -9,50 +9,87 @@ On the first forward with gradients on and a batch of at least two rows, before 
 forward runs, the probe runs the model twice without gradients on the same arguments, the
 second time with example ``PROBE_ROW`` replaced by other values (floats: a large random change;
 integer ids: shifted by one), both times from the same random state (so dropout draws the same
-masks). Every tensor that dim-0 indexes the batch (the inputs of the captured layers, in call
-order, and the model's outputs) must keep all other rows; the first that does not is named in
-the error. Two no-grad forwards of one batch, once per attachment.
+masks). Every captured layer's input (in call order, its batch in dim 0, or dim 1 for a
+sequence-first layer) must keep all other examples' rows, and so must the model's outputs (in
+any dim of size B: an RNN returns h_n (layers, B, H)); the first that does not is named in the
+error.
+
+Then the backward probe: two more forwards, with gradients, and the gradients of a fixed random
+projection of the outputs with respect to every captured layer's output. A layer whose rows are
+examples has row j of that gradient depend on example j only; a layer whose output the model
+shares across the batch (a position table looked up with ``torch.arange(T)`` and broadcast,
+T equal to B by chance) has rows that sum every example's gradient, which moving example
+``PROBE_ROW`` reveals. No parameter's gradient is touched (autograd.grad to the outputs only).
+Four forwards and two backwards of one batch, once per attachment.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from .explain import check_no_batch_statistics
+from .rules.fallback import batch_dim
 
 PROBE_ROW = 1
 _SEED = 20261202
+_PROBING = contextvars.ContextVar("torch_dpfast_probing", default=False)
 
 
-def install(model: nn.Module, modules: dict[str, nn.Module]):
+def probing() -> bool:
+    """Whether the forward running now is one of the probe's (for hooks that count the
+    training forwards)."""
+    return _PROBING.get()
+
+
+def install(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    batch_hint=lambda: None,
+    bypassed=contextlib.nullcontext,
+):
     """Runs :func:`probe` on the first forward of ``model`` that qualifies; returns the hook
-    handle (removed once the probe ran)."""
+    handle (removed once the probe ran). ``batch_hint()`` gives the batch size when it is known
+    (a make_private loader's physical batch), else None: then it is dim 0 of the first tensor
+    argument. ``bypassed()`` makes the captured layers run their original forwards while
+    gradients are on (for the backward probe)."""
 
     def hook(module, args, kwargs):
         if not torch.is_grad_enabled():
             return
-        batch = _batch_size(args, kwargs)
+        known = batch_hint()
+        batch = known or batch_size(args, kwargs)
         if batch is None or batch < 2:
             return
         handle.remove()
-        probe(model, modules, args, kwargs, batch)
+        token = _PROBING.set(True)
+        try:
+            probe(model, modules, args, kwargs, batch, known=known is not None)
+            probe_gradients(model, modules, args, kwargs, batch, bypassed, known=known is not None)
+        finally:
+            _PROBING.reset(token)
 
-    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    # Run eagerly under torch.compile: the probe is one-off bookkeeping, not the model.
+    handle = model.register_forward_pre_hook(torch.compiler.disable(hook), with_kwargs=True)
     return handle
 
 
-def probe(model: nn.Module, modules: dict[str, nn.Module], args, kwargs, batch: int) -> None:
+def probe(
+    model: nn.Module, modules: dict[str, nn.Module], args, kwargs, batch: int, known: bool = False
+) -> None:
     """Raises if example ``PROBE_ROW`` of the batch moves another example's layer inputs or
     outputs (module docstring). BatchNorm with batch statistics is named first, before any
     forward (which would also update its running statistics)."""
     check_no_batch_statistics(model)
-    changed_args, changed_kwargs = _perturbed((args, kwargs), batch)
+    changed_args, changed_kwargs = _perturbed((args, kwargs), batch, known)
     clean = _run(model, modules, args, kwargs)
     changed = _run(model, modules, changed_args, changed_kwargs)
     for (path, a), (_, b) in zip(clean[0], changed[0]):
-        if _others_moved(a, b, batch):
+        if _others_moved(a, b, batch, batch_dim(modules[path], a)):
             raise RuntimeError(
                 f"torch_dpfast: the model couples the examples of a batch: changing example "
                 f"{PROBE_ROW} changed the input rows of other examples at {path!r} "
@@ -71,6 +108,66 @@ def probe(model: nn.Module, modules: dict[str, nn.Module], args, kwargs, batch: 
                 "statistics). Per-example clipping cannot bound such a model; make every "
                 "example's computation independent"
             )
+
+
+def probe_gradients(
+    model: nn.Module, modules, args, kwargs, batch: int, bypassed, known: bool = False
+) -> None:
+    """Raises if example ``PROBE_ROW`` moves another row of a captured layer's output
+    gradient g (the gradient of L = sum_k <out_k, R_k> over the model's outputs, R fixed):
+    for a layer whose rows are examples, row j of g depends on example j only. A layer whose
+    output the model shares across the batch (a table indexed by positions (T,) and broadcast,
+    with T equal to B by chance) has rows that sum every example's gradient."""
+    changed_args, changed_kwargs = _perturbed((args, kwargs), batch, known)
+    clean = _gradients(model, modules, args, kwargs, bypassed)
+    changed = _gradients(model, modules, changed_args, changed_kwargs, bypassed)
+    for (path, a), (_, b) in zip(clean, changed):
+        if _others_moved(a, b, batch, batch_dim(modules[path], a)):
+            raise RuntimeError(
+                f"torch_dpfast: the rows of {path!r} ({type(modules[path]).__name__}) are not "
+                f"the examples of the batch: changing example {PROBE_ROW} changed the gradient "
+                "of its output in other rows. Its output is shared by the examples (e.g. a "
+                "position table looked up with torch.arange(T) and broadcast over the batch), "
+                "so its gradient cannot be clipped per example. Give the layer a batch "
+                "dimension: look it up with positions[None] (shape (1, T)) or "
+                "positions.expand(B, T)"
+            )
+
+
+def _gradients(model, modules, args, kwargs, bypassed) -> list[tuple[str, Tensor]]:
+    """[(path, output gradient)] of every captured layer call whose output needs one, for
+    L = sum_k <out_k, R_k> with R_k seeded normals: a plain graph (``bypassed``), dropout
+    drawn from one seed, no parameter's .grad touched (autograd.grad to the outputs only)."""
+    seen: list[tuple[str, Tensor]] = []
+
+    def recorder(path):
+        def record(module, inputs, out):
+            first = next(iter(_tensors(out)), None)
+            if first is not None and first.requires_grad:
+                seen.append((path, first))
+
+        return record
+
+    handles = [m.register_forward_hook(recorder(path)) for path, m in modules.items()]
+    devices = sorted({t.device.index or 0 for t in _tensors((args, kwargs)) if t.is_cuda})
+    try:
+        with torch.enable_grad(), bypassed(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(_SEED)
+            out = [t for t in _tensors(model(*args, **kwargs)) if t.requires_grad]
+            if not out or not seen:
+                return []
+            generator = torch.Generator(device=out[0].device).manual_seed(_SEED)
+            loss = sum(
+                (
+                    t * torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype)
+                ).sum()
+                for t in out
+            )
+            grads = torch.autograd.grad(loss, [t for _, t in seen], allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [(path, g) for (path, _), g in zip(seen, grads) if g is not None]
 
 
 def _run(model, modules, args, kwargs) -> tuple[list[tuple[str, Tensor]], list[Tensor]]:
@@ -99,43 +196,73 @@ def _recorder(path: str, seen: list):
     return record
 
 
-def _others_moved(a: Tensor, b: Tensor, batch: int) -> bool:
-    """Whether any row other than PROBE_ROW differs (beyond rounding) between ``a`` and ``b``."""
-    if a.shape != b.shape or a.dim() == 0 or a.shape[0] != batch:
+def _others_moved(a: Tensor, b: Tensor, batch: int, dim: int | None = None) -> bool:
+    """Whether ``a`` and ``b`` differ (beyond rounding) other than at index PROBE_ROW of dim
+    ``dim`` (a captured layer's batch dim) or, with ``dim`` None (the model's outputs), of any
+    dim of size ``batch``: an RNN returns h_n (layers, B, H). Only a change confined to one
+    example's index along such a dim is independent. Tensors without it are not compared."""
+    candidates = range(a.dim()) if dim is None else [dim] if dim < a.dim() else []
+    dims = [d for d in candidates if a.shape[d] == batch]
+    if a.shape != b.shape or not dims:
         return False
-    keep = torch.ones(batch, dtype=torch.bool, device=a.device)
-    keep[PROBE_ROW] = False
-    a, b = a[keep], b[keep]
+    moved = _moved(a, b)
+    for d in dims:
+        elsewhere = moved.movedim(d, 0).clone()
+        elsewhere[PROBE_ROW] = False
+        if not elsewhere.any():
+            return False
+    return True
+
+
+def _moved(a: Tensor, b: Tensor) -> Tensor:
+    """Elementwise: where ``a`` and ``b`` differ beyond rounding (or in finiteness)."""
     if not a.is_floating_point():
-        return not torch.equal(a, b)
+        return a != b
     a, b = a.double(), b.double()
     finite = torch.isfinite(a) & torch.isfinite(b)
-    if not torch.equal(torch.isfinite(a), torch.isfinite(b)):
-        return True
     scale = a[finite].abs().max().item() if finite.any() else 0.0
-    return bool(((a - b)[finite].abs() > 1e-6 * scale + 1e-30).any())
+    differ = (a - b).abs() > 1e-6 * scale + 1e-30
+    return (
+        (differ & finite)
+        | (torch.isfinite(a) != torch.isfinite(b))
+        | (~finite & (a != b) & ~(a.isnan() & b.isnan()))
+    )
 
 
-def _perturbed(tree, batch: int):
-    """``tree`` with row PROBE_ROW of every batch-first tensor changed."""
-    return tree_map_only(Tensor, lambda t: _perturbed_rows(t, batch), tree)
+def _perturbed(tree, batch: int, known: bool):
+    """``tree`` with example PROBE_ROW of every tensor that holds the batch changed."""
+    return tree_map_only(Tensor, lambda t: _perturbed_rows(t, batch, known), tree)
 
 
-def _perturbed_rows(t: Tensor, batch: int) -> Tensor:
-    if t.dim() == 0 or t.shape[0] != batch:
+def _perturbed_rows(t: Tensor, batch: int, known: bool) -> Tensor:
+    """``t`` with row PROBE_ROW of dim 0 changed when dim 0 has size ``batch``; with the batch
+    size ``known`` (not guessed from dim 0), of dim 1 of a sequence-first (T, B, ...) tensor."""
+    if t.dim() and t.shape[0] == batch:
+        dim = 0
+    elif known and t.dim() >= 3 and t.shape[1] == batch:
+        dim = 1
+    else:
         return t
     out = t.clone()
+    view = out.movedim(dim, 0)
+    _perturb_row(view)
+    return out
+
+
+def _perturb_row(out: Tensor) -> None:
+    """Changes row PROBE_ROW of ``out`` in place."""
     row = out[PROBE_ROW]
     if out.is_floating_point():
         generator = torch.Generator(device=out.device).manual_seed(_SEED)
         noise = torch.randn(row.shape, generator=generator, device=out.device)
         out[PROBE_ROW] = row + (10 * (row.float().std().nan_to_num() + 1) * noise).to(out.dtype)
+    elif not torch.equal(row, out[0]):  # ids, lengths: another example's values stay valid
+        out[PROBE_ROW] = out[0]
     elif out.dtype != torch.bool:
         top = int(out.max()) + 1 if out.numel() else 1
         out[PROBE_ROW] = (row + 1) % max(top, 1)
     else:
         out[PROBE_ROW] = ~row
-    return out
 
 
 def _tensors(tree) -> list[Tensor]:
@@ -144,6 +271,6 @@ def _tensors(tree) -> list[Tensor]:
     return [leaf for leaf in tree_leaves(tree) if isinstance(leaf, Tensor)]
 
 
-def _batch_size(args, kwargs) -> int | None:
+def batch_size(args, kwargs) -> int | None:
     first = next((t for t in _tensors((args, kwargs)) if t.dim() > 0), None)
     return None if first is None else first.shape[0]

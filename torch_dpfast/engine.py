@@ -13,6 +13,7 @@ any layer (``ReLU(inplace=True)``, ``x += shortcut``) work.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import types
 import warnings
 import weakref
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import certify, coupling, materialise_plan, ops
+from . import certify, coupling, losses, materialise_plan, ops
 from .explain import assign_rules, check_no_batch_statistics
 from .materialise_plan import check_budget
 from .rules import scaled_sum
@@ -187,8 +188,14 @@ class _CaptureMany(torch.autograd.Function):
         if needs:
             retain = ctx.record.owner._ghost is not None  # ghost clipping's second backward
             gs_in = gs if ctx.rows is None else [g[: ctx.rows] for g in gs]
+            # outputs that depend on no input requiring a gradient have no graph
+            pairs = [(o, g) for o, g in zip(ctx.outs, gs_in) if o.requires_grad]
             found = torch.autograd.grad(
-                ctx.outs, [ctx.ins[i] for i in needs], gs_in, allow_unused=True, retain_graph=retain
+                [o for o, _ in pairs],
+                [ctx.ins[i] for i in needs],
+                [g for _, g in pairs],
+                allow_unused=True,
+                retain_graph=retain,
             )
             for i, grad in zip(needs, found):
                 grads[i] = grad
@@ -196,6 +203,68 @@ class _CaptureMany(torch.autograd.Function):
         ctx.record.g = tuple(g.detach() for g in gs)
         ctx.record.owner._on_backward(ctx.record)
         return (None, None, None, None, *grads)
+
+
+class _CaptureProbes(torch.autograd.Function):
+    """For rules that need the gradients of tensors *inside* a call (recurrent layers: the gate
+    pre-activations of every step). ``call(*ins)`` returns (outputs, saved, probes): saved is a
+    list of tensors, probes a list of groups, each a list of (B, T_k, .) tensors of the call's
+    graph. Backward records x = saved and g = the probes' gradients, each group concatenated
+    along dim 1 (zeros for a probe no output depends on), and returns the inputs' gradients.
+    Outputs a gradient never reaches are allowed (an LSTM's c_n). With ``rows`` set, as in
+    _CaptureMany; x and g are then zero beyond the computed rows."""
+
+    @staticmethod
+    def forward(ctx, anchor, call, record, rows, *xs):
+        ctx.set_materialize_grads(False)
+        with torch.enable_grad():
+            ins = [x.detach().requires_grad_(x.is_floating_point() and x.requires_grad) for x in xs]
+            outs, saved, probes = call(*(ins if rows is None else [x[:rows] for x in ins]))
+        ctx.record, ctx.ins, ctx.outs, ctx.rows = record, ins, outs, rows
+        ctx.saved, ctx.probes, ctx.batch = saved, probes, xs[0].shape[0]
+        ctx.save_for_backward(*xs)  # version check against later in-place changes
+        if rows is None:
+            return tuple(o.detach() for o in outs)
+        return tuple(_copies_of_first_row(o.detach(), rows, ctx.batch, record) for o in outs)
+
+    @staticmethod
+    def backward(ctx, *gs):
+        ctx.saved_tensors  # noqa: B018 - raises if an input was modified in place since
+        pairs = [
+            (o, g if ctx.rows is None else g[: ctx.rows])
+            for o, g in zip(ctx.outs, gs)
+            if g is not None
+        ]
+        needs = [i for i, t in enumerate(ctx.ins) if t.requires_grad]
+        flat = [p for group in ctx.probes for p in group]
+        retain = ctx.record.owner._ghost is not None  # ghost clipping's second backward
+        found = torch.autograd.grad(
+            [o for o, _ in pairs],
+            [ctx.ins[i] for i in needs] + flat,
+            [g for _, g in pairs],
+            allow_unused=True,
+            retain_graph=retain,
+        )
+        grads = [None] * len(ctx.ins)
+        for i, grad in zip(needs, found):
+            grads[i] = grad
+        probe_grads = iter(found[len(needs) :])
+        g_groups = []
+        for group in ctx.probes:
+            parts = [next(probe_grads) for _ in group]
+            parts = [torch.zeros_like(p) if d is None else d for p, d in zip(group, parts)]
+            g_groups.append(_padded_rows(torch.cat(parts, dim=1), ctx.batch))
+        ctx.record.x = tuple(_padded_rows(s.detach(), ctx.batch) for s in ctx.saved)
+        ctx.record.g = tuple(g_groups)
+        ctx.record.owner._on_backward(ctx.record)
+        return (None, None, None, None, *grads)
+
+
+def _padded_rows(t: Tensor, batch: int) -> Tensor:
+    """(rows, ...) -> (batch, ...) with zero rows appended (no-op when rows == batch)."""
+    if t.shape[0] == batch:
+        return t
+    return torch.cat([t, t.new_zeros(batch - t.shape[0], *t.shape[1:])])
 
 
 @contextlib.contextmanager
@@ -207,6 +276,28 @@ def _detached(module: nn.Module, names):
         yield
     finally:
         module._parameters.update(saved)
+
+
+@contextlib.contextmanager
+def _detached_tree(module: nn.Module, params: dict[str, nn.Parameter]):
+    """Like _detached for parameters anywhere in the module's subtree (rules that cover one,
+    such as Opacus's DPLSTM whose weights live in its cells), as fresh leaves that require
+    gradients: the call's graph then reaches its probes even when no input requires one
+    (autograd.grad asked for the probes only never computes the leaves' gradients)."""
+    ids = {id(p) for p in params.values()}
+    saved = [
+        (m, n, p)
+        for m in module.modules()
+        for n, p in m._parameters.items()
+        if p is not None and id(p) in ids
+    ]
+    try:
+        for m, n, p in saved:
+            m._parameters[n] = p.detach().requires_grad_(True)
+        yield
+    finally:
+        for m, n, p in saved:
+            m._parameters[n] = p
 
 
 @dataclass(eq=False)
@@ -225,6 +316,7 @@ class Attachment:
     generation: int = 0  # counts begin_batch calls
     batch_started: bool = False  # begin_batch was called since the last clip (a loader's batch)
     clipped_generation: int = 0  # the generation clip_and_accumulate last ran for
+    forward_batch: int | None = None  # B of the forward in progress (on_forward)
     # bytes of per-example gradients auto may hold on CPU instead of fast paths (0: none)
     materialise_bytes: int = materialise_plan.DEFAULT_MATERIALISE_BYTES
     _ghost: object = None  # the ghost pass in progress (ghost.py)
@@ -263,6 +355,23 @@ class Attachment:
             self.computed_rows = kept
         elif not mask.any():
             self.computed_rows = 1
+
+    def on_forward(self, module, args, kwargs) -> None:
+        """Root forward pre-hook: notes the batch size B of this forward (the physical batch's
+        mask length when begin_batch gave one, else dim 0 of the first tensor argument)."""
+        self.forward_batch = self.mask.shape[0] if self.mask is not None else None
+        if self.forward_batch is None:
+            self.forward_batch = coupling.batch_size(args, kwargs)
+
+    def broadcast(self, args: tuple) -> tuple:
+        """``args`` with a lone tensor of dim 0 of size 1 expanded to the forward's B rows."""
+        batch = self.forward_batch
+        if batch is None or batch < 2 or len(args) != 1 or not isinstance(args[0], Tensor):
+            return args
+        x = args[0]
+        if x.dim() < 2 or x.shape[0] != 1:
+            return args
+        return (x.expand(batch, *x.shape[1:]),)
 
     def take_mask(self) -> Tensor | None:
         """The batch's mask, once: its layer calls are being clipped, so later forwards are
@@ -357,6 +466,7 @@ class Attachment:
         batch = min(r.batch for r in records)  # window attention sees a multiple of it
         for r in records:
             check_batch(r, batch, mask)
+        records = merge_repeated(records)
         # With a mean-reduced loss, autograd's g carries a factor 1/B; per-example gradients
         # are the gradients of the per-example losses, so multiply it back.
         loss_scale = float(batch) if self.loss_reduction == "mean" else 1.0
@@ -544,6 +654,50 @@ def plain_records(records: list[_Record]) -> list[_Record]:
     ]
 
 
+def merge_repeated(records: list[_Record]) -> list[_Record]:
+    """The calls of one module with a ``mergeable`` rule (linear maps: Linear, recurrent cells
+    called once per step) joined into one record: their inputs and output gradients, as
+    (B, T_k, d), concatenated along T. Example i's gradient is sum_k sum_t g_ikt x_ikt^T, the
+    gradient of one call over all the steps, so the fast path applies to the parameters used
+    T times (the calls are otherwise materialised and summed)."""
+    calls: dict[int, list[_Record]] = {}
+    for r in records:
+        if getattr(r.rule, "mergeable", False) and r.fold == 1:
+            calls.setdefault(id(r.module), []).append(r)
+    merged = {}
+    for group in calls.values():
+        if len(group) > 1:
+            first = group[0]
+            x = _joined([r.x for r in group])
+            g = _joined([r.g for r in group])
+            merged[id(first)] = _Record(
+                first.module,
+                first.rule,
+                first.params,
+                x=x,
+                g=g,
+                generation=first.generation,
+                task=first.task,
+                owner=first.owner,
+            )
+    skip = {id(r) for group in calls.values() if len(group) > 1 for r in group}
+    out = []
+    for r in records:
+        if id(r) in merged:
+            out.append(merged[id(r)])
+        elif id(r) not in skip:
+            out.append(r)
+    return out
+
+
+def _joined(parts: list):
+    """Tensors (B, *, d) -> (B, sum_k T_k, d); tuples of them position-wise."""
+    if isinstance(parts[0], tuple):
+        return tuple(_joined(list(column)) for column in zip(*parts))
+    rows = [t.reshape(t.shape[0], -1, t.shape[-1]) for t in parts]
+    return torch.cat(rows, dim=1)
+
+
 def kept_prefix(mask: Tensor | None, batch: int) -> int:
     """k when exactly the first k of the ``batch`` rows are kept (a physical batch's padding
     rows are its last ones) and 0 < k < batch, else ``batch``. Only CPU masks are read: reading
@@ -652,26 +806,58 @@ def _accumulate(p: nn.Parameter, summed: Tensor) -> None:
 _live: weakref.WeakSet = weakref.WeakSet()
 
 
+def _batch_of(ref) -> int | None:
+    """The physical batch size an attachment was told of (begin_batch's mask), else None."""
+    attachment = ref()
+    mask = None if attachment is None else attachment.mask
+    return None if mask is None else mask.shape[0]
+
+
 def attachments_of(params) -> list[Attachment]:
     """The live attachments that cover any of ``params``."""
     ids = {id(p) for p in params}
     return [a for a in list(_live) if any(id(p) in ids for p in a.parameters())]
 
 
+_BYPASS = contextvars.ContextVar("torch_dpfast_bypass", default=False)
+
+
+@contextlib.contextmanager
+def bypassed():
+    """Captured layers run their original forward (with the batch broadcast below) while
+    gradients are on: the independence probe's backward (coupling.py) needs a plain graph."""
+    token = _BYPASS.set(True)
+    try:
+        yield
+    finally:
+        _BYPASS.reset(token)
+
+
 def _bind(module: nn.Module, body):
     """``module.forward`` replaced by ``body(self, original, params, args, kwargs)`` whenever
     gradients are on (the original forward otherwise). torch.compile runs it eagerly (a graph
     break around each captured layer): its bookkeeping would otherwise be traced and guarded,
-    and recompile with every physical batch."""
+    and recompile with every physical batch.
+
+    A layer of the usual kind whose one input has dim 0 of size 1 while the model's batch has
+    B > 1 rows (position ids (1, T) that the model broadcasts over the batch) gets the input
+    expanded to B rows: its output is then what broadcasting would make of it, with each
+    example's own row, so that its gradient is per example. (coupling.py's backward probe
+    catches a model that uses such an output other than by broadcasting.)"""
     original = module.forward
     rule_params = body.rule.parameters
+    broadcast = isinstance(body, _IOCapture)
 
     def forward(self, *args, **kwargs):
         if not torch.is_grad_enabled():
             return original(*args, **kwargs)
+        if broadcast:
+            args = body.attachment.broadcast(args)
+        if _BYPASS.get():
+            return original(*args, **kwargs)
         return body(self, original, rule_params(self), args, kwargs)
 
-    return types.MethodType(torch.compiler.disable(forward, recursive=False), module)
+    return types.MethodType(torch.compiler.disable(forward), module)
 
 
 @dataclass
@@ -731,24 +917,37 @@ class _CallCapture:
 @dataclass
 class _ProjectionCapture:
     """For rules with ``capture = "projections"`` (rules/attention.py): the rule re-implements
-    the forward and hands its parameterised part to ``capture(inputs, call)``."""
+    the forward and hands its parameterised part to ``capture(inputs, call)``, run as
+    ``function`` with the module's parameters ``detached``."""
 
     attachment: Attachment
     rule: Rule
     path: str
+    function = _CaptureMany
+    detached = staticmethod(_detached)
 
     def __call__(self, module, original, params, args, kwargs):
         record = self.attachment.record(module, self.rule, params)
 
         def capture(inputs, call):
             def detached_call(*xs):
-                with _detached(module, params):
+                with self.detached(module, params):
                     return call(*xs)
 
             rows = self.attachment.forward_rows(*inputs)
-            return _CaptureMany.apply(self.attachment._anchor, detached_call, record, rows, *inputs)
+            anchor = self.attachment._anchor
+            return self.function.apply(anchor, detached_call, record, rows, *inputs)
 
         return self.rule.forward(module, capture, *args, **kwargs)
+
+
+@dataclass
+class _ProbeCapture(_ProjectionCapture):
+    """For rules with ``capture = "probes"`` (rules/recurrent.py): as _ProjectionCapture, the
+    call run as _CaptureProbes, with parameters anywhere in the module's subtree."""
+
+    function = _CaptureProbes
+    detached = staticmethod(_detached_tree)
 
 
 @dataclass
@@ -781,6 +980,7 @@ _CAPTURES = {
     "call": _CallCapture,
     "projections": _ProjectionCapture,
     "parameters": _ParameterCapture,
+    "probes": _ProbeCapture,
 }
 
 
@@ -835,8 +1035,19 @@ def attach(
             attachment._restores.append(restore)
         attachment.modules[path] = module
         attachment.rules[path] = rule
+    attachment._hooks.append(
+        model.register_forward_pre_hook(
+            torch.compiler.disable(attachment.on_forward), with_kwargs=True
+        )
+    )
+    token_labels = losses.refuse_token_labels(model)
+    if token_labels is not None:
+        attachment._hooks.append(token_labels)
     if probe_coupling:
-        attachment._hooks.append(coupling.install(model, attachment.modules))
+        hint = weakref.ref(attachment)
+        attachment._hooks.append(
+            coupling.install(model, attachment.modules, lambda: _batch_of(hint), bypassed)
+        )
     names = {id(p): n for n, p in model.named_parameters()}
     for p in attachment.parameters():
         p.summed_grad = None

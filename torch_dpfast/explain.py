@@ -51,7 +51,9 @@ def batch_norm_message(path: str, module: nn.Module) -> str:
 
 def assign_rules(model: nn.Module) -> dict[str, tuple[nn.Module, Rule]]:
     """{path: (module, rule)} for every module that owns trainable parameters: its registered
-    rule, or the generic fallback, which then covers the module's whole subtree.
+    rule, or the generic fallback, which then covers the module's whole subtree. A rule with
+    ``subtree = True`` (Opacus's DPLSTM, whose weights live in its cells) covers its subtree
+    too.
 
     Raises:
         NotImplementedError: a BatchNorm owns trainable parameters (no per-example gradient).
@@ -60,10 +62,13 @@ def assign_rules(model: nn.Module) -> dict[str, tuple[nn.Module, Rule]]:
     for path, module in model.named_modules():
         if any(prefix == "" or path.startswith(prefix + ".") for prefix in covered):
             continue
-        own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        rule = rule_for(module)
+        subtree = getattr(rule, "subtree", False)  # a rule covering its children's parameters
+        own = [p for p in module.parameters(recurse=subtree) if p.requires_grad]
         if not own:
             continue
-        rule = rule_for(module)
+        if subtree:
+            covered.append(path)
         if rule is None:
             if is_batch_norm(module):
                 raise NotImplementedError(batch_norm_message(path, module))

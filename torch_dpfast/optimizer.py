@@ -30,7 +30,9 @@ class DPOptimizer(torch.optim.Optimizer):
         noise_multiplier: sigma >= 0; the noise std is sigma * max_grad_norm.
         max_grad_norm: the clipping bound C > 0.
         expected_batch_size: q * N, the expected logical batch size the noisy sum is divided by.
-        generator: source of the noise seeds (torch's default generator if None).
+        generator: source of the noise seeds: a ``torch.Generator``, a reproducible
+            ``RandomSource`` (the PrivacyEngine's default, seeded from torch's default generator
+            at the first step), or None for torch's default generator itself.
         secure_mode: draw the noise from the OS CSPRNG (random_source.py, docs/security.md);
             excludes ``generator``.
         distributed: under torch.distributed, all-reduce the clipped sums across ranks once
@@ -44,7 +46,7 @@ class DPOptimizer(torch.optim.Optimizer):
         noise_multiplier: float,
         max_grad_norm: float,
         expected_batch_size: float,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | RandomSource | None = None,
         secure_mode: bool = False,
         distributed: bool = False,
     ):
@@ -66,7 +68,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)
         self.expected_batch_size = expected_batch_size
-        self.generator = generator
+        if isinstance(generator, torch.Generator):
+            generator = RandomSource(generator=generator)
+        self._noise: RandomSource | None = generator
         self._secure = RandomSource(secure=True) if secure_mode else None
         self.rank, self.world_size = world() if distributed else (0, 1)
         self.bytes_communicated = 0  # by the all-reduces, over the optimizer's life
@@ -218,6 +222,11 @@ class DPOptimizer(torch.optim.Optimizer):
             return self.original_optimizer.step()
         return None
 
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The generator the noise seeds come from (None: torch's default, or secure mode)."""
+        return None if self._noise is None else self._noise.generator
+
     def dp_state_dict(self) -> dict:
         """The DP state: steps taken, the clipped sums of a logical batch in progress, and the
         noise generator's state (none in secure mode)."""
@@ -254,8 +263,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self.steps_taken = state["steps_taken"]
         self._accumulating = state["accumulating"]
         self._skip_next = state["skip_next"]
-        if self.generator is not None and "generator" in state:
-            self.generator.set_state(state["generator"])
+        if self._noise is not None and "generator" in state:
+            self._noise.load_state_dict(state)
 
     def state_dict(self) -> dict:
         return {"optimizer": self.original_optimizer.state_dict(), "dp": self.dp_state_dict()}

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import accounting
+from .checkpoint import checkpoint_options
 from .checkpoint import load as load_file
 from .checkpoint import save as save_file
 from .data_loader import DPDataLoader, check_map_style, check_replaceable_sampler
@@ -42,7 +43,8 @@ class PrivacyEngine:
     """DP-SGD for a model, an optimizer and a data loader, with privacy accounting.
 
     Args:
-        accountant: "prv" (default; tight numerical composition) or "rdp".
+        accountant: "prv" (default; tight numerical composition), "rdp", or "gdp" (Opacus's
+            central-limit approximation: it can underestimate epsilon, and says so).
         secure_mode: draw the Poisson samples and the noise from the OS CSPRNG (across ranks, the
             shared batch sizes from SHAKE-256 keyed with 256 OS bits); not reproducible, nothing
             of it stored (random_source.py, docs/security.md).
@@ -80,6 +82,7 @@ class PrivacyEngine:
         grad_sample_mode: str | None = None,
         materialise_bytes: int = DEFAULT_MATERIALISE_BYTES,
         wrap_model: bool = True,
+        rand_on_empty: bool = False,
         **opacus_adaptive,
     ):
         """Returns ``(module, optimizer, data_loader)``: the same module with per-example
@@ -118,6 +121,9 @@ class PrivacyEngine:
                 per-sample gradients to the user; torch_dpfast computes them itself).
             wrap_model: accepted for Opacus 1.6 scripts; the module is returned as it is either
                 way (layers are captured in place, there is no wrapper).
+            rand_on_empty: accepted for Opacus 1.6 scripts and ignored: an empty Poisson sample
+                is never an empty tensor here (it is a batch of masked padding rows, which the
+                model runs and which contribute nothing).
             **opacus_adaptive: Opacus's adaptive-clipping keywords (target_unclipped_quantile,
                 clipbound_learning_rate, max_clipbound, min_clipbound, unclipped_num_std) are
                 refused with a clear error: adaptive clipping is not supported; any other
@@ -336,15 +342,16 @@ class PrivacyEngine:
             accountant=self.accountant.mechanism,
         )
 
-    def _noise_generator(self, generator: torch.Generator | None) -> torch.Generator | None:
-        """The user's generator, or one seeded from torch's default generator: either way its
-        state goes into :meth:`state_dict`, so a resumed run draws the same noise. None in
-        secure mode (the optimizer then re-seeds from the OS at every step)."""
+    def _noise_generator(self, generator: torch.Generator | None) -> RandomSource | None:
+        """The user's generator, or one seeded from torch's default generator at the first
+        step (so torch.manual_seed after make_private decides the noise, as under Opacus):
+        either way its state goes into :meth:`state_dict`, so a resumed run draws the same
+        noise. None in secure mode (the optimizer then draws from the OS at every step)."""
         if self.secure_mode:
             if generator is not None:
                 raise ValueError("secure_mode draws the noise from the OS; give no noise_generator")
             return None
-        return generator if generator is not None else RandomSource().generator
+        return RandomSource(generator=generator)
 
     def _on_batch(self, batch: PhysicalBatch) -> None:
         if batch.first:
@@ -423,10 +430,16 @@ class PrivacyEngine:
         checkpoint_dict=None,
         noise_scheduler=None,
         grad_clip_scheduler=None,
+        module_state_dict_kwargs=None,
+        torch_save_kwargs=None,
     ):
         """Saves module, optimizer and engine state to ``path`` (Opacus's method), atomically:
         a kill during the save leaves the previous file intact (checkpoint.py). Opacus's noise
-        and clipping schedulers' states are saved as Opacus saves them."""
+        and clipping schedulers' states are saved as Opacus saves them.
+        ``module_state_dict_kwargs`` go to ``module.state_dict()``; ``torch_save_kwargs`` must
+        be empty: the file must stay a zip archive in the pickle protocol that loads with
+        ``weights_only=True``."""
+        checkpoint_options(torch_save_kwargs, allowed=())
         checkpoint = dict(checkpoint_dict or {})
         # A scheduler's state implies the values it set: sigma and C are saved with it.
         if noise_scheduler is not None:
@@ -435,7 +448,7 @@ class PrivacyEngine:
         if grad_clip_scheduler is not None:
             checkpoint["grad_clip_scheduler_state_dict"] = grad_clip_scheduler.state_dict()
             checkpoint["max_grad_norm"] = self.optimizer.max_grad_norm
-        checkpoint["module_state_dict"] = module.state_dict()
+        checkpoint["module_state_dict"] = module.state_dict(**(module_state_dict_kwargs or {}))
         checkpoint["privacy_engine_state_dict"] = self.state_dict()
         if optimizer is not None:
             checkpoint["optimizer_state_dict"] = optimizer.state_dict()
@@ -450,16 +463,24 @@ class PrivacyEngine:
         noise_scheduler=None,
         grad_clip_scheduler=None,
         map_location=None,
+        module_load_dict_kwargs=None,
+        torch_load_kwargs=None,
     ):
         """Restores what :meth:`save_checkpoint` saved; returns the whole checkpoint dict.
         The file is read with ``weights_only=True`` (loading runs no code); a corrupt or foreign
-        file raises :class:`torch_dpfast.CheckpointError` naming it."""
+        file raises :class:`torch_dpfast.CheckpointError` naming it.
+        ``module_load_dict_kwargs`` go to ``module.load_state_dict()`` (e.g. ``strict=False``);
+        of ``torch_load_kwargs`` only ``map_location`` and ``mmap`` are taken:
+        ``weights_only=False`` or a ``pickle_module`` would let the file run code, and are
+        refused."""
+        load_options = checkpoint_options(torch_load_kwargs, allowed=("map_location", "mmap"))
+        map_location = load_options.pop("map_location", map_location)
         required = ("module_state_dict", "privacy_engine_state_dict")
         if optimizer is not None:
             required += ("optimizer_state_dict",)
-        checkpoint = load_file(path, map_location=map_location, required=required)
+        checkpoint = load_file(path, map_location=map_location, required=required, **load_options)
         self.load_state_dict(checkpoint["privacy_engine_state_dict"])
-        module.load_state_dict(checkpoint["module_state_dict"])
+        module.load_state_dict(checkpoint["module_state_dict"], **(module_load_dict_kwargs or {}))
         if optimizer is not None:
             optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
         for scheduler, key, value in (

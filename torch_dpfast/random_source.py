@@ -1,7 +1,9 @@
 """Where the randomness of sampling and noise comes from.
 
 Reproducible (default): a ``torch.Generator`` seeded by the user, or from torch's default
-generator (so ``torch.manual_seed`` makes a run repeatable). Not a secret: anyone who knows the
+generator (so ``torch.manual_seed`` makes a run repeatable). Without a seed, the seed is drawn
+at the source's first draw, not when it is made: ``torch.manual_seed`` called after
+``make_private`` (as Opacus users do) still decides the run. Not a secret: anyone who knows the
 seed can recompute the sample and the noise.
 
 Secure mode: every privacy-relevant draw (Poisson batch sizes, the subsets, the Gaussian noise)
@@ -39,7 +41,10 @@ class RandomSource:
     """The source of one stream of sampling or noise randomness; see the module docstring.
 
     Args:
-        seed: seed of the reproducible generator (default: drawn from torch's default one).
+        seed: seed of the reproducible generator (default: drawn from torch's default one at
+            the first draw).
+        seed_from: where that default seed comes from instead (a callable returning an int,
+            e.g. another source's ``seed``), also at the first draw.
         secure: draw from the OS CSPRNG instead (no seed, no generator, no state).
         device: device of the reproducible generator.
         generator: the user's ``torch.Generator`` to draw from (reproducible mode only).
@@ -54,6 +59,7 @@ class RandomSource:
         device="cpu",
         generator: torch.Generator | None = None,
         key: bytes | None = None,
+        seed_from=None,
     ):
         secure = secure or key is not None
         if secure and (seed is not None or generator is not None):
@@ -64,17 +70,29 @@ class RandomSource:
             raise ValueError(f"a secure stream key needs at least 128 bits, got {8 * len(key)}")
         self.secure = secure
         self._key, self._counter = key, 0
-        self.generator: torch.Generator | None = None
+        self._generator: torch.Generator | None = None
+        self._seed_from = None  # set while the seed is still to be drawn
         if secure:
             return
         if generator is not None:
-            self.generator = generator  # the user's, in the state the user left it
+            self._generator = generator  # the user's, in the state the user left it
             return
+        self._generator = torch.Generator(device=device)
         if seed is None:
-            # From torch's default generator, so that torch.manual_seed makes a run repeatable.
-            seed = int(torch.randint(2**62, ()))
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
+            # From torch's default generator at the first draw, so that torch.manual_seed
+            # (before or after make_private) makes a run repeatable.
+            self._seed_from = seed_from or (lambda: int(torch.randint(2**62, ())))
+        else:
+            self._generator.manual_seed(seed)
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The reproducible generator (seeded now if its seed was still to be drawn); None in
+        secure mode."""
+        if self._seed_from is not None:
+            seed_from, self._seed_from = self._seed_from, None
+            self._generator.manual_seed(seed_from())
+        return self._generator
 
     # ------------------------------------------------------------------ secure bytes
 
@@ -150,7 +168,8 @@ class RandomSource:
 
     def load_state_dict(self, state: dict) -> None:
         if not self.secure and "generator" in state:
-            self.generator.set_state(state["generator"])
+            self._seed_from = None  # the saved state replaces the seed still to be drawn
+            self._generator.set_state(state["generator"])
 
 
 def add_secure_noise_(grads: list[Tensor], std: float, scale: float, source: RandomSource):

@@ -98,7 +98,7 @@ def _derived(random: RandomSource) -> RandomSource:
     """A second source, seeded from ``random`` (or secure if it is)."""
     if random.secure:
         return RandomSource(secure=True)
-    return RandomSource(seed=random.seed())
+    return RandomSource(seed_from=random.seed)  # seeded at its first draw
 
 
 class PoissonBatchSampler(torch.utils.data.Sampler):

@@ -8,6 +8,7 @@ from torch import nn
 from torch_dpfast.rules import rule_for
 
 timm_layers = pytest.importorskip("timm.layers")
+hf_utils = pytest.importorskip("transformers.pytorch_utils")
 
 
 def _brute_force(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -75,6 +76,8 @@ CASES = [
         _floats(2, 2, 24, 23),
     ),
     ("conv3d-high-res", lambda: nn.Conv3d(1, 2, 3, padding=1), _floats(2, 1, 8, 9, 8)),
+    ("hf-conv1d", lambda: hf_utils.Conv1D(5, 7), _floats(3, 4, 7)),
+    ("hf-conv1d-2d", lambda: hf_utils.Conv1D(3, 6), _floats(4, 6)),
     ("embedding", lambda: nn.Embedding(6, 4), _ids(6, 3, 9)),
     ("embedding-padding", lambda: nn.Embedding(5, 3, padding_idx=1), _ids(5, 4, 7)),
     ("layernorm", lambda: nn.LayerNorm(6), _floats(3, 5, 6)),

@@ -1,4 +1,5 @@
-"""Privacy accounting for DP-SGD with Poisson sampling: PRV (default) and RDP accountants,
+"""Privacy accounting for DP-SGD with Poisson sampling: PRV (default), RDP and (approximate,
+Opacus's "gdp") Gaussian-DP accountants,
 ``compute_epsilon`` and noise calibration (``get_noise_multiplier``)."""
 
 from __future__ import annotations
@@ -6,6 +7,7 @@ from __future__ import annotations
 from ._base import Accountant, warn_large_delta
 from .calibration import get_noise_multiplier, steps_per_epoch
 from .factory import ACCOUNTANTS, create_accountant
+from .gdp import GaussianAccountant
 from .prv import PRVAccountant
 from .rdp import RDPAccountant
 
@@ -22,6 +24,7 @@ def compute_epsilon(
 __all__ = [
     "ACCOUNTANTS",
     "Accountant",
+    "GaussianAccountant",
     "PRVAccountant",
     "RDPAccountant",
     "compute_epsilon",

@@ -14,6 +14,7 @@ import warnings
 
 from ._base import check_delta, check_mechanism
 from .factory import create_accountant
+from .gdp import UNDERESTIMATES
 
 #: Beyond this noise multiplier we give up: the budget is out of reach.
 MAX_NOISE_MULTIPLIER = 1e4
@@ -37,7 +38,7 @@ def get_noise_multiplier(
         target_delta: the budget's delta, in (0, 1).
         sample_rate: q, the Poisson sampling probability of each example in each step.
         steps: the number of DP-SGD steps; or give ``epochs`` (steps = round(epochs / q)).
-        accountant: "prv" or "rdp".
+        accountant: "prv", "rdp" or "gdp" (an approximation; see accounting/gdp.py).
         epsilon_tolerance: stop when target - tolerance <= epsilon(sigma) <= target.
 
     Raises:
@@ -53,11 +54,16 @@ def get_noise_multiplier(
     if not epsilon_tolerance > 0:
         raise ValueError(f"epsilon_tolerance must be > 0, got {epsilon_tolerance!r}")
 
+    if accountant == "gdp":
+        warnings.warn(UNDERESTIMATES, UserWarning, stacklevel=2)
+
     def epsilon(sigma: float) -> float:
-        acc = create_accountant(accountant)
-        acc.step(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
-        with warnings.catch_warnings():  # PRV falling back to the (larger) RDP bound is fine here
+        # PRV falling back to the (larger) RDP bound is fine here; gdp's warning was given once
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
+            warnings.filterwarnings("ignore", message=".*'gdp' accountant")
+            acc = create_accountant(accountant)
+            acc.step(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
             return acc.get_epsilon(target_delta)
 
     # Bracket [low, high] with epsilon(low) > target >= epsilon(high), from the RDP bound.

@@ -1,12 +1,13 @@
-"""``create_accountant(name)``: the accountant for "prv" or "rdp"."""
+"""``create_accountant(name)``: the accountant for "prv", "rdp" or "gdp"."""
 
 from __future__ import annotations
 
 from ._base import Accountant
+from .gdp import GaussianAccountant
 from .prv import PRVAccountant
 from .rdp import RDPAccountant
 
-ACCOUNTANTS = {"prv": PRVAccountant, "rdp": RDPAccountant}
+ACCOUNTANTS = {"prv": PRVAccountant, "rdp": RDPAccountant, "gdp": GaussianAccountant}
 
 
 def create_accountant(name: str) -> Accountant:

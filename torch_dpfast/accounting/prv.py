@@ -41,7 +41,7 @@ def prv_epsilon(history, delta: float, eps_error: float = EPS_ERROR) -> float:
             RuntimeWarning,
             stacklevel=3,
         )
-        return rdp_epsilon(history, delta)
+        return rdp_epsilon(history, delta)[0]
     delta_error = delta / 1000
     try:
         accountant = _PRV(
@@ -58,7 +58,7 @@ def prv_epsilon(history, delta: float, eps_error: float = EPS_ERROR) -> float:
             RuntimeWarning,
             stacklevel=3,
         )
-        return rdp_epsilon(history, delta)
+        return rdp_epsilon(history, delta)[0]
     return float(max(upper, 0.0))
 
 

@@ -40,13 +40,19 @@ def _rows(t: Tensor) -> Tensor:
 
 @register_rule(nn.Linear)
 class LinearRule(Rule):
+    mergeable = True  # a layer called several times per forward: its calls joined (engine)
+
+    def weight_grads(self, x: Tensor, g: Tensor, out: Tensor | None) -> Tensor:
+        """(B, d_out, d_in) per-example weight gradients g_i^T x_i from (B, T, .) rows."""
+        return torch.bmm(g.mT, x, out=out)
+
     def per_example_grads(self, module, x, g, out=None):
         dtype = torch.promote_types(x.dtype, g.dtype)  # autocast: float32 x, bfloat16 g
         x, g = _rows(x).to(dtype), _rows(g).to(dtype)
         out = {} if out is None else out
         grads = {}
         if module.weight.requires_grad:
-            grads["weight"] = torch.bmm(g.mT, x, out=out.get("weight"))
+            grads["weight"] = self.weight_grads(x, g, out.get("weight"))
         if module.bias is not None and module.bias.requires_grad:
             grads["bias"] = torch.sum(g, dim=1, out=out.get("bias"))
         return grads

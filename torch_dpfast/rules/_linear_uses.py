@@ -1,0 +1,57 @@
+"""Base of the rules whose parameters enter through linear maps only (recurrent layers and
+cells): each ``use`` is a weight W (and bias b) applied at T positions, y_t = W a_t + b, so
+example i's gradients are dW = sum_t d_it a_it^T and db = sum_t d_it, with d the gradient of
+y. The norm is the linear layer's ghost/direct norm, the sum its book-keeping GEMM."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ._registry import Rule, scaled_sum, zero_norms
+from .linear import linear_bound_sq
+
+
+class LinearUsesRule(Rule):
+    """Subclasses give ``uses(module, x, g)``: [(weight name, bias name or None, a (B, T, d_in),
+    d (B, T, d_out))] from the captured x and g. Names not among the rule's trainable
+    parameters (frozen, or no bias) are skipped."""
+
+    def uses(self, module, x, g) -> list[tuple[str, str | None, Tensor, Tensor]]:
+        raise NotImplementedError
+
+    def per_example_grads(self, module, x, g):
+        params, grads = self.parameters(module), {}
+        for weight, bias, a, d in self.uses(module, x, g):
+            dtype = torch.promote_types(a.dtype, d.dtype)  # autocast: float32 a, bfloat16 d
+            if weight in params:
+                grads[weight] = torch.bmm(d.to(dtype).mT, a.to(dtype))
+            if bias in params:
+                grads[bias] = d.sum(dim=1)
+        return grads
+
+    def norm_sq(self, module, x, g, method="auto"):
+        params, total = self.parameters(module), zero_norms(g)
+        for weight, bias, a, d in self.uses(module, x, g):
+            if weight in params:
+                total = total + ops.linear_norm_sq(a, d, method)
+            if bias in params:
+                total = total + d.to(total.dtype).sum(dim=1).square().sum(dim=1)
+        return total
+
+    def norm_bound(self, module, x, g):
+        params = self.parameters(module)
+        total = zero_norms(g).to(torch.float64)
+        for weight, bias, a, d in self.uses(module, x, g):
+            total = total + linear_bound_sq(a, d, weight in params, bias in params)
+        return total.sqrt()
+
+    def clipped_sums(self, module, x, g, scale):
+        params, out = self.parameters(module), {}
+        for weight, bias, a, d in self.uses(module, x, g):
+            if weight in params:
+                out[weight] = ops.linear_clipped_sum(a, d, scale).to(params[weight].dtype)
+            if bias in params:
+                out[bias] = scaled_sum(d.sum(dim=1), scale).to(params[bias].dtype)
+        return out

@@ -1,0 +1,310 @@
+"""Recurrent layers: nn.RNN, nn.LSTM, nn.GRU (and Opacus's DPRNN / DPLSTM / DPGRU, which hold
+the same weights in per-layer cells), through the linear maths summed over time.
+
+Each layer and direction k computes, at every step t,
+
+    gi_t = W_ih x_t + b_ih,    gh_t = W_hh h_{t-1} + b_hh     (gate pre-activations, G*H each)
+
+and mixes them into h_t (and c_t) by the cell's gates (G = 1 RNN, 3 GRU, 4 LSTM); an LSTM with
+``proj_size`` also projects h_t = W_hr (o_t * tanh(c_t)). So example i's gradients are sums over
+its steps of outer products, the linear layer's with T = the sequence length:
+
+    dW_ih = sum_t dgi_it x_it^T,  dW_hh = sum_t dgh_it h_i,t-1^T,  db_ih = sum_t dgi_it,
+    db_hh = sum_t dgh_it,         dW_hr = sum_t dh_it (o_it * tanh(c_it))^T.
+
+Under ``attach`` the rule re-implements the layer's forward in PyTorch ops (the input
+projection of all steps in one GEMM, then the recurrence step by step) inside one capture whose
+backward hands back the gradients of the *probes* gi, gh_t (and the projections): the record
+holds x = (x, h_prev[, o*tanh(c)]) and g = (dgi, dgh[, dh]) per layer and direction, each
+(B, T, .). Norms are ghost/direct linear norms, sums book-keeping GEMMs: exact, with nothing
+per example materialised. Padded steps of a PackedSequence keep the state (h, c) unchanged and
+get zero probe gradients, so they add nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from ._linear_uses import LinearUsesRule
+from ._registry import register_rule
+from .linear import plan_linear
+
+_GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
+
+
+def _mode(module: nn.Module) -> str:
+    """ "LSTM", "GRU", "RNN_TANH" or "RNN_RELU" for torch's and Opacus's recurrent modules."""
+    mode = getattr(module, "mode", None)
+    if mode in _GATES:
+        return mode
+    cell = type(module).__name__  # Opacus: DPLSTM / DPGRU / DPRNN
+    if "LSTM" in cell:
+        return "LSTM"
+    if "GRU" in cell:
+        return "GRU"
+    nonlinearity = getattr(module, "cell_params", {}).get("nonlinearity", "tanh")
+    return "RNN_RELU" if nonlinearity == "relu" else "RNN_TANH"
+
+
+def _suffix(layer: int, direction: int) -> str:
+    return f"_l{layer}" + ("_reverse" if direction else "")
+
+
+def _layer_parameters(module: nn.Module, layer: int, direction: int) -> dict[str, Tensor | None]:
+    """{role: tensor or None} of one layer and direction; roles weight_ih, weight_hh, bias_ih,
+    bias_hh, weight_hr. torch keeps them as attributes ``weight_ih_l0``; Opacus in a cell
+    ``l0`` with RNNLinear children ``ih`` and ``hh``."""
+    sfx = _suffix(layer, direction)
+    cell = getattr(module, sfx[1:], None)
+    if isinstance(cell, nn.Module) and hasattr(cell, "ih"):
+        return {
+            "weight_ih": cell.ih.weight,
+            "weight_hh": cell.hh.weight,
+            "bias_ih": cell.ih.bias,
+            "bias_hh": cell.hh.bias,
+            "weight_hr": None,
+        }
+    return {
+        role: getattr(module, role + sfx, None)
+        for role in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+    }
+
+
+def _directions(module: nn.Module) -> int:
+    return 2 if module.bidirectional else 1
+
+
+def _reversed(seq: Tensor, lengths: Tensor | None) -> Tensor:
+    """(B, T, .) with each example's first lengths_i steps in reverse order (the rest kept)."""
+    if lengths is None:
+        return seq.flip(1)
+    steps = torch.arange(seq.shape[1], device=seq.device)
+    lengths = lengths.to(seq.device)[:, None]
+    index = torch.where(steps < lengths, lengths - 1 - steps, steps)
+    return seq.gather(1, index[..., None].expand(seq.shape))
+
+
+def cell_step(mode: str, gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None):
+    """One step of the cell from its pre-activations: (new h before projection, new c)."""
+    if mode == "LSTM":
+        i, f, g, o = (gi + gh).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    if mode == "GRU":
+        ir, iz, in_ = gi.chunk(3, dim=-1)
+        hr, hz, hn = gh.chunk(3, dim=-1)
+        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+        n = torch.tanh(in_ + r * hn)
+        return (1 - z) * n + z * h, None
+    pre = gi + gh
+    return (torch.relu(pre) if mode == "RNN_RELU" else torch.tanh(pre)), None
+
+
+class _Recurrence:
+    """The layer's forward on batch-first tensors with detached parameters, collecting the
+    probes (tensors whose gradients the rule needs) and the inputs paired with them."""
+
+    def __init__(self, module: nn.Module, lengths: Tensor | None):
+        self.module, self.mode, self.lengths = module, _mode(module), lengths
+        self.saved: list[Tensor] = []  # per layer/direction: x, h_prev[, o * tanh(c)]
+        self.probes: list[list[Tensor]] = []  # per layer/direction: [gi], [gh_t..][, [hr_t..]]
+
+    def run(self, x: Tensor, h0: Tensor, c0: Tensor | None):
+        """x (B, T, D), h0 / c0 (B, L * dirs, .) -> out (B, T, dirs * H_out), h_n, c_n."""
+        module, dirs = self.module, _directions(self.module)
+        h_last, c_last = [], []
+        for layer in range(module.num_layers):
+            outs = []
+            for direction in range(dirs):
+                k = layer * dirs + direction
+                c = None if c0 is None else c0[:, k]
+                out, h, c = self._direction(x, layer, direction, h0[:, k], c)
+                outs.append(out)
+                h_last.append(h)
+                c_last.append(c)
+            x = torch.cat(outs, dim=-1) if dirs > 1 else outs[0]
+            if layer < module.num_layers - 1 and module.dropout and module.training:
+                x = F.dropout(x, module.dropout)
+        h_n = torch.stack(h_last, dim=1)
+        return x, h_n, (torch.stack(c_last, dim=1) if c0 is not None else None)
+
+    def _direction(self, x: Tensor, layer: int, direction: int, h: Tensor, c: Tensor | None):
+        w = _layer_parameters(self.module, layer, direction)
+        seq = _reversed(x, self.lengths) if direction else x
+        gi = F.linear(seq, w["weight_ih"], w["bias_ih"])  # (B, T, G*H): one GEMM for all steps
+        steps = seq.shape[1]
+        valid = None
+        if self.lengths is not None:
+            valid = (
+                torch.arange(steps, device=x.device)[None, :] < self.lengths.to(x.device)[:, None]
+            )
+        h_prev, gh_probes, hr_probes, hr_inputs, outs = [], [], [], [], []
+        for t in range(steps):
+            h_prev.append(h)
+            gh = F.linear(h[:, None], w["weight_hh"], w["bias_hh"])  # (B, 1, G*H), a probe
+            gh_probes.append(gh)
+            h_new, c_new = cell_step(self.mode, gi[:, t], gh[:, 0], h, c)
+            if w["weight_hr"] is not None:
+                hr_inputs.append(h_new)
+                projected = F.linear(h_new[:, None], w["weight_hr"])
+                hr_probes.append(projected)
+                h_new = projected[:, 0]
+            if valid is not None:  # padded steps keep the state
+                keep = valid[:, t, None]
+                h_new = torch.where(keep, h_new, h)
+                c_new = None if c is None else torch.where(keep, c_new, c)
+            h, c = h_new, c_new
+            outs.append(h)
+        out = torch.stack(outs, dim=1)
+        if valid is not None:
+            out = out * valid[..., None]  # zeros after each sequence, as pad_packed_sequence
+        self.saved += [seq, torch.stack(h_prev, dim=1)]
+        self.probes += [[gi], gh_probes]
+        if w["weight_hr"] is not None:
+            self.saved.append(torch.stack(hr_inputs, dim=1))
+            self.probes.append(hr_probes)
+        return (_reversed(out, self.lengths) if direction else out), h, c
+
+
+def _unpack(packed: PackedSequence) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """PackedSequence -> (padded (B, T, D) in the original example order, lengths (B,), the
+    (example, step) index of every packed row, to pack an output the same way)."""
+    sizes = packed.batch_sizes
+    steps = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
+    slot = torch.cat([torch.arange(int(n)) for n in sizes])
+    order = packed.sorted_indices
+    example = slot if order is None else order.cpu()[slot]
+    batch = int(sizes[0])
+    lengths = torch.bincount(example, minlength=batch)
+    data = packed.data
+    padded = data.new_zeros(batch, sizes.numel(), *data.shape[1:])
+    index = (example.to(data.device), steps.to(data.device))
+    padded = padded.index_put(index, data)
+    return padded, lengths, index
+
+
+def _check_input(module: nn.Module, x: Tensor) -> None:
+    if x.dim() != 3:
+        raise ValueError(
+            f"torch_dpfast: {type(module).__name__} must get a batched (3-D) input or a "
+            f"PackedSequence under per-example clipping, got shape {tuple(x.shape)}"
+        )
+
+
+def _state(module: nn.Module, hx, batch: int, x: Tensor, hidden: int) -> Tensor:
+    """An initial state (L * dirs, B, H) as (B, L * dirs, H); zeros when not given."""
+    if hx is None:
+        return x.new_zeros(batch, module.num_layers * _directions(module), hidden)
+    return hx.transpose(0, 1)
+
+
+class RecurrentRule(LinearUsesRule):
+    """See the module docstring."""
+
+    capture = "probes"
+    mergeable = True  # a layer called several times per forward: its steps joined
+
+    def parameters(self, module):
+        out = {}
+        for layer in range(module.num_layers):
+            for direction in range(_directions(module)):
+                for role, p in _layer_parameters(module, layer, direction).items():
+                    if isinstance(p, nn.Parameter) and p.requires_grad:
+                        out[role + _suffix(layer, direction)] = p
+        return out
+
+    # ------------------------------------------------------------------ the forward
+
+    def forward(self, module, capture, input, hx=None, state_init=None):
+        hx = state_init if hx is None else hx  # Opacus's DPRNNBase names it state_init
+        mode = _mode(module)
+        packed = isinstance(input, PackedSequence)
+        index = lengths = None
+        if packed:
+            x, lengths, index = _unpack(input)
+        else:
+            _check_input(module, input)
+            x = input if module.batch_first else input.transpose(0, 1)
+        batch = x.shape[0]
+        h_out = getattr(module, "proj_size", 0) or module.hidden_size
+        h0, c0 = (hx if isinstance(hx, tuple) else (hx, None)) if mode == "LSTM" else (hx, None)
+        h0 = _state(module, h0, batch, x, h_out)
+        c0 = _state(module, c0, batch, x, module.hidden_size) if mode == "LSTM" else None
+        inputs = [x, h0] + ([c0] if c0 is not None else [])
+        if lengths is not None:
+            inputs.append(lengths.to(x.device))
+        has_cell, has_lengths = c0 is not None, lengths is not None
+
+        def call(*ins):
+            ins = iter(ins)
+            x, h0 = next(ins), next(ins)
+            c0 = next(ins) if has_cell else None
+            recurrence = _Recurrence(module, next(ins) if has_lengths else None)
+            outputs = tuple(o for o in recurrence.run(x, h0, c0) if o is not None)
+            return outputs, recurrence.saved, recurrence.probes
+
+        outputs = capture(inputs, call)
+        out, h_n = outputs[0], outputs[1].transpose(0, 1).contiguous()
+        state = (h_n, outputs[2].transpose(0, 1).contiguous()) if mode == "LSTM" else h_n
+        if packed:
+            out = PackedSequence(
+                out[index], input.batch_sizes, input.sorted_indices, input.unsorted_indices
+            )
+        elif not module.batch_first:
+            out = out.transpose(0, 1)
+        return out, state
+
+    # ------------------------------------------------------------------ the maths
+
+    def uses(self, module, x, g):
+        """Every linear map of the layer, in the order the forward saved them."""
+        out, k = [], 0
+        for layer in range(module.num_layers):
+            for direction in range(_directions(module)):
+                sfx = _suffix(layer, direction)
+                w = _layer_parameters(module, layer, direction)
+                out.append((f"weight_ih{sfx}", f"bias_ih{sfx}", x[k], g[k]))
+                out.append((f"weight_hh{sfx}", f"bias_hh{sfx}", x[k + 1], g[k + 1]))
+                k += 2
+                if w["weight_hr"] is not None:
+                    out.append((f"weight_hr{sfx}", None, x[k], g[k]))
+                    k += 1
+        return out
+
+    def plan(self, module, x, out, clipping):
+        if isinstance(x, PackedSequence):
+            steps = int(x.batch_sizes.numel())
+        else:
+            steps = x.shape[1] if module.batch_first or x.dim() == 2 else x.shape[0]
+        gates, hidden = _GATES[_mode(module)], module.hidden_size
+        h_out = getattr(module, "proj_size", 0) or hidden
+        method, macs = None, 0
+        for layer in range(module.num_layers):
+            d_in = module.input_size if layer == 0 else h_out * _directions(module)
+            shapes = [(d_in, gates * hidden), (h_out, gates * hidden)]
+            if h_out != hidden:
+                shapes.append((hidden, h_out))
+            for d_i, d_o in shapes:
+                method, cost = plan_linear(clipping, steps, d_i, d_o)
+                macs += cost * _directions(module)
+        return f"{method} (gate pre-activations over {steps} steps)", macs
+
+
+register_rule(nn.RNN, nn.LSTM, nn.GRU)(RecurrentRule)
+
+try:  # Opacus's DP recurrent layers: the same maths, parameters in per-layer cells
+    from opacus.layers.dp_rnn import DPRNNBase
+except ImportError:  # opacus is optional
+    DPRNNBase = None
+
+if DPRNNBase is not None:
+
+    @register_rule(DPRNNBase)
+    class OpacusRecurrentRule(RecurrentRule):
+        """Opacus's DPRNN / DPLSTM / DPGRU: the rule covers the cells' parameters (its
+        subtree); the module's forward(input, state_init) is nn.RNN's."""
+
+        subtree = True
