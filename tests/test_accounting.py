@@ -119,7 +119,7 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="sample_rate"):
         acc.step(noise_multiplier=1, sample_rate=1.5)
     with pytest.raises(ValueError, match="accountant"):
-        accounting.create_accountant("gdp")
+        accounting.create_accountant("moments")
 
 
 def test_prv_failure_falls_back_to_rdp_with_a_warning():
