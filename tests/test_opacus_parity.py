@@ -219,3 +219,45 @@ def test_checkpoint_options_opacus_passes_through_and_the_unsafe_ones_refused(ge
         path=path, module=model, module_load_dict_kwargs={"strict": False}
     )
     assert set(checkpoint["module_state_dict"]) == {"net.weight", "net.bias"}
+
+
+def test_checkpoints_go_to_and_come_from_file_objects(gen):
+    import io
+
+    engine, model, optimizer, loader = private(nn.Linear(4, 2), _loader(gen).dataset, 6)
+    train_epoch(model, optimizer, loader)
+    buffer = io.BytesIO()
+    engine.save_checkpoint(path=buffer, module=model, optimizer=optimizer)
+    engine2, model2, optimizer2, _ = private(nn.Linear(4, 2), _loader(gen).dataset, 6)
+    buffer.seek(0)
+    engine2.load_checkpoint(path=buffer, module=model2, optimizer=optimizer2)
+    assert engine2.accountant.history == engine.accountant.history
+    torch.testing.assert_close(model2.weight, model.weight, rtol=0, atol=0)
+    with pytest.raises(dpf.CheckpointError, match="BytesIO"):
+        engine2.load_checkpoint(path=io.BytesIO(b"not a checkpoint"), module=model2)
+
+
+def test_opacus_unwrapping_idioms_work(gen):
+    """get_compatible_module returns a copy (as Opacus's), model._module is the model itself
+    (Opacus scripts unwrap its GradSampleModule that way) without entering the module tree,
+    and a foreign optimizer is refused with Opacus's words."""
+    module = nn.Linear(1, 2)
+    fixed = dpf.PrivacyEngine.get_compatible_module(module)
+    assert fixed is not module and torch.equal(fixed.weight, module.weight)
+
+    engine, model, optimizer, loader = private(nn.Linear(4, 2), _loader(gen).dataset, 6)
+    assert model._module is model
+    assert set(model.state_dict()) == {"weight", "bias"} and len(list(model.modules())) == 1
+    engine.attachment.detach()
+    assert not hasattr(model, "_module")
+
+    model = nn.Linear(4, 2)
+    stale = torch.optim.SGD(nn.Linear(4, 2).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="Module parameters are different than optimizer"):
+        dpf.PrivacyEngine().make_private(
+            module=model,
+            optimizer=stale,
+            data_loader=_loader(gen),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+        )

@@ -40,8 +40,17 @@ def checkpoint_options(options: dict | None, allowed: tuple[str, ...]) -> dict:
     return options
 
 
+def _is_stream(path) -> bool:
+    """A file-like object (Opacus accepts an io.BytesIO as ``path``) rather than a path."""
+    return hasattr(path, "write") or hasattr(path, "read")
+
+
 def save(obj: dict, path) -> None:
-    """Writes ``obj`` to ``path`` atomically (module docstring)."""
+    """Writes ``obj`` to ``path`` atomically (module docstring); to a file-like object as is
+    (there is nothing to rename)."""
+    if _is_stream(path):
+        torch.save(obj, path)
+        return
     path = pathlib.Path(path)
     directory = path.parent if str(path.parent) else pathlib.Path(".")
     if not directory.is_dir():
@@ -87,36 +96,44 @@ def _refused_object(error: Exception) -> str:
 
 def load(path, map_location=None, required: tuple[str, ...] = (), mmap: bool | None = None) -> dict:
     """The dict saved at ``path``, rebuilt without running code; ``required`` keys must be in
-    it. Raises :class:`CheckpointError` for anything else."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r}: no such file")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+    it (``path`` may be a file-like object, read from its current position). Raises
+    :class:`CheckpointError` for anything else."""
+    if _is_stream(path):
+        start = path.tell() if hasattr(path, "tell") else 0
+        complete = zipfile.is_zipfile(path)
+        path.seek(start)
+        name = f"<{type(path).__name__}>"
+    else:
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {str(path)!r}: no such file")
+        complete, name = zipfile.is_zipfile(path), str(path)
+    if not complete:  # torch.save writes a zip archive
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is truncated, corrupt or not a PyTorch file (no complete "
-            f"zip archive in its {path.stat().st_size} bytes)"
+            f"checkpoint {name!r} is truncated, corrupt or not a PyTorch file (no complete zip "
+            "archive)"
         )
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} holds objects other than tensors, numbers, strings and "
+            f"checkpoint {name!r} holds objects other than tensors, numbers, strings and "
             f"containers, which are refused because loading them could run code "
             f"({_refused_object(error)}). Only files written by torch_dpfast (save_checkpoint, "
             "dpfast train --save) load"
         ) from None
     except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError) as error:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is truncated, corrupt or not a PyTorch file: {error}"
+            f"checkpoint {name!r} is truncated, corrupt or not a PyTorch file: {error}"
         ) from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(
-            f"checkpoint {str(path)!r} holds a {type(checkpoint).__name__}, not a checkpoint dict"
+            f"checkpoint {name!r} holds a {type(checkpoint).__name__}, not a checkpoint dict"
         )
     missing = [key for key in required if key not in checkpoint]
     if missing:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} lacks {missing}: it was not written by "
+            f"checkpoint {name!r} lacks {missing}: it was not written by "
             "torch_dpfast's save_checkpoint"
         )
     return checkpoint

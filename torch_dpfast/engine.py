@@ -328,6 +328,7 @@ class Attachment:
     _restores: list = field(default_factory=list)  # undo what rules changed (Rule.adapt)
     _leaked: set[str] = field(default_factory=set)  # parameters that got an ordinary gradient
     _anchor: Tensor = field(default_factory=lambda: torch.empty(0, requires_grad=True))
+    _param_ids: frozenset = frozenset()  # ids of the parameters attached (for attachments_of)
 
     def parameters(self) -> list[nn.Parameter]:
         """The trainable parameters whose gradients this attachment makes private."""
@@ -813,10 +814,21 @@ def _batch_of(ref) -> int | None:
     return None if mask is None else mask.shape[0]
 
 
+def set_module_alias(module: nn.Module, attachment: Attachment) -> None:
+    """``module._module`` is ``module`` (Opacus's GradSampleModule kept the model there; scripts
+    unwrap it that way), set outside nn.Module's registry (no child, no state_dict entry, no
+    cycle) and removed by ``attachment.detach()``."""
+    if "_module" in module.__dict__ or "_module" in module._modules:
+        return  # the model has its own
+    object.__setattr__(module, "_module", module)
+    attachment._restores.append(lambda: module.__dict__.pop("_module", None))
+
+
 def attachments_of(params) -> list[Attachment]:
-    """The live attachments that cover any of ``params``."""
+    """The live attachments that cover any of ``params`` (set lookups: this runs at every
+    step, with as many attachments alive as models made and not yet collected)."""
     ids = {id(p) for p in params}
-    return [a for a in list(_live) if any(id(p) in ids for p in a.parameters())]
+    return [a for a in list(_live) if not ids.isdisjoint(a._param_ids)]
 
 
 _BYPASS = contextvars.ContextVar("torch_dpfast_bypass", default=False)
@@ -1049,6 +1061,7 @@ def attach(
             coupling.install(model, attachment.modules, lambda: _batch_of(hint), bypassed)
         )
     names = {id(p): n for n, p in model.named_parameters()}
+    attachment._param_ids = frozenset(id(p) for p in attachment.parameters())
     for p in attachment.parameters():
         p.summed_grad = None
         # Inside captured layers parameters are detached; a gradient reaching one means it was

@@ -10,6 +10,7 @@ user's training loop stays the ordinary one.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -24,7 +25,7 @@ from .checkpoint import save as save_file
 from .data_loader import DPDataLoader, check_map_style, check_replaceable_sampler
 from .distributed import broadcast_module, check_agreement, check_not_ddp, world
 from .distributed import sources as distributed_sources
-from .engine import CLIPPING_MODES, Attachment, attach
+from .engine import CLIPPING_MODES, Attachment, attach, set_module_alias
 from .errors import unsupported_module
 from .explain import assign_rules, is_batch_norm
 from .fix import fix
@@ -119,8 +120,10 @@ class PrivacyEngine:
             grad_sample_mode: accepted for Opacus scripts: "ghost" means clipping="ghost"; the
                 others change nothing (our rules are exact), except "no_op", refused (it leaves
                 per-sample gradients to the user; torch_dpfast computes them itself).
-            wrap_model: accepted for Opacus 1.6 scripts; the module is returned as it is either
-                way (layers are captured in place, there is no wrapper).
+            wrap_model: for Opacus 1.6 scripts: the module is returned as it is either way
+                (layers are captured in place, there is no wrapper); with True (the default, as
+                in Opacus) ``module._module`` is the module itself, for scripts that unwrap
+                Opacus's GradSampleModule that way.
             rand_on_empty: accepted for Opacus 1.6 scripts and ignored: an empty Poisson sample
                 is never an empty tensor here (it is a batch of masked padding rows, which the
                 model runs and which contribute nothing).
@@ -265,6 +268,8 @@ class PrivacyEngine:
                 stacklevel=2,
             )
             self.data_loader = data_loader
+        if wrap_model:  # Opacus scripts reach the model as model._module: the model itself
+            set_module_alias(module, self.attachment)
         if clipping == "ghost":
             criterion = DPCriterion(criterion, self.attachment, self.optimizer, loss_reduction)
             return module, self.optimizer, criterion, self.data_loader
@@ -497,9 +502,9 @@ class PrivacyEngine:
 
     @staticmethod
     def get_compatible_module(module: nn.Module) -> nn.Module:
-        """``module`` with every BatchNorm replaced by GroupNorm (Opacus's name for
-        :func:`torch_dpfast.fix`)."""
-        return fix(module)
+        """A copy of ``module`` with every BatchNorm replaced by GroupNorm (Opacus's name for
+        :func:`torch_dpfast.fix`; like Opacus's, it never returns the module itself)."""
+        return fix(copy.deepcopy(module))
 
     def validate(self, *, module: nn.Module, optimizer=None, data_loader=None) -> None:
         """Raises :class:`~torch_dpfast.errors.UnsupportedModuleError` (also Opacus's, when it
@@ -595,9 +600,10 @@ def _check_optimizer(module: nn.Module, optimizer: torch.optim.Optimizer) -> Non
     ]
     if foreign:
         raise ValueError(
-            f"the optimizer holds {len(foreign)} parameter(s) that are not the module's (shapes "
-            f"{foreign[:3]}); create the optimizer from module.parameters() (after dpf.fix, "
-            "which replaces layers)"
+            "Module parameters are different than optimizer Parameters: the optimizer holds "
+            f"{len(foreign)} parameter(s) that are not the module's (shapes {foreign[:3]}); "
+            "create the optimizer from module.parameters() (after dpf.fix, which replaces "
+            "layers)"
         )
 
 
