@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +41,35 @@ _SEED = 20261202
 _PROBING = contextvars.ContextVar("torch_dpfast_probing", default=False)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where the batch is: its size, whether that size is known (a make_private loader's
+    physical batch) or guessed from the first argument, and whether layers take it in dim 0
+    (``batch_first``) or dim 1 (Opacus's ``batch_first=False``)."""
+
+    batch: int
+    known: bool = False
+    batch_first: bool = True
+
+    def layer_dim(self, module: nn.Module, t: Tensor) -> int:
+        """The batch dim of a captured layer's input or output ``t``."""
+        if not self.batch_first and t.dim() >= 2:
+            return 1
+        return batch_dim(module, t)
+
+    def argument_dim(self, t: Tensor) -> int | None:
+        """The dim of a model argument that holds the batch, or None. Batch-first: dim 0 of
+        size B, or, with B known, dim 1 of a (T, B, ...) tensor. Sequence-first: dim 1 of a
+        tensor of 2+ dims, dim 0 of a (B,) one."""
+        if self.batch_first:
+            if t.dim() and t.shape[0] == self.batch:
+                return 0
+            return 1 if self.known and t.dim() >= 3 and t.shape[1] == self.batch else None
+        if t.dim() >= 2:
+            return 1 if t.shape[1] == self.batch else None
+        return 0 if t.dim() == 1 and t.shape[0] == self.batch else None
+
+
 def probing() -> bool:
     """Whether the forward running now is one of the probe's (for hooks that count the
     training forwards)."""
@@ -51,6 +81,7 @@ def install(
     modules: dict[str, nn.Module],
     batch_hint=lambda: None,
     bypassed=contextlib.nullcontext,
+    batch_first: bool = True,
 ):
     """Runs :func:`probe` on the first forward of ``model`` that qualifies; returns the hook
     handle (removed once the probe ran). ``batch_hint()`` gives the batch size when it is known
@@ -62,14 +93,15 @@ def install(
         if not torch.is_grad_enabled():
             return
         known = batch_hint()
-        batch = known or batch_size(args, kwargs)
+        batch = known or batch_size(args, kwargs, 0 if batch_first else 1)
         if batch is None or batch < 2:
             return
         handle.remove()
         token = _PROBING.set(True)
+        layout = Layout(batch, known is not None, batch_first)
         try:
-            probe(model, modules, args, kwargs, batch, known=known is not None)
-            probe_gradients(model, modules, args, kwargs, batch, bypassed, known=known is not None)
+            probe(model, modules, args, kwargs, layout)
+            probe_gradients(model, modules, args, kwargs, layout, bypassed)
         finally:
             _PROBING.reset(token)
 
@@ -78,18 +110,17 @@ def install(
     return handle
 
 
-def probe(
-    model: nn.Module, modules: dict[str, nn.Module], args, kwargs, batch: int, known: bool = False
-) -> None:
+def probe(model: nn.Module, modules: dict[str, nn.Module], args, kwargs, layout: Layout) -> None:
     """Raises if example ``PROBE_ROW`` of the batch moves another example's layer inputs or
     outputs (module docstring). BatchNorm with batch statistics is named first, before any
     forward (which would also update its running statistics)."""
     check_no_batch_statistics(model)
-    changed_args, changed_kwargs = _perturbed((args, kwargs), batch, known)
+    batch = layout.batch
+    changed_args, changed_kwargs = _perturbed((args, kwargs), layout)
     clean = _run(model, modules, args, kwargs)
     changed = _run(model, modules, changed_args, changed_kwargs)
     for (path, a), (_, b) in zip(clean[0], changed[0]):
-        if _others_moved(a, b, batch, batch_dim(modules[path], a)):
+        if _others_moved(a, b, batch, layout.layer_dim(modules[path], a)):
             raise RuntimeError(
                 f"torch_dpfast: the model couples the examples of a batch: changing example "
                 f"{PROBE_ROW} changed the input rows of other examples at {path!r} "
@@ -110,19 +141,17 @@ def probe(
             )
 
 
-def probe_gradients(
-    model: nn.Module, modules, args, kwargs, batch: int, bypassed, known: bool = False
-) -> None:
+def probe_gradients(model: nn.Module, modules, args, kwargs, layout: Layout, bypassed) -> None:
     """Raises if example ``PROBE_ROW`` moves another row of a captured layer's output
     gradient g (the gradient of L = sum_k <out_k, R_k> over the model's outputs, R fixed):
     for a layer whose rows are examples, row j of g depends on example j only. A layer whose
     output the model shares across the batch (a table indexed by positions (T,) and broadcast,
     with T equal to B by chance) has rows that sum every example's gradient."""
-    changed_args, changed_kwargs = _perturbed((args, kwargs), batch, known)
+    changed_args, changed_kwargs = _perturbed((args, kwargs), layout)
     clean = _gradients(model, modules, args, kwargs, bypassed)
     changed = _gradients(model, modules, changed_args, changed_kwargs, bypassed)
     for (path, a), (_, b) in zip(clean, changed):
-        if _others_moved(a, b, batch, batch_dim(modules[path], a)):
+        if _others_moved(a, b, layout.batch, layout.layer_dim(modules[path], a)):
             raise RuntimeError(
                 f"torch_dpfast: the rows of {path!r} ({type(modules[path]).__name__}) are not "
                 f"the examples of the batch: changing example {PROBE_ROW} changed the gradient "
@@ -229,19 +258,15 @@ def _moved(a: Tensor, b: Tensor) -> Tensor:
     )
 
 
-def _perturbed(tree, batch: int, known: bool):
+def _perturbed(tree, layout: Layout):
     """``tree`` with example PROBE_ROW of every tensor that holds the batch changed."""
-    return tree_map_only(Tensor, lambda t: _perturbed_rows(t, batch, known), tree)
+    return tree_map_only(Tensor, lambda t: _perturbed_rows(t, layout), tree)
 
 
-def _perturbed_rows(t: Tensor, batch: int, known: bool) -> Tensor:
-    """``t`` with row PROBE_ROW of dim 0 changed when dim 0 has size ``batch``; with the batch
-    size ``known`` (not guessed from dim 0), of dim 1 of a sequence-first (T, B, ...) tensor."""
-    if t.dim() and t.shape[0] == batch:
-        dim = 0
-    elif known and t.dim() >= 3 and t.shape[1] == batch:
-        dim = 1
-    else:
+def _perturbed_rows(t: Tensor, layout: Layout) -> Tensor:
+    """``t`` with example PROBE_ROW changed along its batch dim (Layout.argument_dim), if any."""
+    dim = layout.argument_dim(t)
+    if dim is None:
         return t
     out = t.clone()
     view = out.movedim(dim, 0)
@@ -271,6 +296,7 @@ def _tensors(tree) -> list[Tensor]:
     return [leaf for leaf in tree_leaves(tree) if isinstance(leaf, Tensor)]
 
 
-def batch_size(args, kwargs) -> int | None:
-    first = next((t for t in _tensors((args, kwargs)) if t.dim() > 0), None)
-    return None if first is None else first.shape[0]
+def batch_size(args, kwargs, dim: int = 0) -> int | None:
+    """Size of dim ``dim`` of the first tensor argument that has it (the batch, guessed)."""
+    first = next((t for t in _tensors((args, kwargs)) if t.dim() > dim), None)
+    return None if first is None else first.shape[dim]

@@ -27,7 +27,7 @@ from . import certify, coupling, losses, materialise_plan, ops
 from .explain import assign_rules, check_no_batch_statistics
 from .materialise_plan import check_budget
 from .rules import scaled_sum
-from .rules._registry import Rule, leading
+from .rules._registry import Rule, in_batch_first_call, leading
 from .rules.fallback import FALLBACK, WINDOW_ATTENTION, _original_forward, batch_dim
 
 CLIPPING_MODES = ("auto", "bk", "per_example", "ghost")
@@ -47,6 +47,7 @@ class _Record:
     generation: int = 0  # which physical batch (Attachment.begin_batch) the call belongs to
     task: int = -1  # the autograd graph task (one backward() call) that recorded g
     fold: int = 1  # rows of dim 0 per example (window attention: windows per image)
+    seq_first: bool = False  # x and g hold the batch in dim 1 (attach(batch_first=False))
     owner: Attachment | None = None  # told (_on_backward) once the backward ran
 
     @property
@@ -317,6 +318,7 @@ class Attachment:
     batch_started: bool = False  # begin_batch was called since the last clip (a loader's batch)
     clipped_generation: int = 0  # the generation clip_and_accumulate last ran for
     forward_batch: int | None = None  # B of the forward in progress (on_forward)
+    batch_first: bool = True  # False: layer inputs hold the batch in dim 1 (sequence-first)
     # bytes of per-example gradients auto may hold on CPU instead of fast paths (0: none)
     materialise_bytes: int = materialise_plan.DEFAULT_MATERIALISE_BYTES
     _ghost: object = None  # the ghost pass in progress (ghost.py)
@@ -349,7 +351,7 @@ class Attachment:
         self.mask = mask
         self.batch_started = True
         self.computed_rows = None
-        if mask is None or mask.device.type != "cpu" or mask.shape[0] < 2:
+        if mask is None or mask.device.type != "cpu" or mask.shape[0] < 2 or not self.batch_first:
             return
         kept = kept_prefix(mask, mask.shape[0])
         if kept < mask.shape[0]:
@@ -362,12 +364,14 @@ class Attachment:
         mask length when begin_batch gave one, else dim 0 of the first tensor argument)."""
         self.forward_batch = self.mask.shape[0] if self.mask is not None else None
         if self.forward_batch is None:
-            self.forward_batch = coupling.batch_size(args, kwargs)
+            self.forward_batch = coupling.batch_size(args, kwargs, 0 if self.batch_first else 1)
 
     def broadcast(self, args: tuple) -> tuple:
         """``args`` with a lone tensor of dim 0 of size 1 expanded to the forward's B rows."""
         batch = self.forward_batch
         if batch is None or batch < 2 or len(args) != 1 or not isinstance(args[0], Tensor):
+            return args
+        if not self.batch_first:
             return args
         x = args[0]
         if x.dim() < 2 or x.shape[0] != 1:
@@ -583,6 +587,8 @@ class Attachment:
     def _on_backward(self, record: _Record) -> None:
         """Called by a captured layer's backward once its g is recorded."""
         record.task = torch._C._current_graph_task_id()
+        if not self.batch_first:
+            to_batch_first(record)  # each backward records x and g afresh, sequence-first
         if self._ghost is not None:
             self._ghost.on_backward(record)
         elif self.clipping == "ghost":
@@ -617,6 +623,28 @@ class Attachment:
         )
         _warn_non_finite(norm_sq, mask)
         return norm_sq
+
+
+def to_batch_first(record: _Record) -> None:
+    """Under ``batch_first=False`` (Opacus's sequence-first models): a layer of the usual kind
+    that saw (T, B, ...) inputs (``record.seq_first``) gets x and g as (B, T, ...) views, which
+    is what its rule takes (every such rule is position-wise). Rules that re-implement a
+    forward (attention, recurrent) make their records batch-first themselves, and call their
+    children on batch-first tensors (``rules.batch_first_calls``); the generic fallback slices
+    examples by the module's own ``batch_first`` and is refused without it."""
+    if record.rule is FALLBACK:
+        if getattr(record.module, "batch_first", None) is not False:
+            raise ValueError(
+                f"batch_first=False: {type(record.module).__name__} has no rule and the "
+                "generic fallback cannot tell where its batch is; give it a rule "
+                "(torch_dpfast.rules.register_rule), or feed the model batch-first inputs"
+            )
+        return
+    if not record.seq_first:
+        return
+    x, g = record.x, record.g
+    if isinstance(x, Tensor) and isinstance(g, Tensor) and x.dim() >= 2 and g.dim() >= 2:
+        record.x, record.g = x.transpose(0, 1), g.transpose(0, 1)
 
 
 def check_batch(record: _Record, batch: int, mask: Tensor | None) -> None:
@@ -886,7 +914,8 @@ class _IOCapture:
                 f"torch_dpfast: the captured layer {self.path!r} ({type(module).__name__}) must "
                 "be called with one tensor argument"
             )
-        record = self.attachment.record(module, self.rule, params)
+        seq_first = not self.attachment.batch_first and not in_batch_first_call()
+        record = self.attachment.record(module, self.rule, params, seq_first=seq_first)
 
         def call(x_in):
             with _detached(module, params):
@@ -1002,6 +1031,7 @@ def attach(
     loss_reduction: str = "mean",
     materialise_bytes: int = materialise_plan.DEFAULT_MATERIALISE_BYTES,
     probe_coupling: bool = True,
+    batch_first: bool = True,
 ) -> Attachment:
     """Makes every trainable parameter of ``model`` receive clipped per-example gradients.
 
@@ -1020,6 +1050,9 @@ def attach(
             materialising them is cheaper than their ghost or direct norm (it saves the norm's
             multiply-adds; ``torch_dpfast/materialise_plan.py``). Default 1 GiB; 0 turns it
             off. Ignored on GPUs and in the other modes.
+        batch_first: False for sequence-first models (Opacus's ``batch_first=False``): every
+            layer without a batch-aware rule sees (T, B, ...) inputs; convolutions and the
+            generic fallback then do not apply.
         probe_coupling: on the first forward with gradients on, check that changing one example
             moves no other example's layer inputs or outputs (coupling.py; two extra no-grad
             forwards, once), and raise naming the first layer where it does.
@@ -1034,7 +1067,11 @@ def attach(
     if attachments_of(p for p in model.parameters() if p.requires_grad):
         raise RuntimeError("this model is already attached; call .detach() on the old attachment")
     attachment = Attachment(
-        model, clipping, loss_reduction, materialise_bytes=check_budget(materialise_bytes)
+        model,
+        clipping,
+        loss_reduction,
+        materialise_bytes=check_budget(materialise_bytes),
+        batch_first=batch_first,
     )
     for path, (module, rule) in assign_rules(model).items():
         kind = getattr(rule, "capture", "io")
@@ -1058,7 +1095,9 @@ def attach(
     if probe_coupling:
         hint = weakref.ref(attachment)
         attachment._hooks.append(
-            coupling.install(model, attachment.modules, lambda: _batch_of(hint), bypassed)
+            coupling.install(
+                model, attachment.modules, lambda: _batch_of(hint), bypassed, batch_first
+            )
         )
     names = {id(p): n for n, p in model.named_parameters()}
     attachment._param_ids = frozenset(id(p) for p in attachment.parameters())

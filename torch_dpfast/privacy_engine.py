@@ -116,7 +116,10 @@ class PrivacyEngine:
             sample_generator: generator of the Poisson sample (default: the data loader's own
                 ``generator=`` if it has one, as Opacus uses it, else one seeded from torch's;
                 ignored in secure mode, which takes no generator).
-            batch_first: must be True (inputs are batch-first everywhere); for Opacus scripts.
+            batch_first: False for sequence-first models, as in Opacus: the inputs and every
+                layer without a batch-aware rule hold the batch in dim 1 ((T, B, ...)); layers
+                that know their own layout (nn.MultiheadAttention, nn.LSTM, ...) follow their
+                ``batch_first`` attribute either way.
             grad_sample_mode: accepted for Opacus scripts: "ghost" means clipping="ghost"; the
                 others change nothing (our rules are exact), except "no_op", refused (it leaves
                 per-sample gradients to the user; torch_dpfast computes them itself).
@@ -153,11 +156,6 @@ class PrivacyEngine:
         ):
             raise ValueError(
                 f"physical_batch_size must be an int >= 1 or None, got {physical_batch_size!r}"
-            )
-        if not batch_first:
-            raise ValueError(
-                "batch_first=False is not supported: every layer must see the batch in dim 0. "
-                "Transpose the inputs (and use batch_first=True modules)"
             )
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
@@ -234,6 +232,7 @@ class PrivacyEngine:
             clipping=clipping,
             loss_reduction=loss_reduction,
             materialise_bytes=materialise_bytes,
+            batch_first=batch_first,
         )
         self.optimizer = DPOptimizer(
             optimizer,

@@ -19,6 +19,8 @@ they register their own.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Callable
 
@@ -103,6 +105,25 @@ def scaled_sum(per_example: Tensor, scale: Tensor) -> Tensor:
     rows = drop_unscaled_rows(per_example, scale)
     rows = rows.reshape(per_example.shape[0], math.prod(per_example.shape[1:]))
     return (scale.to(rows.dtype) @ rows).reshape(per_example.shape[1:])
+
+
+_BATCH_FIRST_CALLS = contextvars.ContextVar("torch_dpfast_batch_first_calls", default=False)
+
+
+@contextlib.contextmanager
+def batch_first_calls():
+    """Layers called in this block get batch-first inputs whatever the model's layout: a rule
+    that re-implements a sequence-first module (attention) calls its children on batch-first
+    tensors, so ``attach(batch_first=False)`` must not transpose those calls' records."""
+    token = _BATCH_FIRST_CALLS.set(True)
+    try:
+        yield
+    finally:
+        _BATCH_FIRST_CALLS.reset(token)
+
+
+def in_batch_first_call() -> bool:
+    return _BATCH_FIRST_CALLS.get()
 
 
 _rules: dict[type, Rule] = {}

@@ -27,7 +27,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ._registry import Rule, register_rule, row_norms, scaled_sum, zero_norms
+from ._registry import (
+    Rule,
+    batch_first_calls,
+    register_rule,
+    row_norms,
+    scaled_sum,
+    zero_norms,
+)
 from .linear import linear_bound_sq, plan_linear
 
 _WEIGHTS = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
@@ -125,7 +132,8 @@ class MultiheadAttentionRule(Rule):
             weights = weights.mean(dim=1) if average_attn_weights else weights
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        out = module.out_proj(out.transpose(1, 2).reshape(batch, length, e))
+        with batch_first_calls():  # out_proj sees (B, L, E) whatever the model's layout
+            out = module.out_proj(out.transpose(1, 2).reshape(batch, length, e))
         if not module.batch_first:
             out = out.transpose(0, 1)
         return out, weights
