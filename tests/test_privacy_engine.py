@@ -284,7 +284,6 @@ BAD = {
     ),
     r"BatchNorm.*torch_dpfast.fix\(model\)": _bad(model=_with_batch_norm()),
     "no trainable parameter": _bad(model=_frozen()),
-    "batch_first": _bad(batch_first=False),
     "clipping": _bad(clipping="per_layer"),
     "criterion": _bad(clipping="ghost"),
     "IterableDataset": _bad(data_loader=lambda m, g: DataLoader(_Stream(), batch_size=2)),

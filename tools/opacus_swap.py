@@ -6,7 +6,7 @@ test files that use ``PrivacyEngine`` twice into a scratch directory, once as th
 with ``from opacus import PrivacyEngine`` replaced by ``from torch_dpfast import
 PrivacyEngine`` (nothing else changed), runs pytest on both, and reports every test that passes
 under Opacus with its outcome under the swap, plus the reason recorded in
-``tools/opacus_swap_reasons.json`` for those that fail.
+``tools/opacus_swap_reasons.json`` (fnmatch patterns of test ids) for those that fail.
 
 Usage:
   python tools/opacus_swap.py --out DIR [--files privacy_engine_test.py,...] [--timeout 1800]
@@ -17,6 +17,7 @@ Multi-GPU files (multigpu_*, ddp_hook_check) are left out: they need several CUD
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import pathlib
 import shutil
@@ -114,12 +115,9 @@ def markdown(payload: dict) -> str:
 
 
 def reason_for(test: str, reasons: dict[str, str]) -> str:
-    """The recorded reason of the longest matching prefix (file, class or test)."""
-    best = ""
-    for prefix in reasons:
-        if test.startswith(prefix) and len(prefix) > len(best):
-            best = prefix
-    return reasons.get(best, "")
+    """The recorded reason of the first pattern (fnmatch, e.g. ``*::test_per_layer_clipping``)
+    that matches the test id."""
+    return next((why for pattern, why in reasons.items() if fnmatch.fnmatch(test, pattern)), "")
 
 
 def main() -> None:
