@@ -307,24 +307,42 @@ def test_clipped_sum_and_norms_match_brute_force(name, mode, max_norm, gen):
 
 
 class FoldsIntoBatch(nn.Module):
-    """Folds two halves of each example into dim 0 outside any window-attention module: the
-    engine cannot know which rows belong to which example, so it must refuse."""
+    """Folds two halves of each example into dim 0 around a position-wise layer (as OPT
+    flattens its tokens): example-major (rows 2i, 2i + 1 are example i's) unless
+    ``time_major``, which puts all first halves before all second halves."""
 
-    def __init__(self):
+    def __init__(self, time_major=False):
         super().__init__()
         self.inner = nn.Linear(3, 3)
         self.head = nn.Linear(6, 2)
+        self.time_major = time_major
 
     def forward(self, x):
+        if self.time_major:
+            halves = self.inner(x.reshape(-1, 2, 3).transpose(0, 1).reshape(-1, 3))
+            return self.head(halves.reshape(2, -1, 3).transpose(0, 1).reshape(x.shape[0], 6))
         halves = self.inner(x.reshape(-1, 3))
         return self.head(halves.reshape(x.shape[0], 6))
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_rows_folded_into_the_batch_are_refused_outside_window_attention(mode, gen):
+def test_rows_folded_example_major_into_a_position_wise_layer_are_exact(mode, gen):
     model = FoldsIntoBatch().double()
     x = torch.randn(4, 6, generator=gen, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"different batch sizes \(4 and 8, the latter in Linear"):
+    y = torch.tensor([0, 1, 0, 1])
+    per_example, _ = _per_example_grads(model, x, y)
+    model.zero_grad()
+    expected, expected_sq = _clipped(per_example, 0.05)
+    summed, norm_sq = _attached_sum(model, x, y, mode, 0.05, reduction="sum")
+    torch.testing.assert_close(summed, expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(norm_sq.double(), expected_sq, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rows_folded_in_another_order_are_refused_by_the_probe(mode, gen):
+    model = FoldsIntoBatch(time_major=True).double()
+    x = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="couples the examples.*'inner'"):
         _attached_sum(model, x, torch.tensor([0, 1, 0, 1]), mode, 1.0)
 
 

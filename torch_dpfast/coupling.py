@@ -230,9 +230,15 @@ def _others_moved(a: Tensor, b: Tensor, batch: int, dim: int | None = None) -> b
     ``dim`` (a captured layer's batch dim) or, with ``dim`` None (the model's outputs), of any
     dim of size ``batch``: an RNN returns h_n (layers, B, H). Only a change confined to one
     example's index along such a dim is independent. Tensors without it are not compared."""
+    if a.shape != b.shape:
+        return False
+    if dim is not None and dim < a.dim() and a.shape[dim] % batch == 0 and a.shape[dim] > batch:
+        # k B rows folded example-major (OPT's flattened tokens): view them as (B, k)
+        folded = (*a.shape[:dim], batch, a.shape[dim] // batch, *a.shape[dim + 1 :])
+        a, b = a.reshape(folded), b.reshape(folded)
     candidates = range(a.dim()) if dim is None else [dim] if dim < a.dim() else []
     dims = [d for d in candidates if a.shape[d] == batch]
-    if a.shape != b.shape or not dims:
+    if not dims:
         return False
     moved = _moved(a, b)
     for d in dims:

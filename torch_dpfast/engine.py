@@ -468,7 +468,7 @@ class Attachment:
                 "logical batches use make_private(..., poisson_sampling=True, "
                 "physical_batch_size=...), which accumulates per example"
             )
-        batch = min(r.batch for r in records)  # window attention sees a multiple of it
+        batch = self._batch_of(records, mask)
         for r in records:
             check_batch(r, batch, mask)
         records = merge_repeated(records)
@@ -518,6 +518,18 @@ class Attachment:
         for p, grad in per_example.values():
             _accumulate(p, scaled_sum(grad, scale[: grad.shape[0]]))
         return norm_sq
+
+    def _batch_of(self, records: list[_Record], mask: Tensor | None) -> int:
+        """B: the physical batch's mask length; else the forward's batch (dim 0 of the model's
+        first tensor argument) when every layer saw a multiple of it (layers may see k B
+        folded rows); else the fewest rows a layer saw."""
+        if mask is not None:
+            return mask.shape[0]
+        fewest = min(r.batch for r in records)
+        guess = self.forward_batch
+        if guess and all(r.batch % guess == 0 for r in records):
+            return guess
+        return fewest
 
     @staticmethod
     def _certified_norms(
@@ -648,27 +660,36 @@ def to_batch_first(record: _Record) -> None:
 
 
 def check_batch(record: _Record, batch: int, mask: Tensor | None) -> None:
-    """Every layer must see the batch of B examples in dim 0 (B = the mask's length), except
-    window attention (timm's Swin), which sees B * W window rows, example-major: ``record.fold``
-    becomes W."""
+    """Every layer must see the batch of B examples in dim 0 (B = the mask's length), or k B
+    rows, example-major (example i owns rows i k .. i k + k - 1): window attention (timm's
+    Swin; ``record.fold`` becomes k for the fallback), and position-wise layers fed a flattened
+    (B T, d) batch (OPT's MLP), whose x and g are then viewed as (B, k, ...). The independence
+    probe checks the example-major order on the first forward (coupling.py)."""
     rows = record.batch
     if rows != batch:
-        if (
-            rows % batch
-            or record.rule is not FALLBACK
-            or not isinstance(record.module, WINDOW_ATTENTION)
-        ):
+        position_wise = getattr(record.rule, "position_wise", False)
+        window = record.rule is FALLBACK and isinstance(record.module, WINDOW_ATTENTION)
+        if rows % batch or not (window or position_wise):
             raise ValueError(
                 f"layers saw different batch sizes ({batch} and {rows}, the latter in "
                 f"{type(record.module).__name__}); per-example clipping needs dim 0 of every "
-                "layer input to be the batch"
+                "layer input to be the batch (or k B rows, example-major, for position-wise "
+                "layers)"
             )
-        record.fold = rows // batch
+        if window:
+            record.fold = rows // batch
+        else:
+            record.x, record.g = _unfolded(record.x, batch), _unfolded(record.g, batch)
     if mask is not None and mask.shape != (batch,):
         raise ValueError(
             f"the layers saw a batch of {batch} examples in dim 0, but the physical batch has "
             f"{mask.shape[0]} rows: the model must take its inputs batch first"
         )
+
+
+def _unfolded(t: Tensor, batch: int) -> Tensor:
+    """(k B, ...) example-major -> (B, k, ...)."""
+    return t.reshape(batch, t.shape[0] // batch, *t.shape[1:])
 
 
 def plain_records(records: list[_Record]) -> list[_Record]:

@@ -23,6 +23,8 @@ def _check(module: nn.Embedding) -> None:
 
 @register_rule(nn.Embedding)
 class EmbeddingRule(Rule):
+    position_wise = True  # rows folded into dim 0 (k B, example-major) are taken apart
+
     def per_example_grads(self, module, ids: Tensor, g: Tensor):
         _check(module)
         if not module.weight.requires_grad:

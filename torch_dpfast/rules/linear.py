@@ -41,6 +41,7 @@ def _rows(t: Tensor) -> Tensor:
 @register_rule(nn.Linear)
 class LinearRule(Rule):
     mergeable = True  # a layer called several times per forward: its calls joined (engine)
+    position_wise = True  # rows folded into dim 0 (k B, example-major) are taken apart
 
     def weight_grads(self, x: Tensor, g: Tensor, out: Tensor | None) -> Tensor:
         """(B, d_out, d_in) per-example weight gradients g_i^T x_i from (B, T, .) rows."""

@@ -13,6 +13,8 @@ from ._registry import Rule, register_rule
 
 @register_rule(nn.RMSNorm)
 class RMSNormRule(Rule):
+    position_wise = True  # rows folded into dim 0 (k B, example-major) are taken apart
+
     def per_example_grads(self, module, x, g):
         shape = module.normalized_shape
         eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
