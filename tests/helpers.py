@@ -80,3 +80,11 @@ def train_epoch(model, optimizer, loader) -> None:
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
+
+
+def clipped_reference(per_example: torch.Tensor, max_norm: float):
+    """(sum_i c_i G_i, ||G_i||^2) of flattened per-example gradients (K, P), with c_i =
+    min(1, C / (||G_i|| + 1e-6)): the clipped update every mode must reproduce."""
+    norms = per_example.norm(dim=1)
+    factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    return (factors[:, None] * per_example).sum(0), norms.square()

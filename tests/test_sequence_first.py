@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import torch_dpfast as dpf
+from tests.helpers import clipped_reference
 from torch_dpfast.ghost import ghost_backward
 
 MODES = ["auto", "auto_fast", "bk", "per_example", "ghost"]
@@ -41,10 +42,7 @@ def _reference(model, ids, max_norm, kept):
         model.zero_grad()
         model(ids[:, i : i + 1]).sum().backward()
         rows.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    grads = torch.stack(rows)
-    norms = grads.norm(dim=1)
-    factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    return (factors[:, None] * grads).sum(0), norms.square()
+    return clipped_reference(torch.stack(rows), max_norm)
 
 
 @pytest.mark.parametrize("padding", [0, 2])

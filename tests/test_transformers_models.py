@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import torch_dpfast as dpf
+from tests.helpers import clipped_reference
 from torch_dpfast.ghost import ghost_backward
 
 transformers = pytest.importorskip("transformers")
@@ -73,10 +74,7 @@ def _reference(model, ids, mask, max_norm, kept):
         _losses(model, ids[i : i + 1], mask[i : i + 1]).sum().backward()
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
         rows.append(torch.cat([g.flatten() for g in grads]))
-    grads = torch.stack(rows)
-    norms = grads.norm(dim=1)
-    factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    return (factors[:, None] * grads).sum(0), norms.square()
+    return clipped_reference(torch.stack(rows), max_norm)
 
 
 @pytest.mark.parametrize("padding", [0, 1])

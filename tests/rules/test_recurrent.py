@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import torch_dpfast as dpf
+from tests.helpers import clipped_reference
 from torch_dpfast.ghost import ghost_backward
 from torch_dpfast.rules import recurrent as recurrent_rule
 from torch_dpfast.rules.fallback import FALLBACK
@@ -105,10 +106,7 @@ def _reference(net, args, max_norm, kept):
         net.zero_grad()
         net(*_example(args, i)).sum().backward()
         rows.append(_flat(net, {n: p.grad for n, p in net.named_parameters()}))
-    grads = torch.stack(rows)
-    norms = grads.norm(dim=1)
-    factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    return (factors[:, None] * grads).sum(0), norms.square()
+    return clipped_reference(torch.stack(rows), max_norm)
 
 
 def _attached(net, args, mode, max_norm, mask=None):
