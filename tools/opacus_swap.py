@@ -10,6 +10,8 @@ under Opacus with its outcome under the swap, plus the reason recorded in
 
 Usage:
   python tools/opacus_swap.py --out DIR [--files privacy_engine_test.py,...] [--timeout 1800]
+  python tools/opacus_swap.py --out DIR --run torch_dpfast --reuse OLD/opacus_swap.json
+  python tools/opacus_swap.py --out DIR --run "" --reuse OLD/opacus_swap.json  # re-annotate
 Writes DIR/opacus_swap.json (versions, per-test outcomes) and DIR/opacus_swap.md (the table).
 Multi-GPU files (multigpu_*, ddp_hook_check) are left out: they need several CUDA devices.
 """
@@ -100,7 +102,8 @@ def markdown(payload: dict) -> str:
         "# Opacus's tests with the import swapped",
         "",
         f"opacus {payload['opacus']}, torch_dpfast {payload['torch_dpfast']}, torch "
-        f"{payload['torch']}. Test files: {', '.join(payload['files'])}.",
+        f"{payload['torch']}, commit {payload.get('commit')}. Test files: "
+        f"{', '.join(payload['files'])}.",
         "",
         f"**{len(swapped)} of the {len(passing)} tests that pass under Opacus pass with "
         "`from torch_dpfast import PrivacyEngine`.**",
@@ -120,22 +123,51 @@ def reason_for(test: str, reasons: dict[str, str]) -> str:
     return next((why for pattern, why in reasons.items() if fnmatch.fnmatch(test, pattern)), "")
 
 
+def _commit() -> str | None:
+    """The torch_dpfast checkout's commit (None outside a git checkout)."""
+    done = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, check=False
+    )
+    return done.stdout.strip() or None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=pathlib.Path, required=True)
     parser.add_argument("--files", default=",".join(FILES))
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument(
+        "--run",
+        default="opacus,torch_dpfast",
+        help="which runs to do: opacus, torch_dpfast, both (default) or none ('')",
+    )
+    parser.add_argument(
+        "--reuse",
+        type=pathlib.Path,
+        help="an earlier opacus_swap.json: the outcomes of the runs not done (same versions)",
+    )
     args = parser.parse_args()
     files = args.files.split(",")
     source = opacus_tests()
     reasons = json.loads(REASONS.read_text()) if REASONS.exists() else {}
     results = {}
+    if args.reuse is not None:
+        earlier = json.loads(args.reuse.read_text())
+        if earlier["opacus"] != metadata.version("opacus"):
+            raise SystemExit(f"{args.reuse} was made with opacus {earlier['opacus']}")
+        for name in ("opacus", "torch_dpfast"):
+            results[name] = {t["test"]: t[name] for t in earlier["tests"]}
+    runs = [name for name in args.run.split(",") if name]
     with tempfile.TemporaryDirectory() as scratch:
         for name, swap in (("opacus", False), ("torch_dpfast", True)):
+            if name not in runs:
+                continue
             target = pathlib.Path(scratch) / name
             target.mkdir()
             print(f"running Opacus's tests ({name}) ...", flush=True)
             results[name] = run(target, prepare(source, target, files, swap), args.timeout)
+    if set(results) != {"opacus", "torch_dpfast"}:
+        raise SystemExit("give --reuse for the runs that --run leaves out")
     tests = []
     for test, outcome in results["opacus"].items():
         row = dict(
@@ -148,6 +180,7 @@ def main() -> None:
         opacus=metadata.version("opacus"),
         torch_dpfast=metadata.version("torch_dpfast"),
         torch=metadata.version("torch"),
+        commit=_commit(),
         files=files,
         tests=tests,
     )
