@@ -674,7 +674,8 @@ def check_batch(record: _Record, batch: int, mask: Tensor | None) -> None:
                 f"layers saw different batch sizes ({batch} and {rows}, the latter in "
                 f"{type(record.module).__name__}); per-example clipping needs dim 0 of every "
                 "layer input to be the batch (or k B rows, example-major, for position-wise "
-                "layers)"
+                "layers): the model must take its inputs batch first, or be made private with "
+                "batch_first=False if it is sequence-first"
             )
         if window:
             record.fold = rows // batch
