@@ -13,6 +13,19 @@ its output) into, for the layer's own trainable parameters:
   sum_t ||g_it|| ||a_it|| for a linear map. The engine certifies a fast-path norm with it
   (certify.py); a rule that overrides ``norm_sq`` without it is materialised instead.
 
+Optional class attributes tell the engine more:
+
+* ``capture``: how the layer's call is recorded: "io" (default: one tensor in, x and g),
+  "projections" (the rule's ``forward(module, capture, ...)`` re-implements the module and hands
+  its parameterised part to ``capture``: attention), "probes" (as "projections", and g holds
+  the gradients of tensors inside the call: the recurrent layers' gate pre-activations),
+  "parameters" (per-example copies of the parameters: ViT tokens);
+* ``mergeable``: the calls of one module within a forward can be joined along the position
+  axis (linear maps: x and g (B, T_k, d) concatenated over the calls);
+* ``position_wise``: the rule treats each position independently, so k B rows folded into
+  dim 0 (example-major) can be viewed as (B, k, ...);
+* ``subtree``: the rule covers its children's parameters too (Opacus's DPLSTM).
+
 Rules are found by walking the module type's MRO, so subclasses inherit their base's rule unless
 they register their own.
 """
