@@ -55,9 +55,10 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     )
 
 
-def private(model, dataset, batch_size: int, lr: float = 0.1, **kwargs):
+def private(model, dataset, batch_size: int, lr: float = 0.1, collate_fn=None, **kwargs):
     """(engine, model, optimizer, loader) of ``make_private`` on SGD and a DataLoader of
-    ``dataset``; ``kwargs`` go to make_private (noise_multiplier 1.0 and C 1.0 by default)."""
+    ``dataset`` (with ``collate_fn``); ``kwargs`` go to make_private (noise_multiplier 1.0 and
+    C 1.0 by default)."""
     from torch.utils.data import DataLoader
 
     kwargs.setdefault("noise_multiplier", 1.0)
@@ -66,7 +67,7 @@ def private(model, dataset, batch_size: int, lr: float = 0.1, **kwargs):
     model, optimizer, loader = engine.make_private(
         module=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=lr),
-        data_loader=DataLoader(dataset, batch_size=batch_size),
+        data_loader=DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn),
         **kwargs,
     )
     return engine, model, optimizer, loader

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 import torch_dpfast as dpf
-from tests.helpers import clipped_reference
+from tests.helpers import clipped_reference, private, train_epoch
 from torch_dpfast.ghost import ghost_backward
 
 MODES = ["auto", "auto_fast", "bk", "per_example", "ghost"]
@@ -75,15 +75,17 @@ def test_sequence_first_layers_match_brute_force(mode, padding, gen):
         torch.testing.assert_close(norm_sq[:kept].double(), expected_sq, rtol=1e-9, atol=1e-12)
 
 
-def _text_data(gen, n=40):
-    ids = torch.randint(0, V, (n, T), generator=gen)
-    labels = torch.randint(0, 3, (n,), generator=gen)
+def _sequence_first(batch):
+    """Collates (ids (T,), label) items into ids (T, B) and labels (B,)."""
+    return torch.stack([item[0] for item in batch]).T, torch.stack([item[1] for item in batch])
 
-    def sequence_first(batch):
-        x = torch.stack([item[0] for item in batch]).T  # (T, B)
-        return x, torch.stack([item[1] for item in batch])
 
-    return DataLoader(TensorDataset(ids, labels), batch_size=8, collate_fn=sequence_first)
+def _private_text(model, gen, **kwargs):
+    """make_private over 40 random (T,)-token examples, batched sequence-first (T, B)."""
+    data = TensorDataset(
+        torch.randint(0, V, (40, T), generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    )
+    return private(model, data, 8, collate_fn=_sequence_first, **kwargs)
 
 
 def test_make_private_trains_a_sequence_first_model(gen):
@@ -95,21 +97,10 @@ def test_make_private_trains_a_sequence_first_model(gen):
         def forward(self, ids):  # (T, B) -> (B, 3)
             return self.head(self.embed(ids)).mean(dim=0)
 
-    model = Classifier()
-    engine = dpf.PrivacyEngine()
-    model, optimizer, loader = engine.make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=_text_data(gen),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        batch_first=False,
-        physical_batch_size=4,
+    engine, model, optimizer, loader = _private_text(
+        Classifier(), gen, batch_first=False, physical_batch_size=4
     )
-    for x, y in loader:
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
+    train_epoch(model, optimizer, loader)
     assert len(engine.accountant) > 0
 
 
@@ -117,14 +108,7 @@ def test_sequence_first_data_declared_batch_first_is_refused(gen):
     """Opacus clips per time step when a (T, B) model is declared batch-first; here the
     layers' batch does not match the physical batch and the step says so."""
     model = nn.Sequential(nn.Embedding(V, 4), nn.Linear(4, 3))
-    engine = dpf.PrivacyEngine()
-    model, optimizer, loader = engine.make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=_text_data(gen),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-    )
+    engine, model, optimizer, loader = _private_text(model, gen)
     with pytest.raises((ValueError, RuntimeError), match="batch"):
         for x, y in loader:
             optimizer.zero_grad()

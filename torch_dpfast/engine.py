@@ -254,18 +254,11 @@ class _CaptureProbes(torch.autograd.Function):
         for group in ctx.probes:
             parts = [next(probe_grads) for _ in group]
             parts = [torch.zeros_like(p) if d is None else d for p, d in zip(group, parts)]
-            g_groups.append(_padded_rows(torch.cat(parts, dim=1), ctx.batch))
-        ctx.record.x = tuple(_padded_rows(s.detach(), ctx.batch) for s in ctx.saved)
+            g_groups.append(zero_padded(torch.cat(parts, dim=1), ctx.batch))
+        ctx.record.x = tuple(zero_padded(s.detach(), ctx.batch) for s in ctx.saved)
         ctx.record.g = tuple(g_groups)
         ctx.record.owner._on_backward(ctx.record)
         return (None, None, None, None, *grads)
-
-
-def _padded_rows(t: Tensor, batch: int) -> Tensor:
-    """(rows, ...) -> (batch, ...) with zero rows appended (no-op when rows == batch)."""
-    if t.shape[0] == batch:
-        return t
-    return torch.cat([t, t.new_zeros(batch - t.shape[0], *t.shape[1:])])
 
 
 @contextlib.contextmanager
@@ -771,10 +764,11 @@ def leading_rows(record: _Record, rows: int) -> tuple[object, object]:
 
 
 def zero_padded(per_example: Tensor, batch: int) -> Tensor:
-    """(k,) values of the first k examples -> (batch,), zeros for the rest."""
+    """(k, ...) values of the first k examples -> (batch, ...), zeros for the rest."""
     if per_example.shape[0] == batch:
         return per_example
-    return torch.cat([per_example, per_example.new_zeros(batch - per_example.shape[0])])
+    missing = per_example.new_zeros(batch - per_example.shape[0], *per_example.shape[1:])
+    return torch.cat([per_example, missing])
 
 
 def has_fast_path(rule: Rule) -> bool:
