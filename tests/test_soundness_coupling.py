@@ -118,3 +118,36 @@ def test_a_make_private_loop_refuses_a_coupled_model_at_its_first_forward(gen):
             optimizer.step()
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
     assert len(engine.accountant) == 0
+
+
+class SharedPositions(nn.Module):
+    """Adds a position table looked up with arange(T), no batch dimension: with T equal to the
+    batch size its rows pass dim-0 checks, but each row sums every example's gradient."""
+
+    def __init__(self, batched: bool):
+        super().__init__()
+        self.embed, self.position = nn.Embedding(9, 4), nn.Embedding(6, 4)
+        self.head, self.batched = nn.Linear(4, 2), batched
+
+    def forward(self, ids):
+        positions = torch.arange(ids.shape[1])
+        positions = positions[None] if self.batched else positions
+        return self.head(torch.tanh(self.embed(ids) + self.position(positions))).sum(1)
+
+
+def test_a_table_shared_across_the_batch_is_refused_by_the_backward_probe(gen):
+    ids = torch.randint(0, 9, (6, 6), generator=gen)  # T == B
+    model = SharedPositions(batched=False).double()
+    att = dpf.attach(model)
+    try:
+        with pytest.raises(RuntimeError, match=r"rows of 'position'.*positions\[None\]"):
+            model(ids)
+    finally:
+        att.detach()
+    model = SharedPositions(batched=True).double()  # (1, T): expanded to one row per example
+    att = dpf.attach(model)
+    try:
+        F.cross_entropy(model(ids), torch.zeros(6, dtype=torch.long)).backward()
+        assert att.clip_and_accumulate(1.0).shape == (6,)
+    finally:
+        att.detach()
