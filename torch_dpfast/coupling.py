@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map_only
 
+from . import tracing
 from .explain import check_no_batch_statistics
 from .rules.fallback import batch_dim
 
@@ -180,7 +181,12 @@ def _gradients(model, modules, args, kwargs, bypassed) -> list[tuple[str, Tensor
     handles = [m.register_forward_hook(recorder(path)) for path, m in modules.items()]
     devices = sorted({t.device.index or 0 for t in _tensors((args, kwargs)) if t.is_cuda})
     try:
-        with torch.enable_grad(), bypassed(), torch.random.fork_rng(devices=devices):
+        with (
+            torch.enable_grad(),
+            bypassed(),
+            tracing.probe_log(seen, "outputs"),
+            torch.random.fork_rng(devices=devices),
+        ):
             torch.manual_seed(_SEED)
             out = [t for t in _tensors(model(*args, **kwargs)) if t.requires_grad]
             if not out or not seen:
@@ -207,7 +213,11 @@ def _run(model, modules, args, kwargs) -> tuple[list[tuple[str, Tensor]], list[T
     ]
     devices = sorted({t.device.index or 0 for t in _tensors((args, kwargs)) if t.is_cuda})
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with (
+            torch.no_grad(),
+            tracing.probe_log(seen, "inputs"),
+            torch.random.fork_rng(devices=devices),
+        ):
             torch.manual_seed(_SEED)
             out = model(*args, **kwargs)
     finally:

@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import certify, coupling, losses, materialise_plan, ops
+from . import certify, coupling, losses, materialise_plan, ops, tracing
 from .explain import assign_rules, check_no_batch_statistics
 from .materialise_plan import check_budget
 from .rules import scaled_sum
 from .rules._registry import Rule, in_batch_first_call, leading
 from .rules.fallback import FALLBACK, WINDOW_ATTENTION, _original_forward, batch_dim
+from .rules.traced import FUNCTIONAL_LINEAR, FunctionalLinear
 
 CLIPPING_MODES = ("auto", "bk", "per_example", "ghost")
 _NORM_METHOD = {"auto": "auto", "bk": "ghost"}
@@ -324,6 +325,7 @@ class Attachment:
     _leaked: set[str] = field(default_factory=set)  # parameters that got an ordinary gradient
     _anchor: Tensor = field(default_factory=lambda: torch.empty(0, requires_grad=True))
     _param_ids: frozenset = frozenset()  # ids of the parameters attached (for attachments_of)
+    _names: dict = field(default_factory=dict)  # id(parameter) -> its name in the model
 
     def parameters(self) -> list[nn.Parameter]:
         """The trainable parameters whose gradients this attachment makes private."""
@@ -654,26 +656,32 @@ def to_batch_first(record: _Record) -> None:
 
 def check_batch(record: _Record, batch: int, mask: Tensor | None) -> None:
     """Every layer must see the batch of B examples in dim 0 (B = the mask's length), or k B
-    rows, example-major (example i owns rows i k .. i k + k - 1): window attention (timm's
-    Swin; ``record.fold`` becomes k for the fallback), and position-wise layers fed a flattened
-    (B T, d) batch (OPT's MLP), whose x and g are then viewed as (B, k, ...). The independence
-    probe checks the example-major order on the first forward (coupling.py)."""
+    rows, example-major (example i owns rows i k .. i k + k - 1): position-wise layers fed a
+    flattened (B T, d) batch (OPT's MLP) get x and g viewed as (B, k, ...) (their fast path
+    stays); any other layer (LeViT's norms on flattened tokens, timm Swin's window attention
+    under the fallback) gets ``record.fold = k``: its per-row gradients are materialised and
+    summed over each example's k rows. The independence probe checks the example-major order
+    on the first forward (coupling.py)."""
     rows = record.batch
     if rows != batch:
-        position_wise = getattr(record.rule, "position_wise", False)
-        window = record.rule is FALLBACK and isinstance(record.module, WINDOW_ATTENTION)
-        if rows % batch or not (window or position_wise):
+        if rows % batch:
             raise ValueError(
                 f"layers saw different batch sizes ({batch} and {rows}, the latter in "
                 f"{type(record.module).__name__}); per-example clipping needs dim 0 of every "
-                "layer input to be the batch (or k B rows, example-major, for position-wise "
-                "layers): the model must take its inputs batch first, or be made private with "
-                "batch_first=False if it is sequence-first"
+                "layer input to be the batch (or k B rows, example-major): the model must take "
+                "its inputs batch first, or be made private with batch_first=False if it is "
+                "sequence-first"
             )
-        if window:
-            record.fold = rows // batch
-        else:
+        if getattr(record.rule, "position_wise", False):
             record.x, record.g = _unfolded(record.x, batch), _unfolded(record.g, batch)
+        elif record.rule is FALLBACK and not isinstance(record.module, WINDOW_ATTENTION):
+            raise ValueError(
+                f"{type(record.module).__name__} saw {rows} rows for a batch of {batch}: the "
+                "generic fallback runs one example at a time and needs each example's rows; "
+                "give the module a rule (torch_dpfast.rules.register_rule)"
+            )
+        else:
+            record.fold = rows // batch
     if mask is not None and mask.shape != (batch,):
         raise ValueError(
             f"the layers saw a batch of {batch} examples in dim 0, but the physical batch has "
@@ -688,13 +696,15 @@ def _unfolded(t: Tensor, batch: int) -> Tensor:
 
 def plain_records(records: list[_Record]) -> list[_Record]:
     """The layer calls that can take their rule's fast path: a rule of their own (not the
-    fallback) and parameters used by no other call. The others materialise per-example
-    gradients, summed over the uses."""
+    fallback), one row per example, and parameters used by no other call. The others
+    materialise per-example gradients, summed over the uses."""
     uses = Counter(id(p) for r in records for p in r.params.values())
     return [
         r
         for r in records
-        if r.rule is not FALLBACK and all(uses[id(p)] == 1 for p in r.params.values())
+        if r.rule is not FALLBACK
+        and r.fold == 1
+        and all(uses[id(p)] == 1 for p in r.params.values())
     ]
 
 
@@ -799,6 +809,11 @@ def _materialise_one(r: _Record, buffers, rows: int, per_example: dict) -> None:
         _check_examples_independent(r, grads)
     elif id(r) in buffers:
         grads = r.rule.per_example_grads(r.module, *leading_rows(r, rows), out=buffers[id(r)])
+    elif r.fold > 1:  # per row, then summed over each example's rows
+        grads = {
+            name: grad.reshape(-1, r.fold, *grad.shape[1:]).sum(dim=1)
+            for name, grad in r.rule.per_example_grads(r.module, r.x, r.g).items()
+        }
     else:
         grads = r.rule.per_example_grads(r.module, r.x, r.g)
     for name, grad in grads.items():
@@ -903,15 +918,29 @@ def _bind(module: nn.Module, body):
     original = module.forward
     rule_params = body.rule.parameters
     broadcast = isinstance(body, _IOCapture)
+    traced = isinstance(body, _UseCapture)
 
     def forward(self, *args, **kwargs):
+        if traced and tracing.probe_logging() is not None:
+            return body.probed(original, args, kwargs)
         if not torch.is_grad_enabled():
             return original(*args, **kwargs)
         if broadcast:
             args = body.attachment.broadcast(args)
         if _BYPASS.get():
             return original(*args, **kwargs)
-        return body(self, original, rule_params(self), args, kwargs)
+        tracer = tracing.active()
+        if tracer is None or tracer.suspended or traced:
+            return body(self, original, rule_params(self), args, kwargs)
+        # Called inside a traced module's forward: on constants (a bias table's MLP), the layer
+        # is part of a derivation; on the batch, or on B rows of constants (EdgeNeXt's position
+        # encoding of shape (B, ...)), it is captured as usual (the probe checks the rows).
+        if not tracer.carries_batch((args, kwargs), rows=True):
+            return original(*args, **kwargs)
+        with tracer.suspend():
+            out = body(self, original, rule_params(self), args, kwargs)
+        tracer.mark_batch(out)
+        return out
 
     return types.MethodType(torch.compiler.disable(forward), module)
 
@@ -1032,7 +1061,75 @@ class _ParameterCapture:
             module._parameters.update(saved)
 
 
+@dataclass
+class _UseCapture:
+    """For modules traced by parameter use (rules/traced.py, tracing.py): the forward runs on
+    the whole batch under a UseTracer; a traced module called inside another's forward is part
+    of that trace."""
+
+    attachment: Attachment
+    rule: Rule
+    path: str
+    _linears: dict = field(default_factory=dict)  # (id(W), id(b)) -> FunctionalLinear
+
+    def __call__(self, module, original, params, args, kwargs):
+        outer = tracing.active()
+        if outer is not None and not outer.suspended:
+            return original(*args, **kwargs)
+        attachment = self.attachment
+        batch = attachment.forward_batch or coupling.batch_size(args, kwargs) or 1
+        tracer = tracing.UseTracer(
+            self.path, batch, attachment._param_ids, attachment._names, self.linear
+        )
+        tracer.mark_batch((args, kwargs))
+        with tracer.scope():
+            out = original(*args, **kwargs)
+        out = tracer.finish(out)
+        trace = tracer.trace
+        if trace.params:
+            device = next(iter(trace.params.values())).device
+            marker = torch.empty(batch, 0, device=device)  # the record's batch (B rows)
+            attachment.record(module, self.rule, trace.parameters(), x=trace, g=marker)
+        return out
+
+    def probed(self, original, args, kwargs):
+        """One of the independence probe's runs: the forward unchanged, under a tracer that
+        logs what each use of a parameter assigns to examples (tracing.probe_log)."""
+        outer = tracing.active()
+        if outer is not None and not outer.suspended:
+            return original(*args, **kwargs)
+        attachment = self.attachment
+        batch = attachment.forward_batch or coupling.batch_size(args, kwargs) or 1
+        tracer = tracing.UseTracer(
+            self.path,
+            batch,
+            attachment._param_ids,
+            attachment._names,
+            log=tracing.probe_logging(),
+        )
+        tracer.mark_batch((args, kwargs))
+        with tracer.scope():
+            return original(*args, **kwargs)
+
+    def linear(self, x: Tensor, weight: nn.Parameter, bias: nn.Parameter | None) -> Tensor:
+        """F.linear on parameters, captured as a linear layer (rules/traced.FunctionalLinear)."""
+        key = (id(weight), id(bias))
+        layer = self._linears.get(key)
+        if layer is None or layer.weight is not weight or layer.bias is not bias:
+            layer = self._linears[key] = FunctionalLinear(weight, bias)
+        params = FUNCTIONAL_LINEAR.parameters(layer)
+        record = self.attachment.record(layer, FUNCTIONAL_LINEAR, params)
+        detached_bias = None if bias is None else bias.detach()
+
+        def call(x_in):
+            return torch.nn.functional.linear(x_in, weight.detach(), detached_bias)
+
+        rows = self.attachment.forward_rows(x)
+        return _Capture.apply(x, self.attachment._anchor, call, record, rows)
+
+
 _CAPTURES = {
+    "uses": _UseCapture,
     "io": _IOCapture,
     "call": _CallCapture,
     "projections": _ProjectionCapture,
@@ -1089,7 +1186,8 @@ def attach(
         materialise_bytes=check_budget(materialise_bytes),
         batch_first=batch_first,
     )
-    for path, (module, rule) in assign_rules(model).items():
+    attachment._names = {id(p): n for n, p in model.named_parameters()}
+    for path, (module, rule) in assign_rules(model, traced=batch_first).items():
         kind = getattr(rule, "capture", "io")
         if kind == "parameters":
             rule.check(module)
@@ -1115,7 +1213,7 @@ def attach(
                 model, attachment.modules, lambda: _batch_of(hint), bypassed, batch_first
             )
         )
-    names = {id(p): n for n, p in model.named_parameters()}
+    names = attachment._names
     attachment._param_ids = frozenset(id(p) for p in attachment.parameters())
     for p in attachment.parameters():
         p.summed_grad = None

@@ -20,6 +20,7 @@ from .materialise_plan import check_budget
 from .rules import rule_for
 from .rules._registry import Rule
 from .rules.fallback import FALLBACK
+from .rules.traced import TRACED
 
 
 def is_batch_norm(module: nn.Module) -> bool:
@@ -49,9 +50,11 @@ def batch_norm_message(path: str, module: nn.Module) -> str:
     )
 
 
-def assign_rules(model: nn.Module) -> dict[str, tuple[nn.Module, Rule]]:
+def assign_rules(model: nn.Module, traced: bool = True) -> dict[str, tuple[nn.Module, Rule]]:
     """{path: (module, rule)} for every module that owns trainable parameters: its registered
-    rule, or the generic fallback, which then covers the module's whole subtree. A rule with
+    rule, or else the parameter-use tracer (rules/traced.py; its children keep their own
+    rules). With ``traced=False`` (sequence-first models, whose batch is not in dim 0) the
+    generic fallback takes a module without a rule, and covers its whole subtree. A rule with
     ``subtree = True`` (Opacus's DPLSTM, whose weights live in its cells) covers its subtree
     too.
 
@@ -72,8 +75,11 @@ def assign_rules(model: nn.Module) -> dict[str, tuple[nn.Module, Rule]]:
         if rule is None:
             if is_batch_norm(module):
                 raise NotImplementedError(batch_norm_message(path, module))
-            rule = FALLBACK
-            covered.append(path)
+            if traced:
+                rule = TRACED
+            else:
+                rule = FALLBACK
+                covered.append(path)
         assigned[path] = (module, rule)
     return assigned
 

@@ -56,7 +56,7 @@ class _GhostPass:
 
     def on_backward(self, record: _Record) -> None:
         check_batch(record, self.batch, self.mask)
-        if id(record) not in self.plain:
+        if id(record) not in self.plain or record.fold > 1:
             if self.stage == 1:
                 self.kept.append(record)
             return
@@ -110,7 +110,9 @@ def ghost_backward(
     records = list(attachment._records)
     mask = attachment.take_mask()
     batch = losses.shape[0]
-    by_parameter = [r for r in records if getattr(r.rule, "capture", "io") == "parameters"]
+    by_parameter = [
+        r for r in records if getattr(r.rule, "capture", "io") in ("parameters", "uses")
+    ]
     # A rule's own norm_sq counts only with the bound that certifies it (certify.py); one
     # without is materialised, as in book-keeping.
     plain = {
@@ -125,8 +127,7 @@ def ghost_backward(
         attachment.check_no_leaks()
         per_example = materialise(state.kept + by_parameter)
         for r in by_parameter:  # pass 2 must not add into the per-example leaves read above
-            for leaf in r.x.values():
-                leaf.grad = None
+            r.rule.reset(r.x)
         parts = (
             [ops.per_example_norm_sq([g for _, g in per_example.values()])] if per_example else []
         )

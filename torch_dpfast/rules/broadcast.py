@@ -37,6 +37,11 @@ class BroadcastParameterRule(Rule):
             for name, p in self.parameters(module).items()
         }
 
+    def reset(self, leaves: dict[str, Tensor]) -> None:
+        """Drops the leaves' gradients (between ghost clipping's two passes)."""
+        for leaf in leaves.values():
+            leaf.grad = None
+
     def per_example_grads(self, module, leaves: dict[str, Tensor], g=None):
         out = {}
         for name, leaf in leaves.items():
