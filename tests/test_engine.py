@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_dpfast as dpf
+from tests.helpers import clipped_reference
 from torch_dpfast.ghost import ghost_backward
 
 # "auto" on CPU materialises the linear layers (materialise_plan.py); "auto_fast" is auto with
@@ -118,8 +119,8 @@ def _timm_vit():
 
 
 class RootOwned(nn.Module):
-    """The root owns a parameter and has no rule: the fallback covers the whole model, its
-    children included (they must not be captured a second time)."""
+    """The root owns a parameter and has no rule: its forward is traced (the parameter's use
+    gets per-example copies), its children keep their own rules."""
 
     def __init__(self):
         super().__init__()
@@ -745,25 +746,27 @@ def test_a_parameter_used_outside_its_layer_is_an_error(gen):
     att.detach()
 
 
-def test_the_fallback_refuses_modules_that_couple_examples(gen):
-    class BatchCentred(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.weight = nn.Parameter(torch.randn(4, dtype=torch.float64))
+class _BatchCentred(nn.Module):
+    """No rule (traced); every example sees the others through the batch mean."""
 
-        def forward(self, x):
-            return (x - x.mean(dim=0)) * self.weight  # every example sees the others
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, dtype=torch.float64))
 
-    model = nn.Sequential(BatchCentred(), nn.Linear(4, 2)).double()
-    att = dpf.attach(model, probe_coupling=False)  # the probe would refuse it at the forward
-    F.cross_entropy(model(torch.randn(5, 4, dtype=torch.float64)), torch.zeros(5).long()).backward()
+    def forward(self, x):
+        return (x - x.mean(dim=0)) * self.weight
+
+
+def test_a_traced_module_that_couples_examples_is_refused_by_the_probe():
+    model = nn.Sequential(_BatchCentred(), nn.Linear(4, 2)).double()
+    att = dpf.attach(model)
     with pytest.raises(RuntimeError, match="couples the examples of a batch"):
-        att.clip_and_accumulate(1.0)
+        model(torch.randn(5, 4, dtype=torch.float64))
     att.detach()
 
 
 class _TwoOutputs(nn.Module):
-    """No rule: goes through the fallback, which clips through the first output only."""
+    """No rule (traced): two outputs, both computed from the parameter."""
 
     def __init__(self):
         super().__init__()
@@ -774,13 +777,26 @@ class _TwoOutputs(nn.Module):
         return y, y.sum(dim=-1)
 
 
-def test_the_fallback_refuses_gradients_through_secondary_outputs():
+def test_a_traced_module_is_clipped_through_all_its_outputs(gen):
     module = _TwoOutputs()
-    att = dpf.attach(module)
-    out, aux = module(torch.randn(3, 4, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="output 2"):
-        (out.sum() + aux.sum()).backward()
+    x = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+
+    def losses(m, rows):
+        out, aux = m(rows)
+        return out.sin().sum(dim=1) + aux.cos()
+
+    per_example = []
+    for i in range(3):
+        module.zero_grad()
+        losses(module, x[i : i + 1]).sum().backward()
+        per_example.append(module.weight.grad.clone())
+    expected, expected_sq = clipped_reference(torch.stack(per_example), 0.3)
+    att = dpf.attach(module, loss_reduction="sum")
+    losses(module, x).sum().backward()
+    norm_sq = att.clip_and_accumulate(0.3)
     att.detach()
+    torch.testing.assert_close(module.weight.summed_grad, expected)
+    torch.testing.assert_close(norm_sq, expected_sq)
 
 
 MHA_CONFIGS = {
@@ -874,13 +890,14 @@ def test_explain_reports_the_rules_and_the_fallback():
     rules = {r["parameter"]: r["rule"] for r in rows}
     assert rules["blocks.0.attn.rel_pos.relative_position_bias_table"] == "GatheredBiasRule"
     assert "FallbackRule" not in rules.values()
-    rules = {r["parameter"]: r["rule"] for r in dpf.explain(RootOwned(), torch.randn(2, 5)).rows}
-    assert set(rules.values()) == {"FallbackRule"} and "body.0.weight" in rules
-    model = nn.Sequential(_TwoOutputs(), nn.Identity())
+    rows = {r["parameter"]: r for r in dpf.explain(RootOwned(), torch.randn(2, 5)).rows}
+    assert rows["scale"]["rule"] == "TracedRule"
+    assert rows["scale"]["method"] == "per-example copies (mul)"
+    assert rows["body.0.weight"]["rule"] == "LinearRule"  # a child keeps its rule
     rows = dpf.explain(
-        nn.Sequential(nn.Linear(4, 4).double(), model[0]), torch.randn(2, 4).double()
+        nn.Sequential(nn.Linear(4, 4).double(), _TwoOutputs()), torch.randn(2, 4).double()
     ).rows
-    assert {r["rule"] for r in rows} == {"LinearRule", "FallbackRule"}
+    assert {r["rule"] for r in rows} == {"LinearRule", "TracedRule"}
 
 
 def test_relpos_attention_takes_its_unfused_path_only_while_attached():

@@ -83,12 +83,17 @@ def install(
     batch_hint=lambda: None,
     bypassed=contextlib.nullcontext,
     batch_first: bool = True,
+    retrace=lambda paths: False,
 ):
     """Runs :func:`probe` on the first forward of ``model`` that qualifies; returns the hook
     handle (removed once the probe ran). ``batch_hint()`` gives the batch size when it is known
     (a make_private loader's physical batch), else None: then it is dim 0 of the first tensor
     argument. ``bypassed()`` makes the captured layers run their original forwards while
-    gradients are on (for the backward probe)."""
+    gradients are on (for the backward probe). ``retrace(paths)`` is told of the captured
+    layers that the first run saw called on constants rather than on the batch (T5's
+    relative-position embedding, looked up with bucket ids (Q, K)); it returns whether it
+    changed how the model is captured (engine: their callers are traced), and the probe then
+    runs again."""
 
     def hook(module, args, kwargs):
         if not torch.is_grad_enabled():
@@ -101,8 +106,8 @@ def install(
         token = _PROBING.set(True)
         layout = Layout(batch, known is not None, batch_first)
         try:
-            probe(model, modules, args, kwargs, layout)
-            probe_gradients(model, modules, args, kwargs, layout, bypassed)
+            constants = probe(model, modules, args, kwargs, layout, retrace)
+            probe_gradients(model, modules, args, kwargs, layout, bypassed, constants)
         finally:
             _PROBING.reset(token)
 
@@ -111,7 +116,14 @@ def install(
     return handle
 
 
-def probe(model: nn.Module, modules: dict[str, nn.Module], args, kwargs, layout: Layout) -> None:
+def probe(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    args,
+    kwargs,
+    layout: Layout,
+    retrace=lambda paths: False,
+) -> set[str]:
     """Raises if example ``PROBE_ROW`` of the batch moves another example's layer inputs or
     outputs (module docstring). BatchNorm with batch statistics is named first, before any
     forward (which would also update its running statistics)."""
@@ -120,6 +132,10 @@ def probe(model: nn.Module, modules: dict[str, nn.Module], args, kwargs, layout:
     changed_args, changed_kwargs = _perturbed((args, kwargs), layout)
     clean = _run(model, modules, args, kwargs)
     changed = _run(model, modules, changed_args, changed_kwargs)
+    constants = _on_constants(clean[0], changed[0], layout, modules)
+    if layout.batch_first and retrace(constants):
+        clean = _run(model, modules, args, kwargs)
+        changed = _run(model, modules, changed_args, changed_kwargs)
     for (path, a), (_, b) in zip(clean[0], changed[0]):
         if _others_moved(a, b, batch, layout.layer_dim(modules[path], a)):
             raise RuntimeError(
@@ -140,17 +156,20 @@ def probe(model: nn.Module, modules: dict[str, nn.Module], args, kwargs, layout:
                 "statistics). Per-example clipping cannot bound such a model; make every "
                 "example's computation independent"
             )
+    return set(constants)
 
 
-def probe_gradients(model: nn.Module, modules, args, kwargs, layout: Layout, bypassed) -> None:
+def probe_gradients(
+    model: nn.Module, modules, args, kwargs, layout: Layout, bypassed, constants=frozenset()
+) -> None:
     """Raises if example ``PROBE_ROW`` moves another row of a captured layer's output
     gradient g (the gradient of L = sum_k <out_k, R_k> over the model's outputs, R fixed):
     for a layer whose rows are examples, row j of g depends on example j only. A layer whose
     output the model shares across the batch (a table indexed by positions (T,) and broadcast,
     with T equal to B by chance) has rows that sum every example's gradient."""
     changed_args, changed_kwargs = _perturbed((args, kwargs), layout)
-    clean = _gradients(model, modules, args, kwargs, bypassed)
-    changed = _gradients(model, modules, changed_args, changed_kwargs, bypassed)
+    clean = _gradients(model, modules, args, kwargs, bypassed, constants)
+    changed = _gradients(model, modules, changed_args, changed_kwargs, bypassed, constants)
     for (path, a), (_, b) in zip(clean, changed):
         if _others_moved(a, b, layout.batch, layout.layer_dim(modules[path], a)):
             raise RuntimeError(
@@ -164,7 +183,21 @@ def probe_gradients(model: nn.Module, modules, args, kwargs, layout: Layout, byp
             )
 
 
-def _gradients(model, modules, args, kwargs, bypassed) -> list[tuple[str, Tensor]]:
+def _on_constants(clean: list, changed: list, layout: Layout, modules) -> list[str]:
+    """Paths of the layer calls whose input is not the batch: no B or k B rows in its batch
+    dim (nor one row broadcast over the batch), or not moved at all by the changed example."""
+    found = []
+    for (path, a), (_, b) in zip(clean, changed):
+        dim = layout.layer_dim(modules[path], a)
+        rows = a.shape[dim] if dim < a.dim() else 0
+        if rows == 0 or (rows % layout.batch and rows != 1):
+            found.append(path)
+        elif a.shape == b.shape and rows != 1 and not _moved(a, b).any():
+            found.append(path)
+    return found
+
+
+def _gradients(model, modules, args, kwargs, bypassed, constants) -> list[tuple[str, Tensor]]:
     """[(path, output gradient)] of every captured layer call whose output needs one, for
     L = sum_k <out_k, R_k> with R_k seeded normals: a plain graph (``bypassed``), dropout
     drawn from one seed, no parameter's .grad touched (autograd.grad to the outputs only)."""
@@ -173,6 +206,8 @@ def _gradients(model, modules, args, kwargs, bypassed) -> list[tuple[str, Tensor
     def recorder(path):
         def record(module, inputs, out):
             first = next(iter(_tensors(out)), None)
+            if path in constants:
+                return  # a layer on constants: its caller is traced (probe, retrace)
             if first is not None and first.requires_grad:
                 seen.append((path, first))
 

@@ -29,7 +29,7 @@ from .materialise_plan import check_budget
 from .rules import scaled_sum
 from .rules._registry import Rule, in_batch_first_call, leading
 from .rules.fallback import FALLBACK, WINDOW_ATTENTION, _original_forward, batch_dim
-from .rules.traced import FUNCTIONAL_LINEAR, FunctionalLinear
+from .rules.traced import FUNCTIONAL_LINEAR, TRACED, FunctionalLinear
 
 CLIPPING_MODES = ("auto", "bk", "per_example", "ghost")
 _NORM_METHOD = {"auto": "auto", "bk": "ghost"}
@@ -420,6 +420,26 @@ class Attachment:
         self.take_mask()
         _live.discard(self)
 
+    def trace_callers(self, paths: list[str]) -> bool:
+        """Layers called on constants rather than the batch (``paths``, found by the probe's
+        first run): their output is shared by the examples, so the nearest module above them
+        without a rule of its own is traced (rules/traced.py): the layer becomes part of a
+        derivation, and its gradient is assigned per example where the shared output meets
+        the batch. Returns whether any module was newly traced."""
+        changed = False
+        for path in dict.fromkeys(paths):
+            caller = path.rpartition(".")[0] if path else None
+            while caller is not None and caller in self.rules and self.rules[caller] is not TRACED:
+                caller = caller.rpartition(".")[0] if caller else None
+            if caller is None or caller in self.rules:  # nothing above, or traced already
+                continue
+            module = self.model.get_submodule(caller)
+            module.forward = _bind(module, _UseCapture(self, TRACED, caller))
+            self.modules[caller] = module
+            self.rules[caller] = TRACED
+            changed = True
+        return changed
+
     def clip_and_accumulate(self, max_grad_norm: float) -> Tensor:
         """Clips each example's gradient over all attached parameters to norm ``max_grad_norm``
         and adds sum_i c_i g_i to ``p.summed_grad``. Returns the (B,) squared norms (after the
@@ -453,7 +473,7 @@ class Attachment:
                 "optimizer.step(); call optimizer.step() after the backward of every physical "
                 "batch (it only clips and accumulates until the logical batch is complete)"
             )
-        # (records of the "parameters" capture have no backward of their own: task -1)
+        # (records of traced uses have no backward of their own: task -1)
         if not batch_started and len({r.task for r in records if r.task >= 0}) > 1:
             raise RuntimeError(
                 "torch_dpfast: several backward() calls reached one optimizer.step() on batches "
@@ -923,6 +943,9 @@ def _bind(module: nn.Module, body):
     def forward(self, *args, **kwargs):
         if traced and tracing.probe_logging() is not None:
             return body.probed(original, args, kwargs)
+        tracer = tracing.active()
+        if tracer is not None and tracer.log is not None and not tracer.suspended and not traced:
+            return _probed_layer(tracer, original, args, kwargs)
         if not torch.is_grad_enabled():
             return original(*args, **kwargs)
         if broadcast:
@@ -943,6 +966,17 @@ def _bind(module: nn.Module, body):
         return out
 
     return types.MethodType(torch.compiler.disable(forward), module)
+
+
+def _probed_layer(tracer, original, args, kwargs):
+    """A layer with a rule, called in a traced module during the probe's runs: on the batch it
+    is no use of the tracer's (its output is batch); on constants, part of a derivation."""
+    if not tracer.carries_batch((args, kwargs), rows=True):
+        return original(*args, **kwargs)
+    with tracer.suspend():
+        out = original(*args, **kwargs)
+    tracer.mark_batch(out)
+    return out
 
 
 @dataclass
@@ -1037,31 +1071,6 @@ class _ProbeCapture(_ProjectionCapture):
 
 
 @dataclass
-class _ParameterCapture:
-    """For rules with ``capture = "parameters"``: the module's own parameters are replaced by
-    per-example leaves for the duration of its forward (see rules/broadcast.py)."""
-
-    attachment: Attachment
-    rule: Rule
-    path: str
-
-    def __call__(self, module, original, params, args, kwargs):
-        if not args or not isinstance(args[0], Tensor):
-            raise TypeError(
-                f"torch_dpfast: {self.path!r} ({type(module).__name__}) must get the batch as its "
-                "first positional argument"
-            )
-        leaves = self.rule.expand(module, args[0].shape[0])
-        self.attachment.record(module, self.rule, params, x=leaves, g=args[0])
-        saved = {n: module._parameters[n] for n in leaves}
-        try:
-            module._parameters.update(leaves)
-            return original(*args, **kwargs)
-        finally:
-            module._parameters.update(saved)
-
-
-@dataclass
 class _UseCapture:
     """For modules traced by parameter use (rules/traced.py, tracing.py): the forward runs on
     the whole batch under a UseTracer; a traced module called inside another's forward is part
@@ -1133,7 +1142,6 @@ _CAPTURES = {
     "io": _IOCapture,
     "call": _CallCapture,
     "projections": _ProjectionCapture,
-    "parameters": _ParameterCapture,
     "probes": _ProbeCapture,
 }
 
@@ -1189,8 +1197,6 @@ def attach(
     attachment._names = {id(p): n for n, p in model.named_parameters()}
     for path, (module, rule) in assign_rules(model, traced=batch_first).items():
         kind = getattr(rule, "capture", "io")
-        if kind == "parameters":
-            rule.check(module)
         module.forward = _bind(module, _CAPTURES[kind](attachment, rule, path))
         adapt = getattr(rule, "adapt", None)
         restore = adapt(model, path, module) if adapt is not None else None
@@ -1210,7 +1216,12 @@ def attach(
         hint = weakref.ref(attachment)
         attachment._hooks.append(
             coupling.install(
-                model, attachment.modules, lambda: _batch_of(hint), bypassed, batch_first
+                model,
+                attachment.modules,
+                lambda: _batch_of(hint),
+                bypassed,
+                batch_first,
+                attachment.trace_callers,
             )
         )
     names = attachment._names

@@ -10,6 +10,7 @@ rejected with a message naming the module and the fix.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -115,15 +116,19 @@ class Explanation:
 
 def explain(
     model: nn.Module,
-    example_input,
+    example_input=(),
     clipping: str = "auto",
     materialise_bytes: int = materialise_plan.DEFAULT_MATERIALISE_BYTES,
+    kwargs: dict | None = None,
 ) -> Explanation:
     """Per-parameter plan of how ``attach(model, clipping, materialise_bytes=...)`` will clip,
-    from one forward of ``example_input`` (a tensor, or a tuple of positional arguments) whose
-    batch is a physical batch of real rows: with ``clipping="auto"`` on CPU, the layers that
-    will be materialised within ``materialise_bytes`` show ``"materialised"`` (and the cost of
-    their sums of squares).
+    from one forward of ``example_input`` (a tensor, or a tuple of positional arguments; keyword
+    arguments in ``kwargs``, e.g. ``attention_mask=`` for transformers models) whose batch is a
+    physical batch of real rows: with ``clipping="auto"`` on CPU, the layers that will be
+    materialised within ``materialise_bytes`` show ``"materialised"`` (and the cost of their
+    sums of squares). Parameters of modules without a rule show how the parameter-use tracer
+    (tracing.py) takes each of their uses: ``per-example copies (op)``, ``F.linear (linear
+    rule)``, or ``fallback: vmap (op)`` for uses run one example at a time (exact, slower).
 
     Raises:
         NotImplementedError: a BatchNorm owns trainable parameters (no per-example gradient).
@@ -141,13 +146,16 @@ def explain(
         return hook
 
     hooks = [module.register_forward_hook(record(path)) for path, module in owners.items()]
+    uses: list = []
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    kwargs = kwargs or {}
     try:
-        args = example_input if isinstance(example_input, tuple) else (example_input,)
-        with torch.no_grad():
-            model(*args)
+        with torch.no_grad(), _traced(model, rules, owners, args, kwargs, uses):
+            model(*args, **kwargs)
     finally:
         for hook in hooks:
             hook.remove()
+    traced = _traced_methods(uses)
     materialised = _materialised(rules, owners, seen, clipping, check_budget(materialise_bytes))
     rows = []
     for path, module in owners.items():
@@ -158,6 +166,8 @@ def explain(
         elif path in seen:
             method, macs = rule.plan(module, *seen[path], clipping)
         for p in rule.parameters(module).values():
+            if id(p) in traced:
+                method, macs = traced[id(p)], None
             rows.append(
                 dict(
                     parameter=names[id(p)],
@@ -184,3 +194,87 @@ def _materialised(rules, owners, seen, clipping, budget) -> dict[str, int]:
                 candidates[path] = c
     chosen = materialise_plan.choose(list(candidates.values()), budget)
     return {path: candidates[path].values for path in chosen}
+
+
+@contextlib.contextmanager
+def _traced(model, rules, owners, args, kwargs, uses: list):
+    """The traced modules' forwards run under use-logging tracers (tracing.probe_log) that
+    append their uses to ``uses``."""
+    from . import coupling, tracing
+
+    batch = coupling.batch_size(args, kwargs) or 1
+    param_ids = frozenset(id(p) for p in model.parameters() if p.requires_grad)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scopes: list = []
+
+    def enter(path):
+        def pre(module, inputs):
+            if tracing.active() is not None:
+                scopes.append(None)
+                return
+            tracer = tracing.UseTracer(path, batch, param_ids, names, log=(uses, "uses"))
+            tracer.mark_batch(inputs)
+            scope = tracer.scope()
+            scope.__enter__()
+            scopes.append(scope)
+
+        return pre
+
+    def leave(module, inputs, out):
+        scope = scopes.pop()
+        if scope is not None:
+            scope.__exit__(None, None, None)
+
+    def layer_in(module, inputs):  # a layer with a rule, on the batch: captured, not traced
+        tracer = tracing.active()
+        captured = tracer is not None and not tracer.suspended
+        captured = captured and tracer.carries_batch(inputs, rows=True)
+        layers.append(tracer if captured else None)
+        if captured:
+            tracer.suspended += 1
+
+    def layer_out(module, inputs, out):
+        tracer = layers.pop()
+        if tracer is not None:
+            tracer.suspended -= 1
+            tracer.mark_batch(out)
+
+    layers: list = []
+    handles = []
+    for path, module in owners.items():
+        if rules[path] is TRACED:
+            handles.append(module.register_forward_pre_hook(enter(path)))
+            handles.append(module.register_forward_hook(leave))
+        else:
+            handles.append(module.register_forward_pre_hook(layer_in))
+            handles.append(module.register_forward_hook(layer_out))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        while scopes:  # a forward that raised leaves its scopes open
+            scope = scopes.pop()
+            if scope is not None:
+                scope.__exit__(None, None, None)
+
+
+_USE_METHOD = {
+    "broadcast": "per-example copies ({ops})",
+    "linear": "F.linear (linear rule)",
+    "vmap": "fallback: vmap ({ops})",
+}
+
+
+def _traced_methods(uses: list) -> dict[int, str]:
+    """{id(parameter): method} from the logged uses: each kind of use with its ops."""
+    kinds: dict[int, dict[str, list[str]]] = {}
+    for _, op, kind, params in uses:
+        for key in params:
+            ops_of_kind = kinds.setdefault(key, {}).setdefault(kind, [])
+            if op not in ops_of_kind:
+                ops_of_kind.append(op)
+    return {
+        key: ", ".join(_USE_METHOD[kind].format(ops=", ".join(ops)) for kind, ops in found.items())
+        for key, found in kinds.items()
+    }

@@ -110,9 +110,7 @@ def ghost_backward(
     records = list(attachment._records)
     mask = attachment.take_mask()
     batch = losses.shape[0]
-    by_parameter = [
-        r for r in records if getattr(r.rule, "capture", "io") in ("parameters", "uses")
-    ]
+    by_parameter = [r for r in records if getattr(r.rule, "capture", "io") == "uses"]
     # A rule's own norm_sq counts only with the bound that certifies it (certify.py); one
     # without is materialised, as in book-keeping.
     plain = {

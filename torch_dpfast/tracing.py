@@ -198,6 +198,7 @@ class UseTracer(TorchFunctionMode):
         self.linear = linear
         self.batch_tensors: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.derived: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self.origin: dict[int, set[int]] = {}  # id(derived tensor) -> ids of its parameters
         self.suspended = 0
         self._token = None
 
@@ -249,6 +250,10 @@ class UseTracer(TorchFunctionMode):
 
     def _is_derived(self, t: Tensor) -> bool:
         return self.derived.get(id(t)) is t
+
+    def _origins(self, t: Tensor) -> set[int]:
+        """ids of the parameters an owned tensor comes from."""
+        return {id(t)} if self._is_param(t) else self.origin.get(id(t), set())
 
     # -- the mode ------------------------------------------------------------------------
 
@@ -305,6 +310,8 @@ class UseTracer(TorchFunctionMode):
             shape = _out_shape(func, leaves, spec)
             if shape is not None and shape and shape[0] % self.trace.batch == 0:
                 if leaves[0].dim() < len(shape) or leaves[0].shape[0] == 1:
+                    if self.log is not None:
+                        return self._logged(func, leaves, spec, owned, [], "broadcast")
                     return self._broadcast(func, leaves, spec, owned, torch.Size(shape))
         swapped = list(leaves)
         for k in owned:
@@ -312,27 +319,38 @@ class UseTracer(TorchFunctionMode):
                 swapped[k] = self._root(leaves[k])
         args, kwargs = tree_unflatten(swapped, spec)
         out = func(*args, **kwargs)
+        origins = set().union(*(self._origins(leaves[k]) for k in owned))
         for t in tree_flatten(out)[0]:
             if isinstance(t, Tensor) and (t.requires_grad or self.log is not None):
                 self.derived[id(t)] = t
+                self.origin[id(t)] = origins
         if batched:
             self.mark_batch(out)
         return out
 
     def _use(self, func, leaves, spec, owned, rows):
+        kind, shape = self._kind(func, leaves, spec, owned)
         if self.log is not None:
-            return self._logged(func, leaves, spec, rows)
-        name = _name(func)
-        if name == "linear" and self.linear is not None:
+            return self._logged(func, leaves, spec, owned, rows, kind)
+        if kind == "linear":
             return self._linear(func, leaves, spec)
+        if kind == "broadcast":
+            return self._broadcast(func, leaves, spec, owned, shape)
+        return self._vmap(func, leaves, spec, owned, rows)
+
+    def _kind(self, func, leaves, spec, owned) -> tuple[str, torch.Size | None]:
+        """How a use is made per example: "linear", "broadcast" (with the shape its owned
+        arguments broadcast to) or "vmap"."""
+        name = _name(func)
+        if name == "linear" and (self.linear is not None or self.log is not None):
+            return "linear", None
         broadcast = _broadcast_positions(name, leaves, spec)
         if broadcast is not None and set(owned) <= broadcast:
             shape = _broadcast_shape(name, func, leaves, spec)
             if shape is not None and len(shape) and shape[0] % self.trace.batch == 0:
-                fits = all(_broadcasts_over_rows(leaves[k], shape) for k in owned)
-                if fits:
-                    return self._broadcast(func, leaves, spec, owned, shape)
-        return self._vmap(func, leaves, spec, owned, rows)
+                if all(_broadcasts_over_rows(leaves[k], shape) for k in owned):
+                    return "broadcast", shape
+        return "vmap", None
 
     def _source(self, t: Tensor) -> Tensor:
         """The tensor a use's gradient is reported for: the parameter itself, or the derived
@@ -414,13 +432,18 @@ class UseTracer(TorchFunctionMode):
         self.mark_batch(out)
         return out
 
-    def _logged(self, func, leaves, spec, rows):
-        """A use during the probe's runs: computed unchanged, and logged."""
+    def _logged(self, func, leaves, spec, owned, rows, kind):
+        """A use during the probe's runs (or explain's): computed unchanged, and logged."""
         seen, what = self.log
         args, kwargs = tree_unflatten(leaves, spec)
         out = func(*args, **kwargs)
         self.mark_batch(out)
-        if what == "inputs":
+        if what == "uses":
+            for k in owned:  # F.linear's bias unless a parameter: added (a broadcast use)
+                bias = kind == "linear" and k != 1 and not self._is_param(leaves[k])
+                use = ("add", "broadcast") if bias else (_name(func), kind)
+                seen.append((self.path, *use, self._origins(leaves[k])))
+        elif what == "inputs" and rows:
             seen.append((self.path, leaves[rows[0]].detach().clone()))
         else:
             first = next((t for t in tree_flatten(out)[0] if isinstance(t, Tensor)), None)
@@ -520,4 +543,3 @@ def _merge_example_dim(out):
     if isinstance(out, (tuple, list)):
         return type(out)(_merge_example_dim(o) for o in out)
     return out
-

@@ -4,7 +4,6 @@ family; see ``_registry`` for the contract and docs/rules.md for the maths."""
 
 from . import (
     attention,
-    broadcast,
     conv,
     embedding,
     group_norm,
@@ -25,7 +24,6 @@ from ._registry import Rule, register_rule, rule_for, scaled_sum
 __all__ = [
     "Rule",
     "attention",
-    "broadcast",
     "conv",
     "embedding",
     "group_norm",

@@ -19,7 +19,8 @@ Optional class attributes tell the engine more:
   "projections" (the rule's ``forward(module, capture, ...)`` re-implements the module and hands
   its parameterised part to ``capture``: attention), "probes" (as "projections", and g holds
   the gradients of tensors inside the call: the recurrent layers' gate pre-activations),
-  "parameters" (per-example copies of the parameters: ViT tokens);
+  "uses" (the forward runs under the parameter-use tracer, tracing.py: modules without a
+  rule of their own);
 * ``mergeable``: the calls of one module within a forward can be joined along the position
   axis (linear maps: x and g (B, T_k, d) concatenated over the calls);
 * ``position_wise``: the rule treats each position independently, so k B rows folded into
