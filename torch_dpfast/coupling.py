@@ -106,8 +106,8 @@ def install(
         token = _PROBING.set(True)
         layout = Layout(batch, known is not None, batch_first)
         try:
-            constants = probe(model, modules, args, kwargs, layout, retrace)
-            probe_gradients(model, modules, args, kwargs, layout, bypassed, constants)
+            probe(model, modules, args, kwargs, layout, retrace)
+            probe_gradients(model, modules, args, kwargs, layout, bypassed)
         finally:
             _PROBING.reset(token)
 
@@ -123,7 +123,7 @@ def probe(
     kwargs,
     layout: Layout,
     retrace=lambda paths: False,
-) -> set[str]:
+) -> None:
     """Raises if example ``PROBE_ROW`` of the batch moves another example's layer inputs or
     outputs (module docstring). BatchNorm with batch statistics is named first, before any
     forward (which would also update its running statistics)."""
@@ -156,20 +156,17 @@ def probe(
                 "statistics). Per-example clipping cannot bound such a model; make every "
                 "example's computation independent"
             )
-    return set(constants)
 
 
-def probe_gradients(
-    model: nn.Module, modules, args, kwargs, layout: Layout, bypassed, constants=frozenset()
-) -> None:
+def probe_gradients(model: nn.Module, modules, args, kwargs, layout: Layout, bypassed) -> None:
     """Raises if example ``PROBE_ROW`` moves another row of a captured layer's output
     gradient g (the gradient of L = sum_k <out_k, R_k> over the model's outputs, R fixed):
     for a layer whose rows are examples, row j of g depends on example j only. A layer whose
     output the model shares across the batch (a table indexed by positions (T,) and broadcast,
     with T equal to B by chance) has rows that sum every example's gradient."""
     changed_args, changed_kwargs = _perturbed((args, kwargs), layout)
-    clean = _gradients(model, modules, args, kwargs, bypassed, constants)
-    changed = _gradients(model, modules, changed_args, changed_kwargs, bypassed, constants)
+    clean = _gradients(model, modules, args, kwargs, bypassed)
+    changed = _gradients(model, modules, changed_args, changed_kwargs, bypassed)
     for (path, a), (_, b) in zip(clean, changed):
         if _others_moved(a, b, layout.batch, layout.layer_dim(modules[path], a)):
             raise RuntimeError(
@@ -197,7 +194,7 @@ def _on_constants(clean: list, changed: list, layout: Layout, modules) -> list[s
     return found
 
 
-def _gradients(model, modules, args, kwargs, bypassed, constants) -> list[tuple[str, Tensor]]:
+def _gradients(model, modules, args, kwargs, bypassed) -> list[tuple[str, Tensor]]:
     """[(path, output gradient)] of every captured layer call whose output needs one, for
     L = sum_k <out_k, R_k> with R_k seeded normals: a plain graph (``bypassed``), dropout
     drawn from one seed, no parameter's .grad touched (autograd.grad to the outputs only)."""
@@ -206,8 +203,9 @@ def _gradients(model, modules, args, kwargs, bypassed, constants) -> list[tuple[
     def recorder(path):
         def record(module, inputs, out):
             first = next(iter(_tensors(out)), None)
-            if path in constants:
-                return  # a layer on constants: its caller is traced (probe, retrace)
+            tracer = tracing.active()
+            if tracer is not None and tracer.is_derived(first):
+                return  # a layer on constants in a traced module: part of a derivation
             if first is not None and first.requires_grad:
                 seen.append((path, first))
 

@@ -956,9 +956,8 @@ def _bind(module: nn.Module, body):
         if tracer is None or tracer.suspended or traced:
             return body(self, original, rule_params(self), args, kwargs)
         # Called inside a traced module's forward: on constants (a bias table's MLP), the layer
-        # is part of a derivation; on the batch, or on B rows of constants (EdgeNeXt's position
-        # encoding of shape (B, ...)), it is captured as usual (the probe checks the rows).
-        if not tracer.carries_batch((args, kwargs), rows=True):
+        # is part of a derivation; on the batch, it is captured as usual.
+        if not tracer.carries_batch((args, kwargs)):
             return original(*args, **kwargs)
         with tracer.suspend():
             out = body(self, original, rule_params(self), args, kwargs)
@@ -971,7 +970,7 @@ def _bind(module: nn.Module, body):
 def _probed_layer(tracer, original, args, kwargs):
     """A layer with a rule, called in a traced module during the probe's runs: on the batch it
     is no use of the tracer's (its output is batch); on constants, part of a derivation."""
-    if not tracer.carries_batch((args, kwargs), rows=True):
+    if not tracer.carries_batch((args, kwargs)):
         return original(*args, **kwargs)
     with tracer.suspend():
         out = original(*args, **kwargs)

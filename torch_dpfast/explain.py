@@ -228,7 +228,7 @@ def _traced(model, rules, owners, args, kwargs, uses: list):
     def layer_in(module, inputs):  # a layer with a rule, on the batch: captured, not traced
         tracer = tracing.active()
         captured = tracer is not None and not tracer.suspended
-        captured = captured and tracer.carries_batch(inputs, rows=True)
+        captured = captured and tracer.carries_batch(inputs)
         layers.append(tracer if captured else None)
         if captured:
             tracer.suspended += 1

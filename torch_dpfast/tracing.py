@@ -98,26 +98,39 @@ def _name(func) -> str:
     return getattr(func, "__name__", "")
 
 
+#: elements of the zero-padded per-example gradients of row-aligned derived tensors pushed
+#: through their derivation at once (the examples go in chunks of this size)
+ROWS_CHUNK_ELEMENTS = 1 << 24
+
+
 @dataclass(eq=False)
 class Use:
     """One use of a parameter or derived tensor ``source``: ``leaf`` stands in for it.
 
-    ``rows`` is how many rows of ``leaf`` (dim 0) the batch has: R = k B for a broadcast copy
-    (example i owns rows i k .. i k + k - 1), B for a vmap copy."""
+    Kinds: "broadcast": R = k B copies of the source (example i owns rows i k .. i k + k - 1);
+    "rows": the source itself has those R rows (a derived tensor computed per row, such as
+    EdgeNeXt's position encoding of shape (B, ...)), row r belonging to example r // k;
+    "vmap": B copies, one per example."""
 
     source: Tensor
     leaf: Tensor
     op: str
-    kind: str  # "broadcast" or "vmap"
+    kind: str
 
     def per_example(self, batch: int) -> Tensor:
-        """(B, *source.shape): each example's gradient of ``source`` through this use."""
+        """(B, *source.shape) for "broadcast" and "vmap" uses: each example's gradient of
+        ``source`` through this use."""
         grad = self.leaf.grad
         if grad is None:
             return self.source.new_zeros(batch, *self.source.shape)
         rows = grad.shape[0]
         grad = grad.reshape(batch, rows // batch, *grad.shape[1:]).sum(dim=1)
         return grad.reshape(batch, *self.source.shape)
+
+    def row_grads(self) -> Tensor:
+        """(R, *source.shape[1:]) for a "rows" use: row r's gradient, example r // k's."""
+        grad = self.leaf.grad
+        return torch.zeros_like(self.source) if grad is None else grad
 
 
 @dataclass(eq=False)
@@ -139,38 +152,90 @@ class Trace:
         for use in self.uses:
             use.leaf.grad = None
 
+    def check_contained(self) -> None:
+        """Raises if the model's backward reached a parameter's stand-in in a derivation: a
+        tensor computed from the parameter left the traced module by a way the tracer does not
+        see (inside an object it cannot look into, or stored on a module), and its gradient
+        would be lost."""
+        escaped = [self.names[key] for key, leaf in self.roots.items() if leaf.grad is not None]
+        if escaped:
+            raise RuntimeError(
+                f"torch_dpfast: a tensor computed from {escaped} left its traced module other "
+                "than through the module's outputs (an object the tracer cannot look into, or "
+                "an attribute read later), so its gradient cannot be clipped per example. "
+                "Return it from the module (tensors, tuples, dicts, dataclasses registered "
+                "with torch.utils._pytree), or give the module a rule"
+            )
+
     def per_example_grads(self) -> dict[str, Tensor]:
         """{name: (B, *p.shape)} summed over the uses, through the derivations' graphs."""
+        self.check_contained()
         batch = self.batch
-        direct: dict[int, Tensor] = {}
-        derived: dict[int, tuple[Tensor, Tensor]] = {}
+        per_source: dict[int, tuple[Tensor, Tensor]] = {}  # id -> (source, (B, *shape))
+        rows: dict[int, tuple[Tensor, Tensor]] = {}  # id -> (source, (R, ...) row gradients)
         for use in self.uses:
-            grad = use.per_example(batch)
-            key = id(use.source)
+            into = rows if use.kind == "rows" else per_source
+            grad = use.row_grads() if use.kind == "rows" else use.per_example(batch)
+            prev = into.get(id(use.source))
+            into[id(use.source)] = (use.source, grad if prev is None else prev[1] + grad)
+        out = {key: None for key in self.params}
+        derived = [(s, g) for key, (s, g) in per_source.items() if key not in self.params]
+        for key, (_, grad) in per_source.items():
             if key in self.params:
-                direct[key] = grad if key not in direct else direct[key] + grad
-            else:
-                prev = derived.get(key)
-                derived[key] = (use.source, grad if prev is None else prev[1] + grad)
-        if derived:
-            roots = list(self.roots.items())
-            sources = [s for s, _ in derived.values()]
-            grads = torch.autograd.grad(
-                sources,
-                [leaf for _, leaf in roots],
-                [g.to(s.dtype) for s, g in derived.values()],
-                is_grads_batched=True,
-                allow_unused=True,
-                retain_graph=True,
-            )
-            for (key, _), grad in zip(roots, grads):
-                if grad is not None:
-                    direct[key] = grad if key not in direct else direct[key] + grad
-        out = {}
-        for key, p in self.params.items():
-            grad = direct.get(key)
-            out[self.names[key]] = p.new_zeros(batch, *p.shape) if grad is None else grad
-        return out
+                out[key] = grad
+        self._through_derivations(derived, out, slice(0, batch))
+        if rows:
+            self._rows_to_examples(list(rows.values()), out)
+        return {
+            self.names[key]: p.new_zeros(batch, *p.shape) if out[key] is None else out[key]
+            for key, p in self.params.items()
+        }
+
+    def _through_derivations(self, derived, out: dict, examples: slice) -> None:
+        """Adds the examples' gradients of the parameters behind derived tensors: the
+        vector-Jacobian product of each derivation, batched over the examples."""
+        if not derived:
+            return
+        roots = list(self.roots.items())
+        grads = torch.autograd.grad(
+            [s for s, _ in derived],
+            [leaf for _, leaf in roots],
+            [g.to(s.dtype) for s, g in derived],
+            is_grads_batched=True,
+            allow_unused=True,
+            retain_graph=True,
+        )
+        for (key, leaf), grad in zip(roots, grads):
+            if grad is None:
+                continue
+            if out[key] is None:
+                out[key] = leaf.new_zeros(self.batch, *leaf.shape)
+            out[key][examples] += grad
+
+    def _rows_to_examples(self, sources, out: dict) -> None:
+        """Row-aligned uses: example i's gradient of a source is its rows' gradient, zero
+        elsewhere; (chunk, R, ...) of these at a time go through the derivations."""
+        batch = self.batch
+        size = max(s.numel() for s, _ in sources)
+        chunk = max(1, min(batch, ROWS_CHUNK_ELEMENTS // max(size, 1)))
+        for start in range(0, batch, chunk):
+            examples = slice(start, min(batch, start + chunk))
+            count = examples.stop - start
+            derived = []
+            for source, grad in sources:
+                per_row = grad.reshape(batch, -1, *grad.shape[1:])  # (B, k, ...)
+                padded = per_row.new_zeros(count, *per_row.shape)  # (count, B, k, ...)
+                index = torch.arange(count, device=grad.device)
+                padded[index, index + start] = per_row[examples]
+                padded = padded.reshape(count, *source.shape)
+                key = id(source)
+                if key in self.params:
+                    if out[key] is None:
+                        out[key] = source.new_zeros(batch, *source.shape)
+                    out[key][examples] += padded
+                else:
+                    derived.append((source, padded))
+            self._through_derivations(derived, out, examples)
 
 
 class UntracedUse(NotImplementedError):
@@ -229,18 +294,9 @@ class UseTracer(TorchFunctionMode):
             if isinstance(t, Tensor):
                 self.batch_tensors[id(t)] = t
 
-    def carries_batch(self, tree, rows: bool = False) -> bool:
-        """Whether a tensor in ``tree`` holds the batch; with ``rows``, also a constant with
-        exactly B rows (B > 1), computed per example as the batch is."""
-        batch = self.trace.batch
-        for t in tree_flatten(tree)[0]:
-            if isinstance(t, Tensor):
-                if self._is_batch(t):
-                    return True
-                if rows and batch > 1 and t.dim() and t.shape[0] == batch:
-                    if not (self._is_param(t) or self._is_derived(t)):
-                        return True
-        return False
+    def carries_batch(self, tree) -> bool:
+        """Whether a tensor in ``tree`` holds the batch (is computed from it)."""
+        return any(isinstance(t, Tensor) and self._is_batch(t) for t in tree_flatten(tree)[0])
 
     def _is_batch(self, t: Tensor) -> bool:
         return self.batch_tensors.get(id(t)) is t
@@ -248,8 +304,9 @@ class UseTracer(TorchFunctionMode):
     def _is_param(self, t: Tensor) -> bool:
         return isinstance(t, nn.Parameter) and id(t) in self.param_ids
 
-    def _is_derived(self, t: Tensor) -> bool:
-        return self.derived.get(id(t)) is t
+    def is_derived(self, t: Tensor | None) -> bool:
+        """Whether ``t`` was computed from parameters and constants only, in this trace."""
+        return t is not None and self.derived.get(id(t)) is t
 
     def _origins(self, t: Tensor) -> set[int]:
         """ids of the parameters an owned tensor comes from."""
@@ -267,7 +324,7 @@ class UseTracer(TorchFunctionMode):
         owned = [
             k
             for k, t in enumerate(leaves)
-            if isinstance(t, Tensor) and (self._is_param(t) or self._is_derived(t))
+            if isinstance(t, Tensor) and (self._is_param(t) or self.is_derived(t))
         ]
         batched = [k for k, t in enumerate(leaves) if isinstance(t, Tensor) and self._is_batch(t)]
         if not owned:
@@ -332,7 +389,7 @@ class UseTracer(TorchFunctionMode):
         kind, shape = self._kind(func, leaves, spec, owned)
         if self.log is not None:
             return self._logged(func, leaves, spec, owned, rows, kind)
-        if kind == "linear":
+        if kind == "linear" or (_name(func) == "linear" and self.linear is not None):
             return self._linear(func, leaves, spec)
         if kind == "broadcast":
             return self._broadcast(func, leaves, spec, owned, shape)
@@ -343,7 +400,9 @@ class UseTracer(TorchFunctionMode):
         arguments broadcast to) or "vmap"."""
         name = _name(func)
         if name == "linear" and (self.linear is not None or self.log is not None):
-            return "linear", None
+            args, kwargs = tree_unflatten(list(leaves), spec)
+            if self._is_param(_linear_arguments(args, kwargs)[1]):
+                return "linear", None
         broadcast = _broadcast_positions(name, leaves, spec)
         if broadcast is not None and set(owned) <= broadcast:
             shape = _broadcast_shape(name, func, leaves, spec)
@@ -364,10 +423,14 @@ class UseTracer(TorchFunctionMode):
         swapped = list(leaves)
         for k in owned:
             w = self._source(leaves[k])
-            lead = (1,) * (len(shape) - w.dim())
-            copies = w.detach().reshape(lead + tuple(w.shape))
-            leaf = copies.expand(shape[0], *copies.shape[1:]).requires_grad_(True)
-            self.trace.uses.append(Use(w, leaf, _name(func), "broadcast"))
+            if w.dim() == len(shape) and w.shape[0] == shape[0] and shape[0] > 1:
+                leaf = w.detach().requires_grad_(True)  # the rows are the batch's
+                self.trace.uses.append(Use(w, leaf, _name(func), "rows"))
+            else:
+                lead = (1,) * (len(shape) - w.dim())
+                copies = w.detach().reshape(lead + tuple(w.shape))
+                leaf = copies.expand(shape[0], *copies.shape[1:]).requires_grad_(True)
+                self.trace.uses.append(Use(w, leaf, _name(func), "broadcast"))
             swapped[k] = leaf
         args, kwargs = tree_unflatten(swapped, spec)
         out = func(*args, **kwargs)
@@ -383,7 +446,7 @@ class UseTracer(TorchFunctionMode):
         if self._is_param(weight):
             with self.suspend():
                 out = self.linear(x, weight, linear_bias)
-        elif self._is_derived(weight):  # F.linear(x, W) is a use of the derived W
+        elif self.is_derived(weight):  # F.linear(x, W) is a use of the derived W
             leaves, spec = tree_flatten(((x, weight), {}))
             out = self._vmap(func, leaves, spec, [1], [0])
             linear_bias = None
@@ -459,7 +522,7 @@ class UseTracer(TorchFunctionMode):
         leaves, spec = tree_flatten(out)
         batch = self.trace.batch
         for k, t in enumerate(leaves):
-            if isinstance(t, Tensor) and (self._is_derived(t) or self._is_param(t)):
+            if isinstance(t, Tensor) and (self.is_derived(t) or self._is_param(t)):
                 if t.dim() == 0 or (t.shape[0] != 1 and batch > 1):
                     raise UntracedUse(
                         f"torch_dpfast: {self.path!r} returns a tensor of shape "
@@ -500,10 +563,10 @@ def _broadcast_positions(name: str, leaves, spec) -> set[int] | None:
 
 
 def _broadcasts_over_rows(w: Tensor, shape: torch.Size) -> bool:
-    """Whether ``w`` broadcasts to ``shape`` without covering its dim 0 (the rows)."""
+    """Whether ``w`` broadcasts to ``shape`` along its dim 0 (the rows), or has those rows."""
     if w.dim() > len(shape):
         return False
-    if w.dim() == len(shape) and w.shape[0] != 1:
+    if w.dim() == len(shape) and w.shape[0] not in (1, shape[0]):
         return False
     try:
         return torch.broadcast_shapes(w.shape, shape) == shape
