@@ -3,6 +3,8 @@ independence probe, torch_dpfast/coupling.py) and refused, naming where it happe
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import torch_dpfast as dpf
-from tests.helpers import private, train_epoch
+from tests.helpers import clipped_reference, private, train_epoch
 
 
 class BatchCentred(nn.Module):
@@ -135,19 +137,26 @@ class SharedPositions(nn.Module):
         return self.head(torch.tanh(self.embed(ids) + self.position(positions))).sum(1)
 
 
-def test_a_table_shared_across_the_batch_is_refused_by_the_backward_probe(gen):
+def test_a_table_shared_across_the_batch_is_attributed_where_it_meets_the_batch(gen):
+    """T == B: the position layer's rows pass dim-0 checks, but its input (arange(T)) does not
+    move with the examples; the probe's first run finds it, the caller is traced, and the
+    table's gradient is attributed per example where the shared rows are added to the batch."""
     ids = torch.randint(0, 9, (6, 6), generator=gen)  # T == B
-    model = SharedPositions(batched=False).double()
-    att = dpf.attach(model)
-    try:
-        with pytest.raises(RuntimeError, match=r"rows of 'position'.*positions\[None\]"):
-            model(ids)
-    finally:
-        att.detach()
-    model = SharedPositions(batched=True).double()  # (1, T): expanded to one row per example
-    att = dpf.attach(model)
-    try:
-        F.cross_entropy(model(ids), torch.zeros(6, dtype=torch.long)).backward()
-        assert att.clip_and_accumulate(1.0).shape == (6,)
-    finally:
-        att.detach()
+    for batched in (False, True):  # (T,) shared, or (1, T): expanded to one row per example
+        model = SharedPositions(batched).double()
+        reference = copy.deepcopy(model)
+        rows = []
+        for i in range(6):
+            reference.zero_grad()
+            reference(ids[i : i + 1]).sin().sum().backward()
+            rows.append(torch.cat([p.grad.flatten() for p in reference.parameters()]))
+        expected, expected_sq = clipped_reference(torch.stack(rows), 0.5)
+        att = dpf.attach(model, loss_reduction="sum")
+        try:
+            model(ids).sin().sum().backward()
+            norm_sq = att.clip_and_accumulate(0.5)
+        finally:
+            att.detach()
+        got = torch.cat([p.summed_grad.flatten() for p in model.parameters()])
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(norm_sq, expected_sq)

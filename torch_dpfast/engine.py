@@ -326,6 +326,7 @@ class Attachment:
     _anchor: Tensor = field(default_factory=lambda: torch.empty(0, requires_grad=True))
     _param_ids: frozenset = frozenset()  # ids of the parameters attached (for attachments_of)
     _names: dict = field(default_factory=dict)  # id(parameter) -> its name in the model
+    _root_traced: object = None  # the root's traced forward, once the probe asked for it
 
     def parameters(self) -> list[nn.Parameter]:
         """The trainable parameters whose gradients this attachment makes private."""
@@ -434,7 +435,10 @@ class Attachment:
             if caller is None or caller in self.rules:  # nothing above, or traced already
                 continue
             module = self.model.get_submodule(caller)
-            module.forward = _bind(module, _UseCapture(self, TRACED, caller))
+            if caller == "":  # the root's call in progress already chose its forward
+                self._root_traced = _bind_root(module, _UseCapture(self, TRACED, caller))
+            else:
+                module.forward = _bind(module, _UseCapture(self, TRACED, caller))
             self.modules[caller] = module
             self.rules[caller] = TRACED
             changed = True
@@ -978,6 +982,29 @@ def _probed_layer(tracer, original, args, kwargs):
     return out
 
 
+def _switchable_root(model: nn.Module, attachment: Attachment) -> None:
+    """A root without a rule gets a forward that runs ``attachment._root_traced`` once the
+    probe traced the root (trace_callers): the probe runs in the root's forward pre-hook, after
+    that very call chose its forward, so rebinding the root would miss the first step."""
+    original = model.forward
+
+    def forward(self, *args, **kwargs):
+        traced = attachment._root_traced
+        return original(*args, **kwargs) if traced is None else traced(*args, **kwargs)
+
+    model.forward = types.MethodType(forward, model)
+    attachment._restores.append(lambda: model.__dict__.pop("forward", None))
+
+
+def _bind_root(model: nn.Module, body):
+    """The root's traced forward (_bind of its original forward, under the switch)."""
+    switch = model.__dict__.pop("forward")
+    try:
+        return _bind(model, body)
+    finally:
+        model.forward = switch
+
+
 @dataclass
 class _IOCapture:
     """The usual capture: one tensor in, the layer run on detached parameters (_Capture)."""
@@ -1203,6 +1230,8 @@ def attach(
             attachment._restores.append(restore)
         attachment.modules[path] = module
         attachment.rules[path] = rule
+    if "" not in attachment.modules:
+        _switchable_root(model, attachment)
     attachment._hooks.append(
         model.register_forward_pre_hook(
             torch.compiler.disable(attachment.on_forward), with_kwargs=True
