@@ -81,6 +81,9 @@ def weight_grads(module: nn.Module, x: Tensor, g: Tensor, out: Tensor | None = N
     geometry = conv_geometry("conv rule", x, g, **kwargs)
     if _by_example(module, x, g, geometry):
         return _weight_grads_by_example(module, x, g, geometry, out)
+    if module.groups > 1:
+        grads = _weight_grads_grouped(module, x, g, geometry)
+        return grads if out is None else out.view(grads.shape).copy_(grads)
     a4, g4 = _grouped(x, g, geometry, module.groups)
     batch = x.shape[0]
     if module.groups == 1:
@@ -90,6 +93,35 @@ def weight_grads(module: nn.Module, x: Tensor, g: Tensor, out: Tensor | None = N
     else:
         grads = torch.einsum("btgo,btgi->bgoi", g4, a4)
     return grads.reshape(batch, *module.weight.shape)
+
+
+def _weight_grads_grouped(module, x, g, geometry) -> Tensor:
+    """(B, *weight.shape) for a grouped conv (depthwise included): the batch folded into the
+    groups, B G groups of one conv over x (1, B C_in, *S), whose weight gradient is every
+    example's (ATen's convolution backward, weight only: no k^2-larger copy of the input)."""
+    _, strides, pads, dilation = geometry
+    if pads[0::2] != pads[1::2]:  # 'same' with an even kernel: pad as the conv did
+        x = F.pad(x, [p for left, right in zip(pads[-2::-2], pads[::-2]) for p in (left, right)])
+        pads = [0] * len(pads)
+    batch = x.shape[0]
+    folded_x = x.reshape(1, batch * x.shape[1], *x.shape[2:])
+    folded_g = g.reshape(1, batch * g.shape[1], *g.shape[2:])
+    shape = module.weight.shape
+    weight = x.new_empty(batch * shape[0], *shape[1:])  # only its shape is read
+    _, grad, _ = torch.ops.aten.convolution_backward(
+        folded_g,
+        folded_x,
+        weight,
+        None,
+        strides,
+        pads[0::2],
+        dilation,
+        False,
+        [0] * len(strides),
+        batch * module.groups,
+        [False, True, False],
+    )
+    return grad.view(batch, *shape)
 
 
 def _by_example(module: nn.Module, x: Tensor, g: Tensor, geometry) -> bool:
@@ -151,8 +183,8 @@ class ConvRule(Rule):
         return method, cost * module.groups
 
     def materialise_saving(self, module, x, g):
-        if module.groups != 1 or not module.weight.requires_grad:
-            return None  # grouped per-example gradients are no single batched GEMM
+        if not module.weight.requires_grad:
+            return None
         trainable_bias = module.bias is not None and module.bias.requires_grad
         return self.plan(module, x, g, "auto")[1], module.weight.numel() + (
             module.out_channels if trainable_bias else 0
