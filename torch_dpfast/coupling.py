@@ -315,12 +315,21 @@ def _perturbed(tree, layout: Layout):
 def _perturbed_rows(t: Tensor, layout: Layout) -> Tensor:
     """``t`` with example PROBE_ROW changed along its batch dim (Layout.argument_dim), if any."""
     dim = layout.argument_dim(t)
-    if dim is None:
+    if dim is None or _offsets(t):
         return t
     out = t.clone()
     view = out.movedim(dim, 0)
     _perturb_row(view)
     return out
+
+
+def _offsets(t: Tensor) -> bool:
+    """Whether ``t`` looks like the offsets of bags of flat ids (nn.EmbeddingBag's): 1-D
+    integers, non-decreasing from 0. Changing one would move a neighbouring bag's end, which
+    is no change of one example; the probe leaves it as is."""
+    if t.dim() != 1 or t.is_floating_point() or t.dtype == torch.bool or not t.numel():
+        return False
+    return bool(t[0] == 0) and bool((t[1:] >= t[:-1]).all())
 
 
 def _perturb_row(out: Tensor) -> None:
