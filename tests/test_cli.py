@@ -182,6 +182,25 @@ def test_explain_and_info(capsys):
     assert "torch_dpfast" in capsys.readouterr().out
 
 
+def test_explain_builds_a_transformers_model_from_a_config(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    config.save_pretrained(tmp_path)
+    assert main(["explain", f"hf:{tmp_path}", "--seq-len", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "layers.0.input_layernorm.weight" in out and "per-example copies (mul)" in out
+    assert "fallback" not in out
+    assert main(["explain", f"hf:{tmp_path / 'missing'}"]) == 2
+    assert "no transformers config found" in capsys.readouterr().err
+
+
 def test_the_command_runs_as_a_program():
     env = {
         **os.environ,
