@@ -540,7 +540,7 @@ def test_rows_are_computed_whole_again_once_the_batch_is_clipped(gen):
 
 
 def test_kept_prefix_finds_trailing_padding_only():
-    from torch_dpfast.engine import kept_prefix
+    from torch_dpfast.records import kept_prefix
 
     as_mask = lambda bits: torch.tensor(bits, dtype=torch.bool)  # noqa: E731
     assert kept_prefix(as_mask([1, 1, 1, 0, 0]), 5) == 3

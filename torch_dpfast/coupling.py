@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from . import tracing
-from .explain import check_no_batch_statistics
+from .assign import check_no_batch_statistics
 from .rules.fallback import batch_dim
 
 PROBE_ROW = 1

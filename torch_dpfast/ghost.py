@@ -24,16 +24,16 @@ import torch
 from torch import Tensor, nn
 
 from . import certify, ops
-from .engine import (
-    Attachment,
-    _accumulate,
-    _mask_on,
-    _Record,
-    _warn_non_finite,
+from .engine import Attachment
+from .records import (
+    Record,
+    accumulate,
     check_batch,
     has_fast_path,
+    mask_on,
     materialise,
     plain_records,
+    warn_non_finite,
 )
 from .rules import scaled_sum
 from .rules._registry import Rule, leading
@@ -51,10 +51,10 @@ class _GhostPass:
     include: Tensor | None = None  # (B,) 1.0 for examples with a non-zero clip factor
     factors: Tensor | None = None  # (B,) the clip factors
     exact: dict = field(default_factory=dict)  # id(record) -> certify.Exact
-    kept: list[_Record] = field(default_factory=list)  # records materialised after pass 1
+    kept: list[Record] = field(default_factory=list)  # records materialised after pass 1
     on_final: object = None  # called with parameters whose clipped sums are final (pass 2)
 
-    def on_backward(self, record: _Record) -> None:
+    def on_backward(self, record: Record) -> None:
         check_batch(record, self.batch, self.mask)
         if id(record) not in self.plain or record.fold > 1:
             if self.stage == 1:
@@ -76,11 +76,11 @@ class _GhostPass:
             exact = self.exact.get(id(record))
             if exact is not None:  # recomputed examples are added exactly, not by the fast sum
                 for name, summed in exact.sums(self.factors).items():
-                    _accumulate(record.params[name], summed)
+                    accumulate(record.params[name], summed)
                 include = exact.without(include)
             sums = record.rule.clipped_sums(record.module, x, g, include)
             for name, summed in sums.items():
-                _accumulate(record.params[name], summed)
+                accumulate(record.params[name], summed)
             if self.on_final is not None:
                 self.on_final(list(record.params.values()))
 
@@ -110,7 +110,7 @@ def ghost_backward(
     records = list(attachment._records)
     mask = attachment.take_mask()
     batch = losses.shape[0]
-    by_parameter = [r for r in records if getattr(r.rule, "capture", "io") == "uses"]
+    by_parameter = [r for r in records if r.rule.capture == "uses"]
     # A rule's own norm_sq counts only with the bound that certifies it (certify.py); one
     # without is materialised, as in book-keeping.
     plain = {
@@ -135,14 +135,14 @@ def ghost_backward(
             dtype = torch.float64 if losses.dtype == torch.float64 else torch.float32
             parts.append(torch.zeros(batch, dtype=dtype, device=losses.device))
         norm_sq, factors = ops.total_clip_factors(
-            parts, max_grad_norm, _mask_on(mask, losses.device)
+            parts, max_grad_norm, mask_on(mask, losses.device)
         )
-        _warn_non_finite(norm_sq, mask)
+        warn_non_finite(norm_sq, mask)
         state.stage, state.include = 2, (factors > 0).to(norm_sq.dtype)
         state.factors = factors
         (losses * factors.to(losses.dtype)).sum().backward()
         for p, grad in per_example.values():
-            _accumulate(p, scaled_sum(grad, factors))
+            accumulate(p, scaled_sum(grad, factors))
     finally:
         attachment._ghost = None
         attachment._records.clear()

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import accounting
+from .assign import assign_rules, is_batch_norm
 from .checkpoint import checkpoint_options
 from .checkpoint import load as load_file
 from .checkpoint import save as save_file
@@ -27,7 +28,6 @@ from .distributed import broadcast_module, check_agreement, check_not_ddp, world
 from .distributed import sources as distributed_sources
 from .engine import CLIPPING_MODES, Attachment, attach, set_module_alias
 from .errors import unsupported_module
-from .explain import assign_rules, is_batch_norm
 from .fix import fix
 from .ghost import DPCriterion
 from .materialise_plan import DEFAULT_MATERIALISE_BYTES, check_budget

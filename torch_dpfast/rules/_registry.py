@@ -13,7 +13,7 @@ its output) into, for the layer's own trainable parameters:
   sum_t ||g_it|| ||a_it|| for a linear map. The engine certifies a fast-path norm with it
   (certify.py); a rule that overrides ``norm_sq`` without it is materialised instead.
 
-Optional class attributes tell the engine more:
+Class attributes (defaults on :class:`Rule`) tell the engine more:
 
 * ``capture``: how the layer's call is recorded: "io" (default: one tensor in, x and g),
   "projections" (the rule's ``forward(module, capture, ...)`` re-implements the module and hands
@@ -47,6 +47,11 @@ from ..ops._checks import drop_unscaled_rows
 
 class Rule:
     """Base class of the layer rules; see the module docstring for the contract."""
+
+    capture: str = "io"  # how a call is recorded: "io", "projections", "probes", "uses", "call"
+    mergeable: bool = False  # calls of one module join along the positions (merge_repeated)
+    position_wise: bool = False  # k B rows folded into dim 0 can be viewed as (B, k, ...)
+    subtree: bool = False  # the rule covers its children's parameters too
 
     def parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
         """The module's own trainable parameters (not its children's); frozen ones are skipped."""
@@ -148,6 +153,12 @@ def register_rule(*module_types: type, force: bool = False) -> Callable[[type], 
     type twice is an error unless ``force=True`` (to override a built-in rule)."""
 
     def decorate(rule_cls: type) -> type:
+        if not (isinstance(rule_cls, type) and issubclass(rule_cls, Rule)):
+            raise TypeError(
+                f"register_rule: {rule_cls!r} must be a subclass of torch_dpfast.rules.Rule "
+                "(the rule contract: parameters, per_example_grads, and optionally norm_sq, "
+                "norm_bound and clipped_sums)"
+            )
         for module_type in module_types:
             if module_type in _rules and not force:
                 raise RuntimeError(
