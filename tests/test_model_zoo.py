@@ -353,3 +353,60 @@ def test_dropout_in_train_mode_clips_the_batch_forwards_gradients(name, mode, ge
         att.detach()
     torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-11)
     torch.testing.assert_close(norm_sq.double(), expected_sq, rtol=1e-8, atol=1e-11)
+
+
+def _clip():
+    config = transformers.CLIPConfig(
+        text_config=dict(
+            vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=16,
+        ),
+        vision_config=dict(
+            image_size=16, patch_size=8, hidden_size=16, intermediate_size=32,
+            num_hidden_layers=1, num_attention_heads=2,
+        ),
+        projection_dim=8,
+    )  # fmt: skip
+    return transformers.CLIPModel(config)
+
+
+def _clip_losses(model, inputs):
+    """Each pair's own similarity (the diagonal of the (B, B) logits): per example, unlike a
+    contrastive loss over the whole matrix (which the independence probe refuses)."""
+    return model(**inputs).logits_per_image.diagonal().double().sin()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_clip_with_its_root_owned_logit_scale_matches_per_example_autograd(mode, gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (), generator=gen)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _clip().double().train()
+    ids = torch.randint(1, V, (B, 6), generator=gen)
+    inputs = dict(input_ids=ids, pixel_values=torch.randn(B, 3, 16, 16, generator=gen).double())
+    reference = copy.deepcopy(model)
+    rows = []
+    for i in range(B):
+        reference.zero_grad()
+        _clip_losses(reference, _rows(inputs, i)).sum().backward()
+        rows.append(
+            _flat(torch.zeros_like(p) if p.grad is None else p.grad for p in _trainable(reference))
+        )
+    expected, expected_sq = clipped_reference(torch.stack(rows), C)
+    # the (B, B) logits compare every image with every text: the probe refuses such an output
+    att = dpf.attach(model, clipping=mode, loss_reduction="sum", probe_coupling=False)
+    try:
+        if mode == "ghost":
+            norm_sq = ghost_backward(att, _clip_losses(model, inputs), C)
+        else:
+            _clip_losses(model, inputs).sum().backward()
+            norm_sq = att.clip_and_accumulate(C)
+        got = _flat(
+            torch.zeros_like(p) if p.summed_grad is None else p.summed_grad
+            for p in _trainable(model)
+        )
+    finally:
+        att.detach()
+    assert "logit_scale" in {r["parameter"] for r in dpf.explain(model, kwargs=inputs).rows}
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-11)
+    torch.testing.assert_close(norm_sq.double(), expected_sq, rtol=1e-8, atol=1e-11)

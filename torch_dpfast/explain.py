@@ -145,12 +145,12 @@ def _traced(model, rules, owners, args, kwargs, uses: list):
     scopes: list = []
 
     def enter(path):
-        def pre(module, inputs):
+        def pre(module, inputs, kwargs):
             if tracing.active() is not None:
                 scopes.append(None)
                 return
             tracer = tracing.UseTracer(path, batch, param_ids, names, log=(uses, "uses"))
-            tracer.mark_batch(inputs)
+            tracer.mark_batch((inputs, kwargs))
             scope = tracer.scope()
             scope.__enter__()
             scopes.append(scope)
@@ -162,10 +162,10 @@ def _traced(model, rules, owners, args, kwargs, uses: list):
         if scope is not None:
             scope.__exit__(None, None, None)
 
-    def layer_in(module, inputs):  # a layer with a rule, on the batch: captured, not traced
+    def layer_in(module, inputs, kwargs):  # a layer with a rule, on the batch: not traced
         tracer = tracing.active()
         captured = tracer is not None and not tracer.suspended
-        captured = captured and tracer.carries_batch(inputs)
+        captured = captured and tracer.carries_batch((inputs, kwargs))
         layers.append(tracer if captured else None)
         if captured:
             tracer.suspended += 1
@@ -180,10 +180,10 @@ def _traced(model, rules, owners, args, kwargs, uses: list):
     handles = []
     for path, module in owners.items():
         if rules[path] is TRACED:
-            handles.append(module.register_forward_pre_hook(enter(path)))
+            handles.append(module.register_forward_pre_hook(enter(path), with_kwargs=True))
             handles.append(module.register_forward_hook(leave))
         else:
-            handles.append(module.register_forward_pre_hook(layer_in))
+            handles.append(module.register_forward_pre_hook(layer_in, with_kwargs=True))
             handles.append(module.register_forward_hook(layer_out))
     try:
         yield
