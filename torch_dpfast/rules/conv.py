@@ -106,6 +106,14 @@ def _weight_grads_grouped(module, x, g, geometry) -> Tensor:
     batch = x.shape[0]
     folded_x = x.reshape(1, batch * x.shape[1], *x.shape[2:])
     folded_g = g.reshape(1, batch * g.shape[1], *g.shape[2:])
+    large = math.prod(g.shape[2:]) >= MIN_POSITIONS_PER_EXAMPLE_CONV
+    if x.device.type == "cpu" and x.dim() in (4, 5) and large:
+        # oneDNN's grouped weight gradient is 2-4x faster channels-last on large maps
+        # (depthwise 7x7, batch 8, 2 cores: 56x56 9 ms against 33 ms, 28x28 faster too) and
+        # slower on small ones (14x14: 4x slower)
+        layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        folded_x = folded_x.contiguous(memory_format=layout)
+        folded_g = folded_g.contiguous(memory_format=layout)
     shape = module.weight.shape
     weight = x.new_empty(batch * shape[0], *shape[1:])  # only its shape is read
     _, grad, _ = torch.ops.aten.convolution_backward(
