@@ -96,6 +96,19 @@ class Nested(nn.Module):
         return self.inner(x * self.outer) * self.outer
 
 
+class LearnedPositions(nn.Embedding):
+    """An nn.Embedding subclass with its own forward (OPT's learned positions): positions
+    counted from a mask, looked up with F.embedding on the table; padding_idx=-1."""
+
+    def __init__(self):
+        super().__init__(9, 6, padding_idx=-1)
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):  # x (B, T, 6); the positions from where x is non-zero
+        positions = (x[..., 0] != 0).long().cumsum(dim=1)
+        return self.fc(x + F.embedding(positions, self.weight, self.padding_idx))
+
+
 def _inputs(name, gen):
     if name == "gathered_bias":
         return torch.randn(B, 2, 3, 3, generator=gen, dtype=torch.float64)
@@ -112,6 +125,7 @@ MODELS = {
     "raw_weights": RawWeights,
     "constant_mlp": ConstantMLP,
     "nested": Nested,
+    "learned_positions": LearnedPositions,
 }
 
 
@@ -153,13 +167,19 @@ def test_traced_uses_match_per_example_autograd(name, mode, padding, gen):
     torch.testing.assert_close(norm_sq[:kept], expected_sq, rtol=1e-9, atol=1e-12)
 
 
-def test_a_raw_weight_in_f_linear_takes_the_linear_rule():
+def test_a_raw_weight_in_f_linear_or_f_embedding_takes_the_layer_rule():
     model = RawWeights().double()
     att = dpf.attach(model, loss_reduction="sum")
     _losses(model, torch.randn(B, 3, 5, dtype=torch.float64)).sum().backward()
     rules = {type(r.rule).__name__: r for r in att._records}
     att.detach()
     assert "LinearRule" in rules and type(rules["LinearRule"].module).__name__ == "FunctionalLinear"
+    model = LearnedPositions().double()
+    att = dpf.attach(model, loss_reduction="sum")
+    _losses(model, torch.randn(B, 3, 6, dtype=torch.float64)).sum().backward()
+    modules = {type(r.module).__name__ for r in att._records}
+    att.detach()
+    assert "FunctionalEmbedding" in modules
 
 
 def test_explain_names_each_use_and_the_vmap_fallback():

@@ -24,7 +24,12 @@ from . import coupling, tracing
 from .records import zero_padded
 from .rules._registry import Rule, in_batch_first_call
 from .rules.fallback import _original_forward
-from .rules.traced import FUNCTIONAL_LINEAR, FunctionalLinear
+from .rules.traced import (
+    FUNCTIONAL_EMBEDDING,
+    FUNCTIONAL_LINEAR,
+    FunctionalEmbedding,
+    FunctionalLinear,
+)
 
 if TYPE_CHECKING:
     from .engine import Attachment
@@ -453,6 +458,7 @@ class UseCapture:
     rule: Rule
     path: str
     _linears: dict = field(default_factory=dict)  # (id(W), id(b)) -> FunctionalLinear
+    _embeddings: dict = field(default_factory=dict)  # (id(W), padding_idx) -> FunctionalEmbedding
 
     def __call__(self, module, original, params, args, kwargs):
         outer = tracing.active()
@@ -460,9 +466,7 @@ class UseCapture:
             return original(*args, **kwargs)
         attachment = self.attachment
         batch = attachment.forward_batch or coupling.batch_size(args, kwargs) or 1
-        tracer = tracing.UseTracer(
-            self.path, batch, attachment._param_ids, attachment._names, self.linear
-        )
+        tracer = tracing.UseTracer(self.path, batch, attachment._param_ids, attachment._names, self)
         tracer.mark_batch((args, kwargs))
         with tracer.scope():
             out = original(*args, **kwargs)
@@ -508,6 +512,22 @@ class UseCapture:
 
         rows = self.attachment.forward_rows(x)
         return _Capture.apply(x, self.attachment._anchor, call, record, rows)
+
+    def embedding(self, ids: Tensor, weight: nn.Parameter, padding_idx: int | None) -> Tensor:
+        """F.embedding on a parameter, captured as an embedding layer
+        (rules/traced.FunctionalEmbedding)."""
+        key = (id(weight), padding_idx)
+        layer = self._embeddings.get(key)
+        if layer is None or layer.weight is not weight:
+            layer = self._embeddings[key] = FunctionalEmbedding(weight, padding_idx)
+        params = FUNCTIONAL_EMBEDDING.parameters(layer)
+        record = self.attachment.record(layer, FUNCTIONAL_EMBEDDING, params)
+
+        def call(ids_in):
+            return torch.nn.functional.embedding(ids_in, weight.detach(), padding_idx)
+
+        rows = self.attachment.forward_rows(ids)
+        return _Capture.apply(ids, self.attachment._anchor, call, record, rows)
 
 
 CAPTURES = {

@@ -199,6 +199,7 @@ def _traced(model, rules, owners, args, kwargs, uses: list):
 _USE_METHOD = {
     "broadcast": "per-example copies ({ops})",
     "linear": "F.linear (linear rule)",
+    "embedding": "F.embedding (embedding rule)",
     "vmap": "fallback: vmap ({ops})",
 }
 

@@ -21,7 +21,9 @@ an exact per-example rule:
   backward, example i's gradient of w is the sum of E.grad over its rows (the rows are the
   batch's, example-major: the independence probe checks that);
 * ``F.linear(x, W, b)`` with W a parameter: a linear layer of its own (its x and output gradient
-  are captured like an ``nn.Linear``'s, with the fast norms and book-keeping);
+  are captured like an ``nn.Linear``'s, with the fast norms and book-keeping); likewise
+  ``F.embedding(ids, W)`` (an embedding subclass with its own forward, such as OPT's learned
+  positions), with the embedding rule;
 * any other call: the op runs under ``torch.func.vmap`` over the examples with per-example
   copies E (B, *w.shape) of w, whose gradient rows are the per-example gradients (the
   "fallback (vmap)" of ``dpf.explain``: exact, materialised).
@@ -36,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -250,22 +251,22 @@ class UseTracer(TorchFunctionMode):
         batch: B, the number of examples.
         param_ids: ids of the model's attached trainable parameters.
         names: id(parameter) -> name.
-        linear: ``linear(x, weight, bias)`` runs F.linear as a captured layer of its own
-            (engine), or None to trace it as any other use.
+        layers: runs ``F.linear`` and ``F.embedding`` on parameters as captured layers of their
+            own (``layers.linear(x, weight, bias)``, ``layers.embedding(ids, weight,
+            padding_idx)``: capture.UseCapture), or None to trace them as any other use.
     """
 
-    def __init__(self, path: str, batch: int, param_ids, names, linear=None, log=None):
+    def __init__(self, path: str, batch: int, param_ids, names, layers=None, log=None):
         super().__init__()
         self.path = path
         self.log = log  # the probe's (seen, what): run unchanged, log the uses (probe_log)
         self.trace = Trace(batch, names)
         self.param_ids = param_ids
-        self.linear = linear
-        self.batch_tensors: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-        self.derived: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-        self.origin: dict[int, set[int]] = {}  # id(derived tensor) -> ids of its parameters
+        self.layers = layers
+        # Tensors are marked with attributes holding this tracer's token (a set of ids would
+        # need a weak dictionary lookup per torch call: ten times slower)
+        self.token = object()
         self.suspended = 0
-        self._token = None
 
     # -- the tracer's scope --------------------------------------------------------------
 
@@ -290,27 +291,30 @@ class UseTracer(TorchFunctionMode):
 
     def mark_batch(self, tree) -> None:
         """The tensors in ``tree`` hold the batch (inputs of the module, outputs of layers)."""
+        if isinstance(tree, Tensor):
+            tree._dpf_batch = self.token
+            return
         for t in tree_flatten(tree)[0]:
             if isinstance(t, Tensor):
-                self.batch_tensors[id(t)] = t
+                t._dpf_batch = self.token
 
     def carries_batch(self, tree) -> bool:
         """Whether a tensor in ``tree`` holds the batch (is computed from it)."""
         return any(isinstance(t, Tensor) and self._is_batch(t) for t in tree_flatten(tree)[0])
 
     def _is_batch(self, t: Tensor) -> bool:
-        return self.batch_tensors.get(id(t)) is t
+        return getattr(t, "_dpf_batch", None) is self.token
 
     def _is_param(self, t: Tensor) -> bool:
         return isinstance(t, nn.Parameter) and id(t) in self.param_ids
 
     def is_derived(self, t: Tensor | None) -> bool:
         """Whether ``t`` was computed from parameters and constants only, in this trace."""
-        return t is not None and self.derived.get(id(t)) is t
+        return getattr(t, "_dpf_derived", None) is self.token
 
     def _origins(self, t: Tensor) -> set[int]:
-        """ids of the parameters an owned tensor comes from."""
-        return {id(t)} if self._is_param(t) else self.origin.get(id(t), set())
+        """ids of the parameters an owned tensor comes from (kept in the probe's runs)."""
+        return {id(t)} if self._is_param(t) else getattr(t, "_dpf_origins", set())
 
     # -- the mode ------------------------------------------------------------------------
 
@@ -320,18 +324,24 @@ class UseTracer(TorchFunctionMode):
             return func(*args, **kwargs)
         if self.log is None and not torch.is_grad_enabled():
             return func(*args, **kwargs)
-        leaves, spec = tree_flatten((args, kwargs))
-        owned = [
-            k
-            for k, t in enumerate(leaves)
-            if isinstance(t, Tensor) and (self._is_param(t) or self.is_derived(t))
-        ]
-        batched = [k for k, t in enumerate(leaves) if isinstance(t, Tensor) and self._is_batch(t)]
+        leaves = _shallow_leaves(args, kwargs)
+        spec = None
+        if leaves is None:  # nested containers
+            leaves, spec = tree_flatten((args, kwargs))
+        owned, batched = [], []
+        for k, t in enumerate(leaves):
+            if isinstance(t, Tensor):
+                if self._is_param(t) or self.is_derived(t):
+                    owned.append(k)
+                elif self._is_batch(t):
+                    batched.append(k)
         if not owned:
             out = func(*args, **kwargs)
             if batched:
                 self.mark_batch(out)
             return out
+        if spec is None:
+            leaves, spec = tree_flatten((args, kwargs))  # the same order as the shallow scan
         rows = [k for k in batched if self._batch_rows(leaves[k])]
         if not rows:
             return self._derive(func, leaves, spec, owned, batched)
@@ -376,11 +386,14 @@ class UseTracer(TorchFunctionMode):
                 swapped[k] = self._root(leaves[k])
         args, kwargs = tree_unflatten(swapped, spec)
         out = func(*args, **kwargs)
-        origins = set().union(*(self._origins(leaves[k]) for k in owned))
+        origins = None
+        if self.log is not None:
+            origins = set().union(*(self._origins(leaves[k]) for k in owned))
         for t in tree_flatten(out)[0]:
             if isinstance(t, Tensor) and (t.requires_grad or self.log is not None):
-                self.derived[id(t)] = t
-                self.origin[id(t)] = origins
+                t._dpf_derived = self.token
+                if origins is not None:
+                    t._dpf_origins = origins
         if batched:
             self.mark_batch(out)
         return out
@@ -389,8 +402,15 @@ class UseTracer(TorchFunctionMode):
         kind, shape = self._kind(func, leaves, spec, owned)
         if self.log is not None:
             return self._logged(func, leaves, spec, owned, rows, kind)
-        if kind == "linear" or (_name(func) == "linear" and self.linear is not None):
+        if kind == "linear" or (_name(func) == "linear" and self.layers is not None):
             return self._linear(func, leaves, spec)
+        if kind == "embedding":
+            args, kwargs = tree_unflatten(leaves, spec)
+            ids, weight, padding_idx = _embedding_arguments(args, kwargs)
+            with self.suspend():
+                out = self.layers.embedding(ids, weight, padding_idx)
+            self.mark_batch(out)
+            return out
         if kind == "broadcast":
             return self._broadcast(func, leaves, spec, owned, shape)
         return self._vmap(func, leaves, spec, owned, rows)
@@ -399,10 +419,14 @@ class UseTracer(TorchFunctionMode):
         """How a use is made per example: "linear", "broadcast" (with the shape its owned
         arguments broadcast to) or "vmap"."""
         name = _name(func)
-        if name == "linear" and (self.linear is not None or self.log is not None):
+        if name == "linear" and (self.layers is not None or self.log is not None):
             args, kwargs = tree_unflatten(list(leaves), spec)
             if self._is_param(_linear_arguments(args, kwargs)[1]):
                 return "linear", None
+        if name == "embedding" and (self.layers is not None or self.log is not None):
+            args, kwargs = tree_unflatten(list(leaves), spec)
+            if owned == [1] and _plain_embedding(args, kwargs) and self._is_param(leaves[1]):
+                return "embedding", None
         broadcast = _broadcast_positions(name, leaves, spec)
         if broadcast is not None and set(owned) <= broadcast:
             shape = _broadcast_shape(name, func, leaves, spec)
@@ -445,7 +469,7 @@ class UseTracer(TorchFunctionMode):
         linear_bias = bias if bias is not None and self._is_param(bias) else None
         if self._is_param(weight):
             with self.suspend():
-                out = self.linear(x, weight, linear_bias)
+                out = self.layers.linear(x, weight, linear_bias)
         elif self.is_derived(weight):  # F.linear(x, W) is a use of the derived W
             leaves, spec = tree_flatten(((x, weight), {}))
             out = self._vmap(func, leaves, spec, [1], [0])
@@ -539,6 +563,38 @@ class UseTracer(TorchFunctionMode):
         leaf = w.detach().expand(shape).requires_grad_(True)
         self.trace.uses.append(Use(w, leaf, "output", "broadcast"))
         return leaf
+
+
+def _shallow_leaves(args: tuple, kwargs: dict) -> list | None:
+    """The arguments as pytree leaves when none is a container (most torch calls), in
+    tree_flatten's order; None when one is (tree_flatten then does it)."""
+    for value in args:
+        if isinstance(value, (list, tuple, dict)):
+            return None
+    if not kwargs:
+        return list(args)
+    for value in kwargs.values():
+        if isinstance(value, (list, tuple, dict)):
+            return None
+    return [*args, *kwargs.values()]
+
+
+_EMBEDDING_ARGUMENTS = (
+    "input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"
+)  # fmt: skip
+
+
+def _embedding_arguments(args, kwargs):
+    values = dict(zip(_EMBEDDING_ARGUMENTS, args))
+    values.update(kwargs)
+    return values["input"], values["weight"], values.get("padding_idx")
+
+
+def _plain_embedding(args, kwargs) -> bool:
+    """F.embedding without max_norm (which rewrites the table) or scale_grad_by_freq."""
+    values = dict(zip(_EMBEDDING_ARGUMENTS, args))
+    values.update(kwargs)
+    return values.get("max_norm") is None and not values.get("scale_grad_by_freq", False)
 
 
 def _linear_arguments(args, kwargs):

@@ -5,13 +5,15 @@ of one call; the per-example gradients are materialised from it, (B, *p.shape) p
 
 ``F.linear(x, W, b)`` with a parameter W (a subclass of nn.Linear with its own forward, a head
 that reuses an embedding's weight) becomes a linear layer of its own, :class:`FunctionalLinear`,
-with the linear rule's fast norms and book-keeping."""
+with the linear rule's fast norms and book-keeping; ``F.embedding(ids, W)`` an embedding layer,
+:class:`FunctionalEmbedding` (OPT's learned positions, an nn.Embedding subclass)."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from ._registry import Rule
+from .embedding import EmbeddingRule
 from .linear import LinearRule
 
 
@@ -45,5 +47,22 @@ class FunctionalLinear:
             yield "bias", self.bias
 
 
+class FunctionalEmbedding:
+    """``F.embedding(ids, weight, padding_idx)`` on a parameter, presented to
+    :class:`EmbeddingRule` as the nn.Embedding it computes (no max_norm)."""
+
+    max_norm = None
+
+    def __init__(self, weight: nn.Parameter, padding_idx: int | None):
+        self.num_embeddings, self.embedding_dim = weight.shape
+        if padding_idx is not None and padding_idx < 0:
+            padding_idx += self.num_embeddings  # as F.embedding reads it
+        self.weight, self.padding_idx = weight, padding_idx
+
+    def named_parameters(self, recurse: bool = False):
+        yield "weight", self.weight
+
+
 TRACED = TracedRule()
 FUNCTIONAL_LINEAR = LinearRule()
+FUNCTIONAL_EMBEDDING = EmbeddingRule()
