@@ -458,7 +458,7 @@ def attach(
             criterion that ``PrivacyEngine.make_private`` returns).
         loss_reduction: ``"mean"`` or ``"sum"``: how the training loss reduces over the batch.
         materialise_bytes: with ``clipping="auto"`` on CPU, how many bytes of per-example
-            gradients a physical batch may hold for the layers (linear, ungrouped conv) where
+            gradients a physical batch may hold for the layers (linear, conv) where
             materialising them is cheaper than their ghost or direct norm (it saves the norm's
             multiply-adds; ``torch_dpfast/materialise_plan.py``). Default 1 GiB; 0 turns it
             off. Ignored on GPUs and in the other modes.

@@ -73,7 +73,8 @@ MIN_POSITIONS_PER_EXAMPLE_CONV = 512
 
 def weight_grads(module: nn.Module, x: Tensor, g: Tensor, out: Tensor | None = None) -> Tensor:
     """(B, *weight.shape) materialised per-example gradients of the conv weight (written into
-    ``out`` if given: ungrouped convs only), by one batched GEMM g_i a_i over the patches, or on
+    ``out`` if given), by one batched GEMM g_i a_i over the patches (grouped convs: one grouped
+    convolution backward with the batch folded into the groups), or on
     CPU at high resolution by one weight-gradient convolution per example."""
     dtype = torch.promote_types(x.dtype, g.dtype)  # autocast: float32 x, bfloat16 g
     x, kwargs = _conv_args(module, x.to(dtype))
