@@ -192,12 +192,14 @@ def _flat(grads):
     return torch.cat([g.flatten() for g in grads])
 
 
-def _one_at_a_time(model, inputs: dict, kept: int):
-    """Per-example gradients by plain autograd, one example per forward, (kept, P)."""
+def _one_at_a_time(model, inputs: dict, kept: int, losses=None):
+    """Per-example gradients by plain autograd, one example per forward, (kept, P), of
+    ``losses(model, inputs)`` (default: _losses)."""
+    losses = losses or _losses
     rows = []
     for i in range(kept):
         model.zero_grad()
-        _losses(model, _rows(inputs, i)).sum().backward()
+        losses(model, _rows(inputs, i)).sum().backward()
         rows.append(
             _flat(torch.zeros_like(p) if p.grad is None else p.grad for p in _trainable(model))
         )
@@ -384,15 +386,8 @@ def test_clip_with_its_root_owned_logit_scale_matches_per_example_autograd(mode,
         model = _clip().double().train()
     ids = torch.randint(1, V, (B, 6), generator=gen)
     inputs = dict(input_ids=ids, pixel_values=torch.randn(B, 3, 16, 16, generator=gen).double())
-    reference = copy.deepcopy(model)
-    rows = []
-    for i in range(B):
-        reference.zero_grad()
-        _clip_losses(reference, _rows(inputs, i)).sum().backward()
-        rows.append(
-            _flat(torch.zeros_like(p) if p.grad is None else p.grad for p in _trainable(reference))
-        )
-    expected, expected_sq = clipped_reference(torch.stack(rows), C)
+    per_example = _one_at_a_time(copy.deepcopy(model), inputs, B, _clip_losses)
+    expected, expected_sq = clipped_reference(per_example, C)
     # the (B, B) logits compare every image with every text: the probe refuses such an output
     att = dpf.attach(model, clipping=mode, loss_reduction="sum", probe_coupling=False)
     try:

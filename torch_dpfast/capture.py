@@ -448,6 +448,12 @@ class _ProbeCapture(_ProjectionCapture):
     detached = staticmethod(_detached_tree)
 
 
+def _in_trace() -> bool:
+    """Whether a traced module's forward is running (a traced module inside it joins it)."""
+    outer = tracing.active()
+    return outer is not None and not outer.suspended
+
+
 @dataclass
 class UseCapture:
     """For modules traced by parameter use (rules/traced.py, tracing.py): the forward runs on
@@ -461,41 +467,36 @@ class UseCapture:
     _embeddings: dict = field(default_factory=dict)  # (id(W), padding_idx) -> FunctionalEmbedding
 
     def __call__(self, module, original, params, args, kwargs):
-        outer = tracing.active()
-        if outer is not None and not outer.suspended:
+        if _in_trace():
             return original(*args, **kwargs)
-        attachment = self.attachment
-        batch = attachment.forward_batch or coupling.batch_size(args, kwargs) or 1
-        tracer = tracing.UseTracer(self.path, batch, attachment._param_ids, attachment._names, self)
-        tracer.mark_batch((args, kwargs))
+        tracer = self._tracer(args, kwargs, layers=self)
         with tracer.scope():
             out = original(*args, **kwargs)
         out = tracer.finish(out)
         trace = tracer.trace
         if trace.params:
             device = next(iter(trace.params.values())).device
-            marker = torch.empty(batch, 0, device=device)  # the record's batch (B rows)
-            attachment.record(module, self.rule, trace.parameters(), x=trace, g=marker)
+            marker = torch.empty(trace.batch, 0, device=device)  # the record's batch (B rows)
+            self.attachment.record(module, self.rule, trace.parameters(), x=trace, g=marker)
         return out
 
     def probed(self, original, args, kwargs):
         """One of the independence probe's runs: the forward unchanged, under a tracer that
         logs what each use of a parameter assigns to examples (tracing.probe_log)."""
-        outer = tracing.active()
-        if outer is not None and not outer.suspended:
+        if _in_trace():
             return original(*args, **kwargs)
+        with self._tracer(args, kwargs, log=tracing.probe_logging()).scope():
+            return original(*args, **kwargs)
+
+    def _tracer(self, args, kwargs, layers=None, log=None) -> tracing.UseTracer:
+        """A tracer for one call of the module, its arguments marked as the batch."""
         attachment = self.attachment
         batch = attachment.forward_batch or coupling.batch_size(args, kwargs) or 1
         tracer = tracing.UseTracer(
-            self.path,
-            batch,
-            attachment._param_ids,
-            attachment._names,
-            log=tracing.probe_logging(),
+            self.path, batch, attachment._param_ids, attachment._names, layers, log
         )
         tracer.mark_batch((args, kwargs))
-        with tracer.scope():
-            return original(*args, **kwargs)
+        return tracer
 
     def linear(self, x: Tensor, weight: nn.Parameter, bias: nn.Parameter | None) -> Tensor:
         """F.linear on parameters, captured as a linear layer (rules/traced.FunctionalLinear)."""

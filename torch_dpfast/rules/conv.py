@@ -100,7 +100,7 @@ def _weight_grads_grouped(module, x, g, geometry) -> Tensor:
     """(B, *weight.shape) for a grouped conv (depthwise included): the batch folded into the
     groups, B G groups of one conv over x (1, B C_in, *S), whose weight gradient is every
     example's (ATen's convolution backward, weight only: no k^2-larger copy of the input)."""
-    _, strides, pads, dilation = geometry
+    pads = geometry[2]
     if pads[0::2] != pads[1::2]:  # 'same' with an even kernel: pad as the conv did
         x = F.pad(x, [p for left, right in zip(pads[-2::-2], pads[::-2]) for p in (left, right)])
         pads = [0] * len(pads)
@@ -117,20 +117,19 @@ def _weight_grads_grouped(module, x, g, geometry) -> Tensor:
         folded_g = folded_g.contiguous(memory_format=layout)
     shape = module.weight.shape
     weight = x.new_empty(batch * shape[0], *shape[1:])  # only its shape is read
-    _, grad, _ = torch.ops.aten.convolution_backward(
-        folded_g,
-        folded_x,
-        weight,
-        None,
-        strides,
-        pads[0::2],
-        dilation,
-        False,
-        [0] * len(strides),
-        batch * module.groups,
-        [False, True, False],
-    )
+    grad = _weight_gradient(folded_g, folded_x, weight, geometry, pads, batch * module.groups)
     return grad.view(batch, *shape)
+
+
+def _weight_gradient(g: Tensor, x: Tensor, weight: Tensor, geometry, pads, groups: int) -> Tensor:
+    """The conv's weight gradient for input x and output gradient g (ATen's convolution
+    backward, weight only; ``weight`` gives the shape and dtype); ``pads`` symmetric."""
+    _, strides, _, dilation = geometry
+    _, grad, _ = torch.ops.aten.convolution_backward(
+        g, x, weight, None, strides, pads[0::2], dilation, False, [0] * len(strides), groups,
+        [False, True, False],
+    )  # fmt: skip
+    return grad
 
 
 def _by_example(module: nn.Module, x: Tensor, g: Tensor, geometry) -> bool:
@@ -150,26 +149,12 @@ def _by_example(module: nn.Module, x: Tensor, g: Tensor, geometry) -> bool:
 def _weight_grads_by_example(module, x, g, geometry, out=None) -> Tensor:
     """(B, *weight.shape): example i's weight gradient as the weight gradient of the conv on
     x[i:i+1] with output gradient g[i:i+1] (ATen's convolution backward, weight only)."""
-    _, strides, pads, dilation = geometry
     batch = x.shape[0]
     shape = (batch, *module.weight.shape)
     out = x.new_empty(shape) if out is None else out.view(shape)
     weight = module.weight.detach().to(x.dtype)  # only its shape and dtype are read
-    no_output_padding = [0] * len(strides)
     for i in range(batch):
-        _, grad, _ = torch.ops.aten.convolution_backward(
-            g[i : i + 1],
-            x[i : i + 1],
-            weight,
-            None,
-            strides,
-            pads[0::2],
-            dilation,
-            False,
-            no_output_padding,
-            1,
-            [False, True, False],
-        )
+        grad = _weight_gradient(g[i : i + 1], x[i : i + 1], weight, geometry, geometry[2], 1)
         out[i].copy_(grad)
     return out
 
