@@ -71,12 +71,13 @@ def _row_terms(module, x: Tensor, g: Tensor, w_hat: Tensor):
     return (g * per_channel).sum(dim=dims), (g * projected).sum(dim=dims)
 
 
-def _apply_jacobian(module, grad: Tensor, w_hat, sigma, s) -> Tensor:
-    """(..., C_out, n) effective-weight gradients -> raw-weight gradients, row by row."""
+def _apply_jacobian_(grad: Tensor, w_hat, sigma, s) -> Tensor:
+    """(..., C_out, n) effective-weight gradients -> raw-weight gradients, row by row, in place
+    on ``grad``."""
     n = w_hat.shape[1]
-    grad = grad * (s / sigma)[:, None]
-    centred = grad - grad.mean(dim=-1, keepdim=True)
-    return centred - w_hat * (grad * w_hat).sum(dim=-1, keepdim=True) / n
+    projection = (grad * w_hat).sum(dim=-1, keepdim=True).div_(n)
+    grad.sub_(grad.mean(dim=-1, keepdim=True)).sub_(w_hat * projection)
+    return grad.mul_((s / sigma)[:, None])
 
 
 if std_conv is not None:
@@ -88,22 +89,32 @@ if std_conv is not None:
         std_conv.ScaledStdConv2dSame,
     )
     class StdConvRule(Rule):
-        def per_example_grads(self, module, x, g):
+        def per_example_grads(self, module, x, g, out=None):
+            """The conv rule's per-example gradients of the effective weight (into the weight's
+            buffer when ``out`` gives one), mapped in place through the standardisation's
+            Jacobian."""
+            out = {} if out is None else out
             x = _padded(module, x)
             w_hat, sigma, s = _standardised(module)
-            out = {}
-            flat = weight_grads(module, x, g).reshape(x.shape[0], module.out_channels, -1)
-            if module.weight.requires_grad:
-                grad = _apply_jacobian(
-                    module, flat, w_hat.to(flat.dtype), sigma.to(flat.dtype), s.to(flat.dtype)
-                )
-                out["weight"] = grad.reshape(x.shape[0], *module.weight.shape)
-            if module.bias is not None and module.bias.requires_grad:
-                out["bias"] = _spatial_sum(g)
+            grads = {}
+            flat = weight_grads(module, x, g, out.get("weight"))
+            flat = flat.view(x.shape[0], module.out_channels, -1)
+            w_hat, sigma, s = (t.to(flat.dtype) for t in (w_hat, sigma, s))
             if hasattr(module, "gain") and module.gain.requires_grad:
-                gain = module.scale * (flat * w_hat.to(flat.dtype)).sum(dim=-1)
-                out["gain"] = gain.reshape(x.shape[0], *module.gain.shape)
-            return out
+                gain = module.scale * (flat * w_hat).sum(dim=-1)
+                grads["gain"] = gain.reshape(x.shape[0], *module.gain.shape)
+            if module.weight.requires_grad:
+                _apply_jacobian_(flat, w_hat, sigma, s)
+                grads["weight"] = flat.view(x.shape[0], *module.weight.shape)
+            if module.bias is not None and module.bias.requires_grad:
+                grads["bias"] = _spatial_sum(g, out.get("bias"))
+            return grads
+
+        def materialise_saving(self, module, x, g):
+            saving = ConvRule().materialise_saving(module, x, g)
+            if saving is None or not hasattr(module, "gain") or not module.gain.requires_grad:
+                return saving
+            return saving[0], saving[1] + module.gain.numel()
 
         def norm_sq(self, module, x, g, method="auto"):
             x = _padded(module, x)
@@ -162,14 +173,14 @@ if std_conv is not None:
             if module.weight.requires_grad or hasattr(module, "gain"):
                 effective = ops.conv_clipped_sum(xx, g, scale, **kwargs)
                 flat = effective.reshape(module.out_channels, -1).to(w_hat.dtype)
-            if module.weight.requires_grad:
-                grad = _apply_jacobian(module, flat, w_hat, sigma, s)
-                out["weight"] = grad.reshape(module.weight.shape).to(module.weight.dtype)
-            if module.bias is not None and module.bias.requires_grad:
-                out["bias"] = scaled_sum(_spatial_sum(g), scale).to(module.bias.dtype)
             if hasattr(module, "gain") and module.gain.requires_grad:
                 gain = module.scale * (flat * w_hat).sum(dim=-1)
                 out["gain"] = gain.reshape(module.gain.shape).to(module.gain.dtype)
+            if module.weight.requires_grad:
+                grad = _apply_jacobian_(flat, w_hat, sigma, s)
+                out["weight"] = grad.reshape(module.weight.shape).to(module.weight.dtype)
+            if module.bias is not None and module.bias.requires_grad:
+                out["bias"] = scaled_sum(_spatial_sum(g), scale).to(module.bias.dtype)
             return out
 
         def plan(self, module, x, out, clipping):
