@@ -52,28 +52,44 @@ def test_conv_rule_matches_per_example_autograd(case, gen):
 
 
 @pytest.mark.parametrize(
-    "conv,x,by_example",
+    "conv,x,path",
     [
-        (nn.Conv2d(2, 3, 3, padding=1), (2, 2, 23, 25), True),  # 575 output positions
-        (nn.Conv2d(2, 3, 3, padding=1), (2, 2, 22, 23), False),  # 506
-        (nn.Conv2d(2, 3, 1), (2, 2, 30, 30), False),  # 1x1: the GEMM needs no unfolding
-        (nn.Conv2d(2, 4, 3, padding=1, groups=2), (2, 2, 30, 30), False),
-        (nn.Conv2d(2, 3, 2, padding="same"), (2, 2, 30, 30), False),  # (0, 1) padding
+        (nn.Conv2d(2, 3, 3, padding=1), (2, 2, 5, 6), "folded"),  # narrow: batch into groups
+        (nn.Conv2d(200, 3, 3, padding=1), (2, 200, 5, 4), "by_example"),
+        (nn.Conv2d(200, 3, 2, padding="same"), (2, 200, 5, 4), "gemm"),  # (0, 1) padding
+        (nn.Conv2d(2, 3, 1), (2, 2, 7, 5), "gemm"),  # 1x1: a transposed view, no unfolding
+        (nn.Conv2d(2, 3, 1, stride=2), (2, 2, 7, 5), "gemm"),
+        (nn.Conv2d(4, 6, 3, padding=1, groups=2), (3, 4, 5, 5), "folded"),
+        (nn.Conv1d(300, 5, 3, padding=2, dilation=2), (2, 300, 9), "by_example"),
     ],
 )
-def test_conv_per_example_gradients_by_example_only_at_high_resolution(
-    conv, x, by_example, gen, monkeypatch
-):
+def test_conv_per_example_gradient_paths(conv, x, path, gen, monkeypatch):
+    """Each way of computing the per-example weight gradients against brute force, and the
+    choice among them on CPU (_gradient_path)."""
     from torch_dpfast.rules import conv as conv_rule
 
-    calls = []
-    original = conv_rule._weight_grads_by_example
-    monkeypatch.setattr(
-        conv_rule, "_weight_grads_by_example", lambda *a: calls.append(1) or original(*a)
-    )
     module = conv.double()
+    assert conv_rule._gradient_path(module, torch.empty(x), conv_geometry(module, x)) == path
     inputs = torch.randn(*x, generator=gen, dtype=torch.float64)
     g = output_grad(module, inputs, gen)
-    got = rule_for(module).per_example_grads(module, inputs, g)["weight"]
-    torch.testing.assert_close(got, brute_force(module, inputs, g)["weight"])
-    assert bool(calls) == by_example
+    expected = brute_force(module, inputs, g)["weight"]
+    for forced in ("folded", "by_example", "gemm"):
+        if forced == "by_example" and module.padding == "same":
+            continue  # asymmetric padding: the convolution backward cannot take it
+        if forced == "gemm" and module.groups > 1:
+            continue  # grouped convs are always folded
+        monkeypatch.setattr(conv_rule, "_gradient_path", lambda *a, forced=forced: forced)
+        got = rule_for(module).per_example_grads(module, inputs, g)["weight"]
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+
+
+def conv_geometry(module, shape):
+    """The geometry the conv rule computes for ``module`` on an input of ``shape``."""
+    from torch_dpfast.ops.conv import conv_geometry as geometry
+    from torch_dpfast.rules.conv import _conv_args
+
+    x = torch.empty(shape, dtype=torch.float64)
+    with torch.no_grad():
+        g = module(x)
+    x, kwargs = _conv_args(module, x)
+    return geometry("test", x, g, **kwargs)

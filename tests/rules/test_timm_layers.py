@@ -17,6 +17,14 @@ CASES = {
         lambda: timm_layers.GroupNormAct(6, num_groups=3, act_layer=nn.SiLU),
         floats(3, 6, 4, 4),
     ),
+    "groupnormact-no-act": (
+        lambda: timm_layers.GroupNormAct(4, num_groups=2, apply_act=False),
+        floats(2, 4, 3, 3),
+    ),
+    "groupnormact-gelu-1d": (
+        lambda: timm_layers.GroupNormAct(6, num_groups=2, act_layer=nn.GELU),
+        floats(3, 6, 5),
+    ),
     "groupnormact-inplace-relu": (
         lambda: timm_layers.GroupNormAct(4, num_groups=2),
         floats(2, 4, 3, 3),

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops.conv import _grouped, conv_geometry
+from ..ops.conv import conv_geometry, unfold_patches
 from ._registry import Rule, bound_dtype, register_rule, row_norms, scaled_sum, zero_norms
 from .linear import plan_linear
 
@@ -63,43 +63,72 @@ def conv_bound_sq(x: Tensor, g: Tensor, kwargs: dict, weight: bool, bias: bool) 
     return total
 
 
-# Output positions from which, on CPU, one weight-gradient convolution per example (oneDNN's
-# direct kernels) beats a batched GEMM over the unfolded patches, whose k^2-larger copy of the
-# input dominates at high resolution (ResNet shapes at batch 8, 2 cores: 56x56 3x3 convs 3.5x
-# faster, the 224x224 7x7 stem 2.9x, 28x28 1.3-3.7x; at 14x14 and below, and for 1x1 convs,
-# the GEMM is as fast or faster).
-MIN_POSITIONS_PER_EXAMPLE_CONV = 512
+# How the per-example weight gradients of a conv are computed (``_gradient_path``). Measured on
+# the 2-core CPU at batch 8 against the batch's own weight gradient (oneDNN, one call): an
+# ungrouped conv with a kernel larger than 1 is as fast as the batch's when the batch is folded
+# into the groups (one grouped convolution backward) up to FOLDED_MAX_CHANNELS channels (3x3,
+# 96 channels at 56x56: 22.5 ms, the batch's 22.5; at 256 channels folding is 2x slower), and
+# nearly so by one weight-gradient convolution per example up to BY_EXAMPLE_MAX_WEIGHT weight
+# values (3x3, 256 channels at 14x14: 11.8 ms against 11.2; 512 channels at 7x7: 4x slower);
+# the batched GEMM over unfolded patches pays for a prod(kernel)-larger copy of the input (1.5-4x
+# slower) and is left for the rest and for 1x1 convs (a transposed view, no copy: as fast as
+# the batch's).
+FOLDED_MAX_CHANNELS = 192
+BY_EXAMPLE_MAX_WEIGHT = 1 << 20
+# Output positions from which a depthwise/grouped weight gradient runs channels-last on CPU.
+MIN_POSITIONS_CHANNELS_LAST = 512
 
 
 def weight_grads(module: nn.Module, x: Tensor, g: Tensor, out: Tensor | None = None) -> Tensor:
     """(B, *weight.shape) materialised per-example gradients of the conv weight (written into
-    ``out`` if given), by one batched GEMM g_i a_i over the patches (grouped convs: one grouped
-    convolution backward with the batch folded into the groups), or on
-    CPU at high resolution by one weight-gradient convolution per example."""
+    ``out`` if given): one grouped convolution backward with the batch folded into the groups
+    (grouped and depthwise convs; on CPU narrow ones too), one weight-gradient convolution per
+    example (on CPU), or one batched GEMM g_i a_i over the input patches."""
     dtype = torch.promote_types(x.dtype, g.dtype)  # autocast: float32 x, bfloat16 g
     x, kwargs = _conv_args(module, x.to(dtype))
     g = g.to(dtype)
     geometry = conv_geometry("conv rule", x, g, **kwargs)
-    if _by_example(module, x, g, geometry):
+    path = _gradient_path(module, x, geometry)
+    if path == "by_example":
         return _weight_grads_by_example(module, x, g, geometry, out)
-    if module.groups > 1:
-        grads = _weight_grads_grouped(module, x, g, geometry)
+    if path == "folded":
+        grads = _weight_grads_folded(module, x, g, geometry)
         return grads if out is None else out.view(grads.shape).copy_(grads)
-    a4, g4 = _grouped(x, g, geometry, module.groups)
     batch = x.shape[0]
-    if module.groups == 1:
-        rows = g.reshape(batch, module.out_channels, -1)  # (B, C_out, T)
-        target = None if out is None else out.view(*rows.shape[:2], -1)
-        grads = torch.bmm(rows, a4.squeeze(2), out=target)
-    else:
-        grads = torch.einsum("btgo,btgi->bgoi", g4, a4)
-    return grads.reshape(batch, *module.weight.shape)
+    rows = g.reshape(batch, module.out_channels, -1)  # (B, C_out, T)
+    target = None if out is None else out.view(*rows.shape[:2], -1)
+    grads = torch.bmm(rows, _patch_rows(x, geometry), out=target)
+    return grads.view(batch, *module.weight.shape)
 
 
-def _weight_grads_grouped(module, x, g, geometry) -> Tensor:
-    """(B, *weight.shape) for a grouped conv (depthwise included): the batch folded into the
-    groups, B G groups of one conv over x (1, B C_in, *S), whose weight gradient is every
-    example's (ATen's convolution backward, weight only: no k^2-larger copy of the input)."""
+def _gradient_path(module: nn.Module, x: Tensor, geometry) -> str:
+    """ "folded", "by_example" or "gemm": see :data:`FOLDED_MAX_CHANNELS`."""
+    if module.groups > 1:
+        return "folded"
+    kernel, _, pads, _ = geometry
+    if x.device.type != "cpu" or math.prod(kernel) == 1:
+        return "gemm"
+    if max(module.in_channels, module.out_channels) <= FOLDED_MAX_CHANNELS:
+        return "folded"
+    if module.weight.numel() <= BY_EXAMPLE_MAX_WEIGHT and pads[0::2] == pads[1::2]:
+        return "by_example"
+    return "gemm"
+
+
+def _patch_rows(x: Tensor, geometry) -> Tensor:
+    """(B, T, C_in prod(kernel)) input patches; for a 1x1 conv with stride 1 and no padding a
+    transposed view of x (no copy: the GEMM reads it transposed)."""
+    kernel, strides, pads, _ = geometry
+    if math.prod(kernel) == 1 and set(strides) == {1} and not any(pads):
+        return x.flatten(2).transpose(1, 2)
+    patches = unfold_patches(x, *geometry)
+    return patches.reshape(*patches.shape[:2], -1)
+
+
+def _weight_grads_folded(module, x, g, geometry) -> Tensor:
+    """(B, *weight.shape) with the batch folded into the groups: B G groups of one conv over
+    x (1, B C_in, *S), whose weight gradient is every example's (ATen's convolution backward,
+    weight only: no k^2-larger copy of the input)."""
     pads = geometry[2]
     if pads[0::2] != pads[1::2]:  # 'same' with an even kernel: pad as the conv did
         x = F.pad(x, [p for left, right in zip(pads[-2::-2], pads[::-2]) for p in (left, right)])
@@ -107,11 +136,11 @@ def _weight_grads_grouped(module, x, g, geometry) -> Tensor:
     batch = x.shape[0]
     folded_x = x.reshape(1, batch * x.shape[1], *x.shape[2:])
     folded_g = g.reshape(1, batch * g.shape[1], *g.shape[2:])
-    large = math.prod(g.shape[2:]) >= MIN_POSITIONS_PER_EXAMPLE_CONV
-    if x.device.type == "cpu" and x.dim() in (4, 5) and large:
+    large = math.prod(g.shape[2:]) >= MIN_POSITIONS_CHANNELS_LAST
+    if x.device.type == "cpu" and module.groups > 1 and x.dim() in (4, 5) and large:
         # oneDNN's grouped weight gradient is 2-4x faster channels-last on large maps
         # (depthwise 7x7, batch 8, 2 cores: 56x56 9 ms against 33 ms, 28x28 faster too) and
-        # slower on small ones (14x14: 4x slower)
+        # slower on small ones (14x14: 4x slower); with the batch as the only groups, slower
         layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
         folded_x = folded_x.contiguous(memory_format=layout)
         folded_g = folded_g.contiguous(memory_format=layout)
@@ -132,20 +161,6 @@ def _weight_gradient(g: Tensor, x: Tensor, weight: Tensor, geometry, pads, group
     return grad
 
 
-def _by_example(module: nn.Module, x: Tensor, g: Tensor, geometry) -> bool:
-    """Whether :func:`_weight_grads_by_example` is the faster way (see
-    :data:`MIN_POSITIONS_PER_EXAMPLE_CONV`): CPU, ungrouped, a kernel larger than 1, many output
-    positions, and a padding the convolution takes (the same on both sides)."""
-    kernel, _, pads, _ = geometry
-    return (
-        x.device.type == "cpu"
-        and module.groups == 1
-        and math.prod(kernel) > 1
-        and math.prod(g.shape[2:]) >= MIN_POSITIONS_PER_EXAMPLE_CONV
-        and pads[0::2] == pads[1::2]
-    )
-
-
 def _weight_grads_by_example(module, x, g, geometry, out=None) -> Tensor:
     """(B, *weight.shape): example i's weight gradient as the weight gradient of the conv on
     x[i:i+1] with output gradient g[i:i+1] (ATen's convolution backward, weight only)."""
@@ -153,8 +168,9 @@ def _weight_grads_by_example(module, x, g, geometry, out=None) -> Tensor:
     shape = (batch, *module.weight.shape)
     out = x.new_empty(shape) if out is None else out.view(shape)
     weight = module.weight.detach().to(x.dtype)  # only its shape and dtype are read
+    groups = module.groups
     for i in range(batch):
-        grad = _weight_gradient(g[i : i + 1], x[i : i + 1], weight, geometry, geometry[2], 1)
+        grad = _weight_gradient(g[i : i + 1], x[i : i + 1], weight, geometry, geometry[2], groups)
         out[i].copy_(grad)
     return out
 

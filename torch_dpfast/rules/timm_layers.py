@@ -1,7 +1,7 @@
 """Rules for timm's normalisation layers that override ``forward`` (registered when timm is
 installed): LayerNorm and GroupNorm (same maths, fast kernels), LayerNorm2d (channels-first:
 normalised over C of (B, C, H, W)), GroupNorm1, and GroupNormAct (norm, then dropout and an
-activation, whose Jacobian is applied to g before the GroupNorm rule)."""
+activation, whose Jacobian is applied to g before the GroupNorm maths)."""
 
 from __future__ import annotations
 
@@ -20,20 +20,33 @@ except ImportError:  # timm is optional
     timm_layers = None
 
 
-def _pre_activation_grad(module: nn.Module, x, g):
-    """The gradient w.r.t. the GroupNorm output y, given g w.r.t. act(drop(y))."""
+def _group_norm_act_grads(module: nn.Module, x, g):
+    """GroupNormAct: y = xhat * weight + bias, out = act(drop(y)); the GroupNorm rule's
+    per-example gradients with g mapped back through the activation (xhat computed once; for
+    ReLU the activation's backward is a threshold on y, without autograd)."""
     if module.training and not isinstance(module.drop, nn.Identity):
         raise ValueError(
             f"{type(module).__name__} applies dropout between its norm and activation; its "
             "per-example gradients cannot be recomputed exactly in training mode. Use "
             "drop_layer=None for private training"
         )
-    with torch.enable_grad():
-        y = F.group_norm(x, module.num_groups, module.weight, module.bias, module.eps)
-        y = y.detach().requires_grad_(True)
-        out = module.act(module.drop(y.clone()))  # clone: the activation may be in place
-        (grad,) = torch.autograd.grad(out, y, g)
-    return grad
+    xhat = F.group_norm(x, module.num_groups, None, None, module.eps)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    y = xhat
+    if module.weight is not None:
+        y = xhat * module.weight.detach().reshape(shape)
+    if module.bias is not None:
+        y = y + module.bias.detach().reshape(shape)
+    if isinstance(module.act, nn.ReLU):
+        pre = torch.ops.aten.threshold_backward(g, y, 0)
+    elif isinstance(module.act, nn.Identity):
+        pre = g
+    else:
+        with torch.enable_grad():
+            y = y.detach().requires_grad_(True)
+            out = module.act(y.clone())  # clone: the activation may be in place
+            (pre,) = torch.autograd.grad(out, y, g)
+    return affine_grads(module, xhat, pre, tuple(range(2, x.dim())))
 
 
 if timm_layers is not None:
@@ -58,4 +71,4 @@ if timm_layers is not None:
     @register_rule(timm_layers.GroupNormAct)
     class GroupNormActRule(Rule):
         def per_example_grads(self, module, x, g):
-            return group_norm_grads(module, x, _pre_activation_grad(module, x, g))
+            return _group_norm_act_grads(module, x, g)
