@@ -60,6 +60,13 @@ def test_conv_rule_matches_per_example_autograd(case, gen):
         (nn.Conv2d(2, 3, 1), (2, 2, 7, 5), "gemm"),  # 1x1: a transposed view, no unfolding
         (nn.Conv2d(2, 3, 1, stride=2), (2, 2, 7, 5), "gemm"),
         (nn.Conv2d(4, 6, 3, padding=1, groups=2), (3, 4, 5, 5), "folded"),
+        (nn.Conv2d(3, 3, 5, padding=2, groups=3), (2, 3, 6, 7), "correlated"),  # depthwise
+        (
+            nn.Conv2d(2, 4, (3, 2), stride=(2, 3), dilation=(2, 1), groups=2),
+            (2, 2, 9, 8),
+            "correlated",
+        ),
+        (nn.Conv3d(2, 2, 2, stride=2, padding=1, groups=2), (2, 2, 5, 4, 5), "correlated"),
         (nn.Conv1d(300, 5, 3, padding=2, dilation=2), (2, 300, 9), "by_example"),
     ],
 )
@@ -73,7 +80,7 @@ def test_conv_per_example_gradient_paths(conv, x, path, gen, monkeypatch):
     inputs = torch.randn(*x, generator=gen, dtype=torch.float64)
     g = output_grad(module, inputs, gen)
     expected = brute_force(module, inputs, g)["weight"]
-    for forced in ("folded", "by_example", "gemm"):
+    for forced in ("correlated", "folded", "by_example", "gemm"):
         if forced == "by_example" and module.padding == "same":
             continue  # asymmetric padding: the convolution backward cannot take it
         if forced == "gemm" and module.groups > 1:

@@ -64,15 +64,17 @@ def conv_bound_sq(x: Tensor, g: Tensor, kwargs: dict, weight: bool, bias: bool) 
 
 
 # How the per-example weight gradients of a conv are computed (``_gradient_path``). Measured on
-# the 2-core CPU at batch 8 against the batch's own weight gradient (oneDNN, one call): an
-# ungrouped conv with a kernel larger than 1 is as fast as the batch's when the batch is folded
-# into the groups (one grouped convolution backward) up to FOLDED_MAX_CHANNELS channels (3x3,
-# 96 channels at 56x56: 22.5 ms, the batch's 22.5; at 256 channels folding is 2x slower), and
-# nearly so by one weight-gradient convolution per example up to BY_EXAMPLE_MAX_WEIGHT weight
-# values (3x3, 256 channels at 14x14: 11.8 ms against 11.2; 512 channels at 7x7: 4x slower);
-# the batched GEMM over unfolded patches pays for a prod(kernel)-larger copy of the input (1.5-4x
-# slower) and is left for the rest and for 1x1 convs (a transposed view, no copy: as fast as
-# the batch's).
+# the 2-core CPU at batch 8 against the batch's own weight gradient (oneDNN, one call): a
+# depthwise conv's are fastest as one forward convolution with the output gradients as kernels
+# (``_weight_grads_correlated``; 7x7 at 56x56: 2.6 ms, the batch's weight gradient 28 ms, the
+# batch folded into the groups 11 ms); an ungrouped conv with a kernel larger than 1 is as fast
+# as the batch's when the batch is folded into the groups up to FOLDED_MAX_CHANNELS channels
+# (3x3, 96 channels at 56x56: 22.5 ms, the batch's 22.5; at 256 channels folding is 2x slower),
+# and nearly so by one weight-gradient convolution per example up to BY_EXAMPLE_MAX_WEIGHT
+# weight values (3x3, 256 channels at 14x14: 11.8 ms against 11.2; 512 channels at 7x7: 4x
+# slower); the batched GEMM over unfolded patches pays for a prod(kernel)-larger copy of the
+# input (1.5-4x slower) and is left for the rest and for 1x1 convs (a transposed view, no copy:
+# as fast as the batch's). Grouped convs with several input channels per group are folded.
 FOLDED_MAX_CHANNELS = 192
 BY_EXAMPLE_MAX_WEIGHT = 1 << 20
 # Output positions from which a depthwise/grouped weight gradient runs channels-last on CPU.
@@ -81,9 +83,10 @@ MIN_POSITIONS_CHANNELS_LAST = 512
 
 def weight_grads(module: nn.Module, x: Tensor, g: Tensor, out: Tensor | None = None) -> Tensor:
     """(B, *weight.shape) materialised per-example gradients of the conv weight (written into
-    ``out`` if given): one grouped convolution backward with the batch folded into the groups
-    (grouped and depthwise convs; on CPU narrow ones too), one weight-gradient convolution per
-    example (on CPU), or one batched GEMM g_i a_i over the input patches."""
+    ``out`` if given): on CPU a depthwise conv's as one forward convolution with the output
+    gradients as kernels; one grouped convolution backward with the batch folded into the
+    groups (grouped convs; on CPU narrow ones too); one weight-gradient convolution per example
+    (on CPU); or one batched GEMM g_i a_i over the input patches (see _gradient_path)."""
     dtype = torch.promote_types(x.dtype, g.dtype)  # autocast: float32 x, bfloat16 g
     x, kwargs = _conv_args(module, x.to(dtype))
     g = g.to(dtype)
@@ -91,8 +94,9 @@ def weight_grads(module: nn.Module, x: Tensor, g: Tensor, out: Tensor | None = N
     path = _gradient_path(module, x, geometry)
     if path == "by_example":
         return _weight_grads_by_example(module, x, g, geometry, out)
-    if path == "folded":
-        grads = _weight_grads_folded(module, x, g, geometry)
+    if path in ("folded", "correlated"):
+        compute = _weight_grads_folded if path == "folded" else _weight_grads_correlated
+        grads = compute(module, x, g, geometry)
         return grads if out is None else out.view(grads.shape).copy_(grads)
     batch = x.shape[0]
     rows = g.reshape(batch, module.out_channels, -1)  # (B, C_out, T)
@@ -102,9 +106,10 @@ def weight_grads(module: nn.Module, x: Tensor, g: Tensor, out: Tensor | None = N
 
 
 def _gradient_path(module: nn.Module, x: Tensor, geometry) -> str:
-    """ "folded", "by_example" or "gemm": see :data:`FOLDED_MAX_CHANNELS`."""
+    """One of "correlated", "folded", "by_example", "gemm": see :data:`FOLDED_MAX_CHANNELS`."""
     if module.groups > 1:
-        return "folded"
+        one_input = module.in_channels == module.groups  # depthwise (any channel multiplier)
+        return "correlated" if one_input and x.device.type == "cpu" else "folded"
     kernel, _, pads, _ = geometry
     if x.device.type != "cpu" or math.prod(kernel) == 1:
         return "gemm"
@@ -123,6 +128,32 @@ def _patch_rows(x: Tensor, geometry) -> Tensor:
         return x.flatten(2).transpose(1, 2)
     patches = unfold_patches(x, *geometry)
     return patches.reshape(*patches.shape[:2], -1)
+
+
+def _weight_grads_correlated(module, x, g, geometry) -> Tensor:
+    """(B, *weight.shape) as one forward convolution: example i's weight gradient
+    G_i[o, c, k] = sum_t g_i[o, t] x_i[c, stride t + dilation k] is the cross-correlation of
+    its padded input with its output gradient, so a grouped conv over x' = (C_in/G, B G, *S)
+    (input channels of a group as the batch) with g as the kernel, (B C_out, 1, *S_out), B G
+    groups, stride and dilation swapped, computes every example's at once (the first
+    prod(kernel) outputs per spatial dim; more when the stride does not divide the padded
+    input)."""
+    kernel, strides, pads, dilation = geometry
+    torch_pads = [p for left, right in zip(pads[-2::-2], pads[::-2]) for p in (left, right)]
+    if any(torch_pads):
+        x = F.pad(x, torch_pads)
+    batch, groups = x.shape[0], module.groups
+    per_group = x.shape[1] // groups
+    folded_x = x.reshape(batch * groups, per_group, *x.shape[2:]).transpose(0, 1)
+    folded_g = g.reshape(batch * g.shape[1], 1, *g.shape[2:])
+    n = len(kernel)
+    out = torch.ops.aten.convolution(
+        folded_x, folded_g, None, list(dilation), [0] * n, list(strides), False, [0] * n,
+        batch * groups,
+    )  # fmt: skip  # (C_in/G, B C_out, *K')
+    out = out[(..., *[slice(0, k) for k in kernel])]
+    out = out.reshape(per_group, batch, g.shape[1], *kernel)
+    return out.permute(1, 2, 0, *range(3, 3 + n))
 
 
 def _weight_grads_folded(module, x, g, geometry) -> Tensor:
