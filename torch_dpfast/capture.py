@@ -63,11 +63,11 @@ class _Capture(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             # Ghost clipping runs a second backward through this small graph.
-            retain = ctx.record.owner._ghost is not None
+            retain = ctx.record.owner.retains_graph()
             g_in = g if ctx.rows is None else g[: ctx.rows]
             (grad_x,) = torch.autograd.grad(ctx.out, ctx.x_leaf, g_in, retain_graph=retain)
         ctx.record.x, ctx.record.g = x.detach(), g.detach()
-        ctx.record.owner._on_backward(ctx.record)
+        ctx.record.owner.on_backward(ctx.record)
         return grad_x, None, None, None, None
 
 
@@ -124,7 +124,7 @@ class _CaptureCall(torch.autograd.Function):
         ctx.saved_tensors  # noqa: B018 - raises if an input was modified in place since
         needs = [i for i, t in enumerate(ctx.ins) if t.requires_grad]
         targets = list(ctx.leaves.values()) + [ctx.ins[i] for i in needs]
-        retain = ctx.record.owner._ghost is not None  # ghost clipping's second backward
+        retain = ctx.record.owner.retains_graph()  # ghost clipping's second backward
         grads = torch.autograd.grad(ctx.first, targets, g, allow_unused=True, retain_graph=retain)
         n = len(ctx.leaves)
         ctx.record.batch_grads = dict(zip(ctx.leaves, grads[:n]))
@@ -132,7 +132,7 @@ class _CaptureCall(torch.autograd.Function):
         detach = lambda v: v.detach() if isinstance(v, Tensor) else v  # noqa: E731
         ctx.record.x = (tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()})
         ctx.record.g = g.detach()
-        ctx.record.owner._on_backward(ctx.record)
+        ctx.record.owner.on_backward(ctx.record)
         input_grads = [None] * len(ctx.ins)
         for i, grad in zip(needs, grads[n:]):
             input_grads[i] = grad
@@ -163,7 +163,7 @@ class _CaptureMany(torch.autograd.Function):
         needs = [i for i, t in enumerate(ctx.ins) if t.requires_grad]
         grads = [None] * len(ctx.ins)
         if needs:
-            retain = ctx.record.owner._ghost is not None  # ghost clipping's second backward
+            retain = ctx.record.owner.retains_graph()  # ghost clipping's second backward
             gs_in = gs if ctx.rows is None else [g[: ctx.rows] for g in gs]
             # outputs that depend on no input requiring a gradient have no graph
             pairs = [(o, g) for o, g in zip(ctx.outs, gs_in) if o.requires_grad]
@@ -178,7 +178,7 @@ class _CaptureMany(torch.autograd.Function):
                 grads[i] = grad
         ctx.record.x = tuple(x.detach() for x in xs)
         ctx.record.g = tuple(g.detach() for g in gs)
-        ctx.record.owner._on_backward(ctx.record)
+        ctx.record.owner.on_backward(ctx.record)
         return (None, None, None, None, *grads)
 
 
@@ -214,7 +214,7 @@ class _CaptureProbes(torch.autograd.Function):
         ]
         needs = [i for i, t in enumerate(ctx.ins) if t.requires_grad]
         flat = [p for group in ctx.probes for p in group]
-        retain = ctx.record.owner._ghost is not None  # ghost clipping's second backward
+        retain = ctx.record.owner.retains_graph()  # ghost clipping's second backward
         found = torch.autograd.grad(
             [o for o, _ in pairs],
             [ctx.ins[i] for i in needs] + flat,
@@ -233,7 +233,7 @@ class _CaptureProbes(torch.autograd.Function):
             g_groups.append(zero_padded(torch.cat(parts, dim=1), ctx.batch))
         ctx.record.x = tuple(zero_padded(s.detach(), ctx.batch) for s in ctx.saved)
         ctx.record.g = tuple(g_groups)
-        ctx.record.owner._on_backward(ctx.record)
+        ctx.record.owner.on_backward(ctx.record)
         return (None, None, None, None, *grads)
 
 

@@ -18,31 +18,29 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import certify, coupling, losses, materialise_plan, ops
+from . import coupling, losses, materialise_plan
 from .assign import assign_rules, check_no_batch_statistics
 from .capture import CAPTURES, UseCapture, bind, bind_root, bypassed, switchable_root
+from .clippers import CLIPPING_MODES, Clipper, make_clipper
 from .materialise_plan import check_budget
-from .records import (
-    Record,
-    accumulate,
-    check_batch,
-    has_fast_path,
-    kept_prefix,
-    leading_rows,
-    mask_on,
-    materialise,
-    merge_repeated,
-    plain_records,
-    to_batch_first,
-    warn_non_finite,
-    zero_padded,
-)
-from .rules import scaled_sum
-from .rules._registry import Rule, leading
+from .records import Record, check_batch, kept_prefix, merge_repeated, to_batch_first
+from .rules._registry import Rule
 from .rules.traced import TRACED
+from .validation import check_loss_reduction
 
-CLIPPING_MODES = ("auto", "bk", "per_example", "ghost")
-_NORM_METHOD = {"auto": "auto", "bk": "ghost"}
+__all__ = ["CLIPPING_MODES", "Attachment", "ClipBatch", "attach", "attachments_of"]
+
+
+@dataclass
+class ClipBatch:
+    """What a clipper clips: the captured layer calls of one physical batch (repeated calls of
+    a parameter joined), its mask (B,) or None, its size B, and the factor that turns the
+    loss's output gradients into per-example ones (B for a mean-reduced loss)."""
+
+    records: list[Record]
+    mask: Tensor | None
+    size: int
+    loss_scale: float
 
 
 @dataclass(eq=False)
@@ -65,11 +63,8 @@ class Attachment:
     batch_first: bool = True  # False: layer inputs hold the batch in dim 1 (sequence-first)
     # bytes of per-example gradients auto may hold on CPU instead of fast paths (0: none)
     materialise_bytes: int = materialise_plan.DEFAULT_MATERIALISE_BYTES
-    _ghost: object = None  # the ghost pass in progress (ghost.py)
-    _ghost_norms: Tensor | None = None  # squared norms of the last ghost_backward
-    _stray_backward: bool = False  # ghost mode: a backward ran outside ghost_backward
+    clipper: Clipper | None = None  # clippers/: how this mode clips a physical batch
     _records: list[Record] = field(default_factory=list)
-    _workspace: dict[int, Tensor] = field(default_factory=dict)  # id(p) -> materialised buffer
     _hooks: list = field(default_factory=list)
     _restores: list = field(default_factory=list)  # undo what rules changed (Rule.adapt)
     _leaked: set[str] = field(default_factory=set)  # parameters that got an ordinary gradient
@@ -146,6 +141,10 @@ class Attachment:
         self._records.append(record)
         return record
 
+    def recorded(self) -> list[Record]:
+        """The layer calls captured since the last clip (those whose backward ran have g)."""
+        return list(self._records)
+
     def discard(self, keep_pending: bool = False) -> None:
         """Forgets captured layer calls (after a step, or a backward that will not be used).
         With ``keep_pending``, calls whose backward has not run yet are kept: ``zero_grad()``
@@ -166,7 +165,7 @@ class Attachment:
             self._restores.pop()()
         self.modules.clear()
         self.rules.clear()
-        self._workspace.clear()
+        self.clipper.reset()
         self.discard()
         self.take_mask()
         _live.discard(self)
@@ -196,10 +195,11 @@ class Attachment:
 
     def clip_and_accumulate(self, max_grad_norm: float) -> Tensor:
         """Clips each example's gradient over all attached parameters to norm ``max_grad_norm``
-        and adds sum_i c_i g_i to ``p.summed_grad``. Returns the (B,) squared norms (after the
-        loss-reduction rescaling). Examples masked out by ``self.mask`` contribute nothing.
-        Refused a second time for one physical batch of a make_private loader (a second
-        ``optimizer.step()`` would release a partial sum as a logical step)."""
+        and adds sum_i c_i g_i to ``p.summed_grad`` (by this mode's clipper, clippers/).
+        Returns the (B,) squared norms (after the loss-reduction rescaling). Examples masked
+        out by ``self.mask`` contribute nothing. Refused a second time for one physical batch
+        of a make_private loader (a second ``optimizer.step()`` would release a partial sum as
+        a logical step)."""
         if self.generation and self.generation == self.clipped_generation:
             raise RuntimeError(
                 "torch_dpfast: optimizer.step() was called twice for one physical batch: the "
@@ -207,8 +207,12 @@ class Attachment:
                 "optimizer.step() once after each backward()"
             )
         self.clipped_generation = self.generation
-        if self.clipping == "ghost":
-            return self._ghost_result()
+        return self.clipper.clip(self, max_grad_norm)
+
+    def take_batch(self) -> ClipBatch | None:
+        """The physical batch whose backward ran, checked (no parameter leaked a gradient, one
+        batch and one backward per step, every layer's rows map onto its B examples), or None
+        when no captured layer ran; the attachment forgets it."""
         try:
             self.check_no_leaks()
         except (RuntimeError, ValueError):
@@ -220,7 +224,7 @@ class Attachment:
         batch_started = self.batch_started
         mask = self.take_mask()
         if not records:
-            return torch.zeros(0)
+            return None
         if len({r.generation for r in records}) > 1:
             raise RuntimeError(
                 "torch_dpfast: the gradients of several physical batches reached one "
@@ -240,53 +244,10 @@ class Attachment:
         batch = self._batch_of(records, mask)
         for r in records:
             check_batch(r, batch, mask)
-        records = merge_repeated(records)
         # With a mean-reduced loss, autograd's g carries a factor 1/B; per-example gradients
         # are the gradients of the per-example losses, so multiply it back.
         loss_scale = float(batch) if self.loss_reduction == "mean" else 1.0
-        # Layers whose rule has a fast path (no per-example gradients) take it; the others
-        # (shared parameters, the fallback, small rules such as the norm layers' that
-        # materialise anyway) are materialised once, for both their norms and their sums.
-        if self.clipping == "per_example":
-            per_example = materialise(records)
-            return self._clip_materialised(per_example, max_grad_norm, loss_scale, mask, batch)
-        # Rows from `kept` on are a physical batch's padding: no norm is computed for them, and
-        # their factor is 0 (the fast paths do not even read them).
-        kept = kept_prefix(mask, batch)
-        plain = [r for r in plain_records(records) if has_fast_path(r.rule)]
-        # On CPU, auto materialises the layers where that saves their norm (materialise_plan.py),
-        # on their real rows only.
-        cut = self._to_materialise(plain, kept)
-        buffers = {id(r): self._workspace_for(r, kept) for r in plain if id(r) in cut}
-        plain = [r for r in plain if id(r) not in cut]
-        plain_ids = {id(r) for r in plain}
-        per_example = materialise([r for r in records if id(r) not in plain_ids], buffers, kept)
-
-        parts, exact = self._certified_norms(plain, kept, _NORM_METHOD[self.clipping])
-        if per_example:
-            parts.append(ops.per_example_norm_sq([g[:kept] for _, g in per_example.values()]))
-        device = leading(records[0].g).device
-        norm_sq, factors = ops.total_clip_factors(
-            parts,
-            max_grad_norm,
-            mask_on(None if mask is None else mask[:kept], device),
-            norm_scale=loss_scale**2,
-        )
-        norm_sq, factors = zero_padded(norm_sq, batch), zero_padded(factors, batch)
-        warn_non_finite(norm_sq, mask)
-        scale = factors * loss_scale
-        for r in plain:
-            x, g = leading_rows(r, kept)
-            factors_of_rows = scale if g is r.g else scale[:kept]
-            if id(r) in exact:  # recomputed examples are added exactly, not by the fast sum
-                for name, summed in exact[id(r)].sums(scale).items():
-                    accumulate(r.params[name], summed)
-                factors_of_rows = exact[id(r)].without(factors_of_rows)
-            for name, summed in r.rule.clipped_sums(r.module, x, g, factors_of_rows).items():
-                accumulate(r.params[name], summed)
-        for p, grad in per_example.values():
-            accumulate(p, scaled_sum(grad, scale[: grad.shape[0]]))
-        return norm_sq
+        return ClipBatch(merge_repeated(records), mask, batch, loss_scale)
 
     def _batch_of(self, records: list[Record], mask: Tensor | None) -> int:
         """B: the physical batch's mask length; else the forward's batch (dim 0 of the model's
@@ -299,58 +260,6 @@ class Attachment:
         if guess and all(r.batch % guess == 0 for r in records):
             return guess
         return fewest
-
-    @staticmethod
-    def _certified_norms(
-        plain: list[Record], kept: int, method: str
-    ) -> tuple[list[Tensor], dict[int, certify.Exact]]:
-        """The (kept,) squared norms of the fast-path records, certified against their rules'
-        bounds (certify.py), and {id(record): Exact} for the examples recomputed exactly."""
-        checked = []
-        for r in plain:
-            x, g = leading_rows(r, kept)
-            norm_sq, bad = certify.check(r, x, g, r.rule.norm_sq(r.module, x, g, method))
-            checked.append((r, x, g, norm_sq[:kept], bad[:kept]))
-        if not checked:
-            return [], {}
-        flagged = torch.stack([bad for *_, bad in checked]).any(dim=1).tolist()  # one sync
-        parts, exact = [], {}
-        for (r, x, g, norm_sq, bad), recompute in zip(checked, flagged):
-            if recompute:
-                norm_sq, exact[id(r)] = certify.certified(r, x, g, norm_sq, bad)
-            parts.append(norm_sq)
-        return parts, exact
-
-    def _workspace_for(self, record: Record, rows: int) -> dict[str, Tensor]:
-        """{name: (rows, *p.shape) buffer} for the per-example gradients of a materialised
-        layer: reused from one physical batch to the next (fresh allocations of this size
-        would be returned to the OS and page-faulted back every time)."""
-        dtype = torch.promote_types(record.x.dtype, record.g.dtype)
-        out = {}
-        for name, p in record.params.items():
-            need = rows * p.numel()
-            held = self._workspace.get(id(p))
-            if held is None or held.numel() < need or held.dtype != dtype:
-                held = torch.empty(need, dtype=dtype, device=record.device)
-                self._workspace[id(p)] = held
-            out[name] = held[:need].view(rows, *p.shape)
-        return out
-
-    def _to_materialise(self, plain: list[Record], rows: int) -> set[int]:
-        """ids of the fast-path records that auto materialises (materialise_plan.py) for a
-        batch whose first ``rows`` rows are real."""
-        if not plain or not materialise_plan.applies(self.clipping, plain[0].device):
-            return set()
-        candidates = [
-            materialise_plan.candidate(id(r), r.rule, r.module, r.x, r.g, rows) for r in plain
-        ]
-        candidates = [c for c in candidates if c is not None]
-        chosen = materialise_plan.choose(candidates, self.materialise_bytes)
-        # The workspace holds only this batch's choice, so it never exceeds the budget.
-        keep = {id(p) for r in plain if id(r) in chosen for p in r.params.values()}
-        for key in [k for k in self._workspace if k not in keep]:
-            del self._workspace[key]
-        return chosen
 
     def check_no_leaks(self) -> None:
         """Raises if a parameter got an ordinary gradient, or a BatchNorm uses batch statistics."""
@@ -365,45 +274,17 @@ class Attachment:
             )
         check_no_batch_statistics(self.model)
 
-    def _on_backward(self, record: Record) -> None:
+    def on_backward(self, record: Record) -> None:
         """Called by a captured layer's backward once its g is recorded."""
         record.task = torch._C._current_graph_task_id()
         if not self.batch_first:
             to_batch_first(record)  # each backward records x and g afresh, sequence-first
-        if self._ghost is not None:
-            self._ghost.on_backward(record)
-        elif self.clipping == "ghost":
-            self._stray_backward = True
+        self.clipper.on_backward(self, record)
 
-    def _ghost_result(self) -> Tensor:
-        """clip_and_accumulate in ghost mode: the two passes already accumulated the sums."""
-        stray, self._stray_backward = self._stray_backward, False
-        self._records.clear()
-        self.take_mask()
-        if stray:
-            raise RuntimeError(
-                "torch_dpfast: clipping='ghost' clips in two backward passes that the wrapped "
-                "loss runs: call backward() on the loss returned by the criterion that "
-                "make_private returned (or use torch_dpfast.ghost.ghost_backward), not on a "
-                "plain loss"
-            )
-        norm_sq, self._ghost_norms = self._ghost_norms, None
-        return norm_sq if norm_sq is not None else torch.zeros(0)
-
-    def _clip_materialised(self, per_example, max_grad_norm, loss_scale, mask, batch) -> Tensor:
-        params = [p for p, _ in per_example.values()]
-        for p in params:
-            if p.summed_grad is None:
-                p.summed_grad = torch.zeros_like(p)
-        grads = [(g * loss_scale).to(p.dtype) for p, g in per_example.values()]
-        norm_sq = ops.clip_accumulate_(
-            grads,
-            [p.summed_grad for p in params],
-            max_grad_norm,
-            mask_on(mask, grads[0].device),
-        )
-        warn_non_finite(norm_sq, mask)
-        return norm_sq
+    def retains_graph(self) -> bool:
+        """Whether another backward through this graph follows (ghost clipping's second pass):
+        captured layers then keep what their backward needs."""
+        return self.clipper.retains_graph()
 
 
 _live: weakref.WeakSet = weakref.WeakSet()
@@ -472,10 +353,8 @@ def attach(
     Returns:
         The :class:`Attachment`; ``DPOptimizer`` finds it through the parameters.
     """
-    if clipping not in CLIPPING_MODES:
-        raise ValueError(f"clipping must be one of {CLIPPING_MODES}, got {clipping!r}")
-    if loss_reduction not in ("mean", "sum"):
-        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+    clipper = make_clipper(clipping)
+    check_loss_reduction(loss_reduction)
     if attachments_of(p for p in model.parameters() if p.requires_grad):
         raise RuntimeError("this model is already attached; call .detach() on the old attachment")
     attachment = Attachment(
@@ -484,6 +363,7 @@ def attach(
         loss_reduction,
         materialise_bytes=check_budget(materialise_bytes),
         batch_first=batch_first,
+        clipper=clipper,
     )
     attachment._names = {id(p): n for n, p in model.named_parameters()}
     for path, (module, rule) in assign_rules(model, traced=batch_first).items():

@@ -40,7 +40,7 @@ from .rules._registry import Rule, leading
 
 
 @dataclass(eq=False)
-class _GhostPass:
+class GhostPass:
     """State of one ghost_backward: which pass runs, and what pass 1 found."""
 
     batch: int
@@ -107,7 +107,7 @@ def ghost_backward(
             f"ghost_backward takes (B,) per-example losses, got shape {tuple(losses.shape)}"
         )
     attachment.check_no_leaks()
-    records = list(attachment._records)
+    records = attachment.recorded()
     mask = attachment.take_mask()
     batch = losses.shape[0]
     by_parameter = [r for r in records if r.rule.capture == "uses"]
@@ -118,8 +118,9 @@ def ghost_backward(
         for r in plain_records(records)
         if r not in by_parameter and (has_fast_path(r.rule) or type(r.rule).norm_sq is Rule.norm_sq)
     }
-    state = _GhostPass(batch, mask, plain, on_final=on_final)
-    attachment._ghost = state
+    state = GhostPass(batch, mask, plain, on_final=on_final)
+    clipper = attachment.clipper
+    clipper.pass_in_progress = state
     try:
         losses.sum().backward(retain_graph=True)
         attachment.check_no_leaks()
@@ -144,9 +145,9 @@ def ghost_backward(
         for p, grad in per_example.values():
             accumulate(p, scaled_sum(grad, factors))
     finally:
-        attachment._ghost = None
-        attachment._records.clear()
-    attachment._ghost_norms = norm_sq
+        clipper.pass_in_progress = None
+        attachment.discard()
+    clipper.norm_sq = norm_sq
     return norm_sq
 
 

@@ -11,7 +11,6 @@ user's training loop stays the ordinary one.
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 
 import torch
@@ -34,6 +33,13 @@ from .materialise_plan import DEFAULT_MATERIALISE_BYTES, check_budget
 from .optimizer import DPOptimizer
 from .random_source import RandomSource
 from .sampling import PADDINGS, PhysicalBatch
+from .validation import (
+    check_choice,
+    check_count,
+    check_loss_reduction,
+    check_non_negative,
+    check_positive,
+)
 
 # Opacus's names for the clipping choices that mean what we do (flat clipping over all layers).
 _OPACUS_CLIPPING = {"flat": "auto"}
@@ -150,15 +156,9 @@ class PrivacyEngine:
                 "max_grad_norm is a list (Opacus's per-layer clipping), which is not supported: "
                 "give one bound for the whole gradient, e.g. max_grad_norm=1.0 (flat clipping)"
             )
-        _check_positive("max_grad_norm", max_grad_norm)
-        if physical_batch_size is not None and (
-            not isinstance(physical_batch_size, int) or physical_batch_size < 1
-        ):
-            raise ValueError(
-                f"physical_batch_size must be an int >= 1 or None, got {physical_batch_size!r}"
-            )
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        check_positive("max_grad_norm", max_grad_norm)
+        check_count("physical_batch_size", physical_batch_size, optional=True)
+        check_loss_reduction(loss_reduction)
         if clipping == "ghost" and criterion is None:
             raise ValueError(
                 "clipping='ghost' runs a second backward of the re-weighted per-example losses, "
@@ -180,8 +180,7 @@ class PrivacyEngine:
         if physical_batch_size is not None and not poisson_sampling:
             raise ValueError("physical_batch_size needs poisson_sampling=True")
         check_budget(materialise_bytes)
-        if padding not in PADDINGS:
-            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+        check_choice("padding", padding, PADDINGS)
         if padding != "full" and physical_batch_size is None:
             raise ValueError(
                 f"padding={padding!r} shapes the last of several physical batches; it needs a "
@@ -321,10 +320,9 @@ class PrivacyEngine:
         if sigma is not None:
             if target_epsilon is not None:
                 raise ValueError("give either noise_multiplier or target_epsilon, not both")
-            if not isinstance(sigma, (int, float)) or not (sigma >= 0 and math.isfinite(sigma)):
-                raise ValueError(f"noise_multiplier must be a finite number >= 0, got {sigma!r}")
+            check_non_negative("noise_multiplier", sigma)
             if epochs is not None:
-                _check_positive("epochs", epochs)
+                check_positive("epochs", epochs)
             return float(sigma)
         if not given:
             raise ValueError(
@@ -334,7 +332,7 @@ class PrivacyEngine:
         missing = [k for k, v in targets.items() if v is None]
         if missing:
             raise ValueError(f"calibrating the noise to a budget needs {', '.join(missing)} too")
-        _check_positive("epochs", epochs)
+        check_positive("epochs", epochs)
         if not isinstance(target_delta, (int, float)) or not 0 < target_delta < 1:
             raise ValueError(f"target_delta must be in (0, 1), got {target_delta!r}")
         steps = max(1, round(epochs * steps_per_epoch))
@@ -521,11 +519,6 @@ class PrivacyEngine:
         except ValueError:
             return False
         return True
-
-
-def _check_positive(name: str, value) -> None:
-    if not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 _OPACUS_ADAPTIVE = (

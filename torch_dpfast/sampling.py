@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .random_source import RandomSource
+from .validation import check_choice
 
 
 @dataclass(frozen=True)
@@ -132,9 +133,7 @@ class PoissonBatchSampler(torch.utils.data.Sampler):
         plan_random: RandomSource | None = None,
         padding: str = "full",
     ):
-        if padding not in PADDINGS:
-            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
-        self.padding = padding
+        self.padding = check_choice("padding", padding, PADDINGS)
         self.num_samples = num_samples
         self.sample_rate = sample_rate
         self.steps_per_epoch = steps_per_epoch

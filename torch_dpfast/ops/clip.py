@@ -14,6 +14,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..validation import check_positive
 from . import _backend
 from ._checks import accumulation_dtype, check_floating, check_mask, drop_unscaled_rows
 
@@ -30,9 +31,7 @@ def _one_device(op: str, tensors: list[Tensor]) -> torch.device:
 
 
 def _check_max_norm(op: str, max_norm: float) -> float:
-    if not isinstance(max_norm, (int, float)) or not math.isfinite(max_norm) or max_norm <= 0:
-        raise ValueError(f"{op}: max_norm must be a finite number > 0, got {max_norm!r}")
-    return float(max_norm)
+    return check_positive("max_norm", max_norm, where=f"{op}: ")
 
 
 # ---------------------------------------------------------------- clip_factors
