@@ -71,9 +71,14 @@ MODELS = {
     "smoke_vit": (None, 32, "tiny ViT (2 blocks, 32x32)"),
     "smoke_bit": (None, 32, "tiny BiT ResNetV2 (4 blocks, 32x32)"),
     "char_lstm": (None, 64, "char-LSTM (embedding 64, 2-layer LSTM 128, 64 steps)"),
+    "gpt2_lm": (None, 128, "GPT-2-style causal LM (HF GPT-2: 6 layers, d 384, 128 tokens)"),
+    "mobilenetv3": ("mobilenetv3_large_100", 224, "MobileNetV3-L (dpf.fix: GroupNorm)"),
+    "efficientnet_b0": ("efficientnet_b0", 224, "EfficientNet-B0 (dpf.fix: GroupNorm)"),
 }
 NUM_CLASSES = 100
-SEQUENCE_MODELS = {"char_lstm"}  # take token ids (B, T) instead of images
+SEQUENCE_MODELS = {"char_lstm", "gpt2_lm"}  # take token ids (B, T) instead of images
+LANGUAGE_MODELS = {"gpt2_lm"}  # next-token labels (B, T): the loss averages each example's
+FIXED_MODELS = {"mobilenetv3", "efficientnet_b0"}  # BatchNorm replaced by dpf.fix (all modes)
 VOCAB = 128
 
 
@@ -90,6 +95,25 @@ class CharLSTM(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out, _ = self.lstm(self.embed(ids))
         return self.head(out[:, -1])
+
+
+class CausalLM(nn.Module):
+    """HF GPT-2 (tied embedding and head, Conv1D projections, learned positions) over a
+    character vocabulary; returns logits (B, VOCAB, T) for nn.CrossEntropyLoss against (B, T)
+    next-token labels (per example: the mean over its tokens, all sequences full length)."""
+
+    def __init__(self, length: int):
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(
+            vocab_size=VOCAB, n_positions=length, n_embd=384, n_layer=6, n_head=6,
+            bos_token_id=0, eos_token_id=0, attn_implementation="sdpa",
+        )  # fmt: skip
+        self.lm = GPT2LMHeadModel(config)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids).logits.transpose(1, 2)
 
 
 def dpfast_options(mode: str) -> tuple[str, str]:
@@ -126,6 +150,13 @@ def build_model(name: str, opacus: bool = False) -> nn.Module:
             return CharLSTM(DPLSTM)
         return CharLSTM()
     timm_name, size, _ = MODELS[name]
+    if name == "gpt2_lm":
+        return CausalLM(size)
+    if name in FIXED_MODELS:
+        import torch_dpfast as dpf
+
+        model = timm.create_model(timm_name, pretrained=False, num_classes=NUM_CLASSES)
+        return dpf.fix(model)
     if timm_name is not None:
         return timm.create_model(timm_name, pretrained=False, num_classes=NUM_CLASSES)
     if name == "resnet18_gn":
@@ -154,6 +185,13 @@ def synthetic_tokens(num_examples: int, length: int, seed: int = 0) -> TensorDat
     ids = torch.randint(0, VOCAB, (num_examples, length), generator=g)
     labels = torch.randint(0, NUM_CLASSES, (num_examples,), generator=g)
     return TensorDataset(ids, labels)
+
+
+def synthetic_text(num_examples: int, length: int, seed: int = 0) -> TensorDataset:
+    """(token ids (N, length), next-token labels (N, length)) from one seeded stream each."""
+    g = torch.Generator().manual_seed(seed)
+    stream = torch.randint(0, VOCAB, (num_examples, length + 1), generator=g)
+    return TensorDataset(stream[:, :-1].contiguous(), stream[:, 1:].contiguous())
 
 
 def synthetic_cifar100(num_examples: int, seed: int = 0) -> TensorDataset:
@@ -209,7 +247,9 @@ class Run:
         self.input_size = MODELS[s.model][1]
         model = build_model(s.model, opacus=s.mode in OPACUS).to(self.device)
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        if s.model in SEQUENCE_MODELS:
+        if s.model in LANGUAGE_MODELS:
+            dataset = synthetic_text(s.dataset_size, self.input_size, s.seed)
+        elif s.model in SEQUENCE_MODELS:
             dataset = synthetic_tokens(s.dataset_size, self.input_size, s.seed)
         else:
             dataset = synthetic_cifar100(s.dataset_size, s.seed)

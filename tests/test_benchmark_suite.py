@@ -7,6 +7,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from benchmarks import max_batch, profile, throughput
 from benchmarks.training import Run, Settings
@@ -181,3 +182,15 @@ def test_certify_cost_times_the_step_with_and_without_the_certification(tmp_path
     assert calls  # the certified runs went through certify.check
     assert certify.check.__name__ == "<lambda>"  # restored to what it was
     assert "certified / uncertified" in (tmp_path / "certify_cost.md").read_text()
+
+
+def test_language_model_harness_trains_on_next_token_labels():
+    """gpt2_lm: token ids (B, T) in, next-token labels (B, T), one private logical step."""
+    pytest.importorskip("transformers")
+    from benchmarks.training import Run, Settings
+
+    run = Run(Settings("gpt2_lm", "dpfast_auto", physical=2, logical=2, dataset_size=4))
+    ids, labels = run.loader.dataset[0]
+    assert ids.shape == labels.shape == (128,) and torch.equal(ids[1:], labels[:-1])
+    (examples, rows, seconds) = next(run.logical_steps(1))
+    assert rows >= examples >= 0 and seconds > 0

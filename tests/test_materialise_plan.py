@@ -42,6 +42,35 @@ def test_a_bad_budget_is_refused(bad):
         dpf.attach(nn.Linear(2, 2), materialise_bytes=bad)
 
 
+def test_the_default_budget_is_an_eighth_of_the_available_memory(monkeypatch):
+    monkeypatch.setattr(materialise_plan, "available_bytes", lambda: 24 << 30)
+    assert materialise_plan.resolve_budget(None) == 3 << 30
+    assert materialise_plan.resolve_budget(5) == 5
+    att = dpf.attach(nn.Linear(2, 2))
+    try:
+        assert att.materialise_bytes == 3 << 30
+    finally:
+        att.detach()
+    described = str(dpf.explain(nn.Linear(2, 2), torch.zeros(3, 2)))
+    assert "materialise budget 3.0 GiB (default: 1/8 of 24.0 GiB available)" in described
+    assert "materialise budget 0.0 GiB" in str(
+        dpf.explain(nn.Linear(2, 2), torch.zeros(3, 2), materialise_bytes=0)
+    )
+    assert "materialise budget" not in str(
+        dpf.explain(nn.Linear(2, 2), torch.zeros(3, 2), clipping="bk")
+    )
+
+
+def test_an_unknown_available_memory_falls_back_to_one_gib(monkeypatch):
+    monkeypatch.setattr(materialise_plan, "available_bytes", lambda: None)
+    assert materialise_plan.resolve_budget(None) == 1 << 30
+
+
+def test_available_memory_is_read_from_the_os():
+    available = materialise_plan.available_bytes()
+    assert available is None or 0 < available
+
+
 class SequenceMLP(nn.Module):
     """Linear layers over T = 40 positions (direct norms of 40 multiply-adds per gradient value,
     5 per float64 byte for `down`, 4.2 for `up` with its bias: both worth materialising, `down`

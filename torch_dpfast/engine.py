@@ -22,7 +22,7 @@ from . import coupling, losses, materialise_plan
 from .assign import assign_rules, check_no_batch_statistics
 from .capture import CAPTURES, UseCapture, bind, bind_root, bypassed, switchable_root
 from .clippers import CLIPPING_MODES, Clipper, make_clipper
-from .materialise_plan import check_budget
+from .materialise_plan import resolve_budget
 from .records import Record, check_batch, kept_prefix, merge_repeated, to_batch_first
 from .rules._registry import Rule
 from .rules.traced import TRACED
@@ -62,7 +62,7 @@ class Attachment:
     forward_batch: int | None = None  # B of the forward in progress (on_forward)
     batch_first: bool = True  # False: layer inputs hold the batch in dim 1 (sequence-first)
     # bytes of per-example gradients auto may hold on CPU instead of fast paths (0: none)
-    materialise_bytes: int = materialise_plan.DEFAULT_MATERIALISE_BYTES
+    materialise_bytes: int = materialise_plan.FALLBACK_BYTES
     clipper: Clipper | None = None  # clippers/: how this mode clips a physical batch
     _records: list[Record] = field(default_factory=list)
     _hooks: list = field(default_factory=list)
@@ -322,7 +322,7 @@ def attach(
     model: nn.Module,
     clipping: str = "auto",
     loss_reduction: str = "mean",
-    materialise_bytes: int = materialise_plan.DEFAULT_MATERIALISE_BYTES,
+    materialise_bytes: int | None = materialise_plan.DEFAULT_MATERIALISE_BYTES,
     probe_coupling: bool = True,
     batch_first: bool = True,
 ) -> Attachment:
@@ -341,8 +341,9 @@ def attach(
         materialise_bytes: with ``clipping="auto"`` on CPU, how many bytes of per-example
             gradients a physical batch may hold for the layers (linear, conv) where
             materialising them is cheaper than their ghost or direct norm (it saves the norm's
-            multiply-adds; ``torch_dpfast/materialise_plan.py``). Default 1 GiB; 0 turns it
-            off. Ignored on GPUs and in the other modes.
+            multiply-adds; ``torch_dpfast/materialise_plan.py``). Default (None): an eighth of
+            the memory available when attached (``dpf.explain`` shows it); 0 turns it off.
+            Ignored on GPUs and in the other modes.
         batch_first: False for sequence-first models (Opacus's ``batch_first=False``): every
             layer without a batch-aware rule sees (T, B, ...) inputs; convolutions and the
             generic fallback then do not apply.
@@ -361,7 +362,7 @@ def attach(
         model,
         clipping,
         loss_reduction,
-        materialise_bytes=check_budget(materialise_bytes),
+        materialise_bytes=resolve_budget(materialise_bytes),
         batch_first=batch_first,
         clipper=clipper,
     )

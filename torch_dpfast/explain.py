@@ -18,7 +18,6 @@ from torch import nn
 
 from . import materialise_plan
 from .assign import assign_rules
-from .materialise_plan import check_budget
 from .rules.traced import TRACED
 
 
@@ -28,6 +27,7 @@ class Explanation:
 
     clipping: str
     rows: list[dict]
+    materialise_budget: str | None = None  # auto on CPU: the budget and where it comes from
 
     def __str__(self) -> str:
         header = ("parameter", "shape", "layer", "rule", "norm method", "MACs/example")
@@ -44,6 +44,8 @@ class Explanation:
         ]
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         lines = [f"clipping={self.clipping!r}"]
+        if self.materialise_budget is not None:
+            lines[0] += f", materialise budget {self.materialise_budget}"
         for k, row in enumerate(table):
             lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
             if k == 0:
@@ -55,7 +57,7 @@ def explain(
     model: nn.Module,
     example_input=(),
     clipping: str = "auto",
-    materialise_bytes: int = materialise_plan.DEFAULT_MATERIALISE_BYTES,
+    materialise_bytes: int | None = materialise_plan.DEFAULT_MATERIALISE_BYTES,
     kwargs: dict | None = None,
 ) -> Explanation:
     """Per-parameter plan of how ``attach(model, clipping, materialise_bytes=...)`` will clip,
@@ -93,7 +95,8 @@ def explain(
         for hook in hooks:
             hook.remove()
     traced = _traced_methods(uses)
-    materialised = _materialised(rules, owners, seen, clipping, check_budget(materialise_bytes))
+    budget = materialise_plan.resolve_budget(materialise_bytes)
+    materialised = _materialised(rules, owners, seen, clipping, budget)
     rows = []
     for path, module in owners.items():
         rule = rules[path]
@@ -116,7 +119,16 @@ def explain(
                 )
             )
             macs = None  # the layer's cost is listed on its first parameter
-    return Explanation(clipping, rows)
+    described = None
+    if materialise_plan.applies(clipping, _device_of(model)):
+        described = materialise_plan.describe_budget(materialise_bytes, budget)
+    return Explanation(clipping, rows, described)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    p = next(model.parameters(), None)
+    return torch.device("cpu") if p is None else p.device
 
 
 def _materialised(rules, owners, seen, clipping, budget) -> dict[str, int]:

@@ -10,18 +10,24 @@ B x (parameter size) values until every layer's norm is known.
 On a CPU the GEMMs are compute-bound and memory is plentiful, so this pays whenever the saved
 multiply-adds outweigh the extra memory traffic; on a GPU the same trade is memory-bound and the
 fast paths win, so nothing is materialised there. The layers are chosen greedily by saved
-multiply-adds per byte held, within a byte budget (``attach(..., materialise_bytes=...)``).
+multiply-adds per byte held, within a byte budget (``attach(..., materialise_bytes=...)``; by
+default an eighth of the memory available when the model is attached).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
 
-# Default bytes of per-example gradients clipping="auto" may hold on CPU (per physical batch).
-DEFAULT_MATERIALISE_BYTES = 1 << 30
+# materialise_bytes=None (the default): this fraction of the memory available when the model
+# is attached (MemAvailable: what can be allocated without swapping), or FALLBACK_BYTES where
+# that is unknown.
+DEFAULT_MATERIALISE_BYTES = None
+DEFAULT_FRACTION = 8  # an eighth: activations, the model and the optimizer need the rest
+FALLBACK_BYTES = 1 << 30
 # A layer is worth materialising when its norm costs at least this many multiply-adds per byte
 # of per-example gradient (16 per float32 value): below it, the extra memory passes cost more
 # than the norm (output layers with T = 1, whose ghost norm costs d_in + d_out).
@@ -53,8 +59,47 @@ def candidate(key: Hashable, rule, module, x, out, rows: int) -> Candidate | Non
     return Candidate(key, rows * values * itemsize, rows * macs, values)
 
 
-def check_budget(materialise_bytes: int) -> int:
-    """``materialise_bytes`` validated: an int >= 0 (0 turns materialising off)."""
+def available_bytes() -> int | None:
+    """The memory available to allocate now (Linux MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def resolve_budget(materialise_bytes: int | None) -> int:
+    """The budget in bytes: ``materialise_bytes`` validated, or for None the default (an
+    eighth of the available memory)."""
+    if materialise_bytes is None:
+        available = available_bytes()
+        return FALLBACK_BYTES if available is None else available // DEFAULT_FRACTION
+    return check_budget(materialise_bytes)
+
+
+def describe_budget(materialise_bytes: int | None, budget: int) -> str:
+    """How ``dpf.explain`` states the budget, e.g. "2.9 GiB (default: 1/8 of 23.1 GiB
+    available)"."""
+    gib = 1 << 30
+    text = f"{budget / gib:.1f} GiB"
+    if materialise_bytes is None:
+        available = available_bytes()
+        origin = "unknown" if available is None else f"{available / gib:.1f} GiB"
+        text += f" (default: 1/{DEFAULT_FRACTION} of {origin} available)"
+    return text
+
+
+def check_budget(materialise_bytes: int | None) -> int | None:
+    """``materialise_bytes`` validated: None (the default budget) or an int >= 0 (0 turns
+    materialising off)."""
+    if materialise_bytes is None:
+        return None
     if isinstance(materialise_bytes, bool) or not isinstance(materialise_bytes, int):
         raise TypeError(f"materialise_bytes must be an int, got {type(materialise_bytes)}")
     if materialise_bytes < 0:

@@ -87,7 +87,7 @@ class PrivacyEngine:
         sample_generator: torch.Generator | None = None,
         batch_first: bool = True,
         grad_sample_mode: str | None = None,
-        materialise_bytes: int = DEFAULT_MATERIALISE_BYTES,
+        materialise_bytes: int | None = DEFAULT_MATERIALISE_BYTES,
         wrap_model: bool = True,
         rand_on_empty: bool = False,
         **opacus_adaptive,
@@ -142,7 +142,8 @@ class PrivacyEngine:
                 keyword is a TypeError naming it.
             materialise_bytes: with clipping="auto" on CPU, the bytes of per-example gradients
                 a physical batch may hold where that is cheaper than a layer's norm (see
-                ``dpf.attach``); default 1 GiB, 0 turns it off.
+                ``dpf.attach``); default (None) an eighth of the available memory, 0 turns it
+                off.
         """
         if self.optimizer is not None:
             raise RuntimeError(
