@@ -62,11 +62,12 @@ def test_conv_rule_matches_per_example_autograd(case, gen):
         (nn.Conv2d(4, 6, 3, padding=1, groups=2), (3, 4, 5, 5), "folded"),
         (nn.Conv2d(3, 3, 5, padding=2, groups=3), (2, 3, 6, 7), "correlated"),  # depthwise
         (
-            nn.Conv2d(2, 4, (3, 2), stride=(2, 3), dilation=(2, 1), groups=2),
-            (2, 2, 9, 8),
+            nn.Conv2d(2, 4, (5, 2), stride=(2, 3), dilation=(2, 1), groups=2),
+            (2, 2, 13, 8),
             "correlated",
         ),
-        (nn.Conv3d(2, 2, 2, stride=2, padding=1, groups=2), (2, 2, 5, 4, 5), "correlated"),
+        (nn.Conv2d(2, 2, 3, stride=2, padding=1, groups=2), (2, 2, 7, 6), "folded"),
+        (nn.Conv3d(2, 2, 2, padding=1, groups=2), (2, 2, 5, 4, 5), "correlated"),
         (nn.Conv1d(300, 5, 3, padding=2, dilation=2), (2, 300, 9), "by_example"),
     ],
 )

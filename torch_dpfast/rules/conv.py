@@ -109,7 +109,13 @@ def _gradient_path(module: nn.Module, x: Tensor, geometry) -> str:
     """One of "correlated", "folded", "by_example", "gemm": see :data:`FOLDED_MAX_CHANNELS`."""
     if module.groups > 1:
         one_input = module.in_channels == module.groups  # depthwise (any channel multiplier)
-        return "correlated" if one_input and x.device.type == "cpu" else "folded"
+        kernel, strides = geometry[0], geometry[1]
+        # strided 3x3: the dilated correlation is slower than folding (3x3, stride 2, 96
+        # channels at 112x112: 35 ms against 24 ms folded; 5x5 at 56x56: 6 ms against 25 ms)
+        small_strided = max(kernel) <= 3 and max(strides) > 1
+        return (
+            "correlated" if one_input and x.device.type == "cpu" and not small_strided else "folded"
+        )
     kernel, _, pads, _ = geometry
     if x.device.type != "cpu" or math.prod(kernel) == 1:
         return "gemm"
