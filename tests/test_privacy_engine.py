@@ -319,7 +319,7 @@ def test_fix_replaces_every_batch_norm_and_the_model_then_trains(gen):
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert isinstance(model[1], nn.GroupNorm) and model[1].num_groups == 24
     assert isinstance(model[2], nn.Sequential) and model[2][1] is act
-    assert model[5].num_groups == 30 and model[5].weight.dtype == torch.float64
+    assert model[5].num_groups == 1 and model[5].weight.dtype == torch.float64  # LayerNorm-like
     x = torch.randn(12, 3, 6, 6, dtype=torch.float64, generator=gen)
     y = torch.randint(0, 3, (12,), generator=gen)
     engine, model, optimizer, loader = _engine(model, TensorDataset(x, y), batch_size=4)
@@ -329,6 +329,12 @@ def test_fix_replaces_every_batch_norm_and_the_model_then_trains(gen):
         optimizer.step()
     assert len(engine.accountant) == 3
     assert isinstance(dpf.fix(nn.BatchNorm1d(6)), nn.GroupNorm)
+    # at least two channels a group: a 1x1 map (squeeze-excite) still has something to normalise
+    assert [dpf.fix(nn.BatchNorm2d(c)).num_groups for c in (1, 2, 16, 30, 64, 96)] == [
+        1, 1, 8, 15, 32, 32,
+    ]  # fmt: skip
+    one_example = torch.randn(1, 16, 1, 1, generator=gen)
+    assert dpf.fix(nn.BatchNorm2d(16)).train()(one_example).std() > 0.5
     with pytest.raises(ValueError, match="forward"):
         dpf.fix(nn.LazyBatchNorm1d())
 

@@ -2,9 +2,12 @@
 
 BatchNorm normalises with statistics of the whole batch, so one example's output (and gradient)
 depends on the others: there is no per-example gradient to clip. GroupNorm normalises each
-example on its own. Each BatchNorm over C channels becomes GroupNorm(G, C) with G the largest
-divisor of C that is at most 32 (32 groups, as in Wu & He 2018, where C allows), with the same
-eps and affine setting; timm's BatchNormAct2d keeps its activation and dropout. The new layers
+example on its own. A BatchNorm2d/3d over C channels becomes GroupNorm(G, C) with G the largest
+divisor of C that is at most 32 (32 groups, as in Wu & He 2018, where C allows) and leaves at
+least two channels per group (one channel alone would have nothing to normalise against on
+1x1 maps, as in squeeze-excite blocks); a BatchNorm1d, whose input is often (B, C) features,
+becomes GroupNorm(1, C): a LayerNorm over the features (over features and positions for
+(B, C, L)). The same eps and affine setting are kept; timm's BatchNormAct2d keeps its activation and dropout. The new layers
 start from the identity affine map: BatchNorm's learned scale and shift do not carry over to a
 different normalisation.
 """
@@ -14,8 +17,12 @@ from __future__ import annotations
 from torch import nn
 
 
-def _groups(channels: int, max_groups: int = 32) -> int:
-    return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
+def _groups(module: nn.modules.batchnorm._BatchNorm, max_groups: int = 32) -> int:
+    """1 for a BatchNorm1d; else the largest divisor of C <= 32 with >= 2 channels a group."""
+    channels = module.num_features
+    if isinstance(module, (nn.BatchNorm1d, nn.LazyBatchNorm1d)) or channels < 2:
+        return 1
+    return max(g for g in range(1, min(max_groups, channels // 2) + 1) if channels % g == 0)
 
 
 def _replacement(module: nn.modules.batchnorm._BatchNorm) -> nn.Module:
@@ -25,7 +32,7 @@ def _replacement(module: nn.modules.batchnorm._BatchNorm) -> nn.Module:
             "pass through the model before dpf.fix(model)"
         )
     channels = module.num_features
-    norm = nn.GroupNorm(_groups(channels), channels, eps=module.eps, affine=module.affine)
+    norm = nn.GroupNorm(_groups(module), channels, eps=module.eps, affine=module.affine)
     if module.affine and module.weight is not None:
         norm.weight.requires_grad_(module.weight.requires_grad)
         norm.bias.requires_grad_(module.bias.requires_grad)

@@ -12,9 +12,12 @@ its steps of outer products, the linear layer's with T = the sequence length:
     dW_ih = sum_t dgi_it x_it^T,  dW_hh = sum_t dgh_it h_i,t-1^T,  db_ih = sum_t dgi_it,
     db_hh = sum_t dgh_it,         dW_hr = sum_t dh_it (o_it * tanh(c_it))^T.
 
-Under ``attach`` the rule re-implements the layer's forward in PyTorch ops (the input
-projection of all steps in one GEMM, then the recurrence step by step) inside one capture whose
-backward hands back the gradients of the *probes* gi, gh_t (and the projections): the record
+Under ``attach`` the rule re-implements the layer's forward (the input projection of all steps
+in one GEMM, then the recurrence) inside one capture whose backward hands back the gradients of
+the *probes* gi, gh_t (and the projections). LSTM and RNN cells, whose gates are gi + gh, run
+the recurrence by torch's fused kernel on gi + z (an identity input weight, z a zero probe:
+dz_t = dgi_t = dgh_t) where there is no projection and no PackedSequence; GRU cells, LSTM
+projections and packed sequences step by step in PyTorch ops. The record
 holds x = (x, h_prev[, o*tanh(c)]) and g = (dgi, dgh[, dh]) per layer and direction, each
 (B, T, .). Norms are ghost/direct linear norms, sums book-keeping GEMMs: exact, with nothing
 per example materialised. Padded steps of a PackedSequence keep the state (h, c) unchanged and
@@ -135,6 +138,8 @@ class _Recurrence:
         w = _layer_parameters(self.module, layer, direction)
         seq = _reversed(x, self.lengths) if direction else x
         gi = F.linear(seq, w["weight_ih"], w["bias_ih"])  # (B, T, G*H): one GEMM for all steps
+        if self.mode in _NATIVE and w["weight_hr"] is None and self.lengths is None:
+            return self._native(seq, gi, w, h, c, direction)
         steps = seq.shape[1]
         valid = None
         if self.lengths is not None:
@@ -167,6 +172,36 @@ class _Recurrence:
             self.saved.append(torch.stack(hr_inputs, dim=1))
             self.probes.append(hr_probes)
         return (_reversed(out, self.lengths) if direction else out), h, c
+
+
+    def _native(self, seq: Tensor, gi: Tensor, w: dict, h: Tensor, c: Tensor | None, direction):
+        """The recurrence by torch's fused kernel (one call for all steps instead of a dozen
+        ops per step): the kernel's input is gi + z with an identity input weight, so its
+        gates are gi_t + gh_t and the gradient of the zero tensor z is every step's gate
+        gradient, which for LSTM and RNN cells is both dgi_t and dgh_t (gates = gi + gh)."""
+        gates = gi.shape[-1]
+        z = torch.zeros_like(gi, requires_grad=True)  # the gh probe of all steps
+        eye = torch.eye(gates, dtype=gi.dtype, device=gi.device)
+        params = [eye, w["weight_hh"]]
+        if w["bias_hh"] is not None:
+            params += [torch.zeros_like(w["bias_hh"]), w["bias_hh"]]
+        biased, train = w["bias_hh"] is not None, self.module.training
+        if self.mode == "LSTM":
+            out, h_n, c_n = torch._VF.lstm(
+                gi + z, (h[None], c[None]), params, biased, 1, 0.0, train, False, True
+            )
+            c = c_n[0]
+        else:
+            run = torch._VF.rnn_tanh if self.mode == "RNN_TANH" else torch._VF.rnn_relu
+            out, h_n = run(gi + z, h[None], params, biased, 1, 0.0, train, False, True)
+        h_prev = torch.cat([h[:, None], out[:, :-1]], dim=1)
+        self.saved += [seq, h_prev]
+        self.probes += [[gi], [z]]
+        return (out.flip(1) if direction else out), h_n[0], c
+
+
+# Cells whose gates are gi + gh (one gradient for both): run by torch's fused kernels
+_NATIVE = ("LSTM", "RNN_TANH", "RNN_RELU")
 
 
 def _unpack(packed: PackedSequence) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
