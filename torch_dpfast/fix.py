@@ -7,9 +7,9 @@ divisor of C that is at most 32 (32 groups, as in Wu & He 2018, where C allows) 
 least two channels per group (one channel alone would have nothing to normalise against on
 1x1 maps, as in squeeze-excite blocks); a BatchNorm1d, whose input is often (B, C) features,
 becomes GroupNorm(1, C): a LayerNorm over the features (over features and positions for
-(B, C, L)). The same eps and affine setting are kept; timm's BatchNormAct2d keeps its activation and dropout. The new layers
-start from the identity affine map: BatchNorm's learned scale and shift do not carry over to a
-different normalisation.
+(B, C, L)). The same eps and affine setting are kept; timm's BatchNormAct2d keeps its
+activation and dropout. The new layers start from the identity affine map: BatchNorm's learned
+scale and shift do not carry over to a different normalisation.
 """
 
 from __future__ import annotations
