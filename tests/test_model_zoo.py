@@ -225,19 +225,10 @@ def _private_update(model, inputs: dict, mode: str, kept: int):
         att.detach()
 
 
-#: models whose normalisation after dpf.fix (a GroupNorm of one channel per group on (B, C)
-#: rows, in their heads and squeeze-excite blocks) refuses a batch of one in training mode:
-#: their reference is the per-example gradients of the batched forward
-BATCHED_REFERENCE = {"levit", "fastvit"}
-
-
-def _check(model, inputs, mode, padding, rtol=1e-8, atol=1e-11, batched=False) -> None:
+def _check(model, inputs, mode, padding, rtol=1e-8, atol=1e-11) -> None:
     model = model.double().train()
     kept = B - padding
-    if batched:
-        per_example = _same_forward_reference(copy.deepcopy(model), inputs, 0)[:kept]
-    else:
-        per_example = _one_at_a_time(copy.deepcopy(model), inputs, kept)
+    per_example = _one_at_a_time(copy.deepcopy(model), inputs, kept)
     expected, expected_sq = clipped_reference(per_example, C)
     got, norm_sq = _private_update(model, inputs, mode, kept)
     torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
@@ -278,7 +269,7 @@ def test_timm_model_leaves_at_most_one_percent_on_a_fallback(name, gen):
 def test_timm_model_matches_per_example_autograd(name, mode, padding, gen):
     torch.manual_seed(int(torch.randint(0, 2**31, (), generator=gen)))
     model, inputs = _timm_case(name, gen)
-    _check(model, inputs, mode, padding, batched=name in BATCHED_REFERENCE)
+    _check(model, inputs, mode, padding)
 
 
 @pytest.mark.parametrize("name", HF)
