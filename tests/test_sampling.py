@@ -246,3 +246,13 @@ def test_iterable_and_sizeless_datasets_are_refused():
 
     with pytest.raises(ValueError, match="IterableDataset"):
         DPDataLoader(DataLoader(Stream(), batch_size=2), 0.1, 2)
+
+
+def test_default_padding_is_pow2_on_cpu_with_a_physical_batch_size_else_full():
+    from torch import nn
+
+    from torch_dpfast.sampling import default_padding
+
+    assert default_padding(nn.Linear(2, 2), 8) == "pow2"
+    assert default_padding(nn.Linear(2, 2), None) == "full"  # one unpadded batch per step
+    assert default_padding(nn.Linear(2, 2, device="meta"), 8) == "full"  # not a CPU model

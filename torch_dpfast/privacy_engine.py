@@ -32,7 +32,7 @@ from .ghost import DPCriterion
 from .materialise_plan import DEFAULT_MATERIALISE_BYTES, check_budget
 from .optimizer import DPOptimizer
 from .random_source import RandomSource
-from .sampling import PADDINGS, PhysicalBatch
+from .sampling import PADDINGS, PhysicalBatch, default_padding
 from .validation import (
     check_choice,
     check_count,
@@ -79,7 +79,7 @@ class PrivacyEngine:
         epochs: float | None = None,
         clipping: str = "auto",
         physical_batch_size: int | None = None,
-        padding: str = "full",
+        padding: str | None = None,
         poisson_sampling: bool = True,
         loss_reduction: str = "mean",
         criterion: nn.Module | None = None,
@@ -114,6 +114,8 @@ class PrivacyEngine:
             padding: "full" pads that last batch to ``physical_batch_size`` rows (one batch
                 shape: no recompilation, CUDA-graph friendly); "pow2" only to the next power
                 of two (fewer padding rows, at most log2(physical_batch_size) + 2 shapes).
+                None (default): "pow2" for a model on CPU (measured faster on 5 of 7 model
+                families, docs/benchmarks.md), "full" on GPUs.
             poisson_sampling: False keeps the user's loader, whose batches are NOT what the
                 accountant assumes (a warning says so).
             loss_reduction: "mean" or "sum", how the loss reduces over the batch.
@@ -181,6 +183,8 @@ class PrivacyEngine:
         if physical_batch_size is not None and not poisson_sampling:
             raise ValueError("physical_batch_size needs poisson_sampling=True")
         check_budget(materialise_bytes)
+        if padding is None:
+            padding = default_padding(module, physical_batch_size)
         check_choice("padding", padding, PADDINGS)
         if padding != "full" and physical_batch_size is None:
             raise ValueError(

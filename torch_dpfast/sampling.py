@@ -63,6 +63,16 @@ def physical_count(size: int, physical_batch_size: int | None) -> int:
 PADDINGS = ("full", "pow2")
 
 
+def default_padding(module, physical_batch_size: int | None) -> str:
+    """make_private's padding when none is given: "pow2" for a model on CPU with a physical
+    batch size (its layers outside the captured ones still compute the padding rows there, and
+    CPUs gain nothing from one fixed shape), "full" otherwise (one shape: CUDA graphs, no
+    recompiles)."""
+    param = next(iter(module.parameters()), None)
+    on_cpu = param is None or param.device.type == "cpu"
+    return "pow2" if on_cpu and physical_batch_size is not None else "full"
+
+
 def padded_width(real: int, width: int, padding: str) -> int:
     """Rows of a physical batch of at most ``width`` rows holding ``real`` examples: ``width``
     ("full"), or the least power of two >= real, at most ``width`` ("pow2"; 1 when empty)."""

@@ -38,9 +38,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--physical-batch-size", type=int, default=128)
     parser.add_argument(
         "--padding",
-        default="full",
+        default=None,
         choices=["full", "pow2"],
-        help="pad a logical batch's last physical batch to its full size, or to a power of two",
+        help="pad a logical batch's last physical batch to its full size, or to a power of two "
+        "(default: pow2 on CPU, full on GPUs)",
     )
     parser.add_argument("--lr", type=float, default=0.3)
     parser.add_argument("--momentum", type=float, default=0.9)

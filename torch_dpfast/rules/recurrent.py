@@ -173,7 +173,6 @@ class _Recurrence:
             self.probes.append(hr_probes)
         return (_reversed(out, self.lengths) if direction else out), h, c
 
-
     def _native(self, seq: Tensor, gi: Tensor, w: dict, h: Tensor, c: Tensor | None, direction):
         """The recurrence by torch's fused kernel (one call for all steps instead of a dozen
         ops per step): the kernel's input is gi + z with an identity input weight, so its
