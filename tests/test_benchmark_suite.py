@@ -194,3 +194,12 @@ def test_language_model_harness_trains_on_next_token_labels():
     assert ids.shape == labels.shape == (128,) and torch.equal(ids[1:], labels[:-1])
     (examples, rows, seconds) = next(run.logical_steps(1))
     assert rows >= examples >= 0 and seconds > 0
+
+
+def test_step_ab_writes_the_interleaved_ratio(tmp_path):
+    from benchmarks import step_ab
+
+    step_ab.main(["--model", "smoke_vit", "--batch", "2", "--steps", "2", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "step_ab.json").read_text())
+    assert result["model"] == "smoke_vit" and len(result["ratios"]) == 2
+    assert result["ratio"] > 0 and result["dpfast_auto_ms"] > 0
