@@ -151,6 +151,25 @@ def test_layers_match_brute_force(kind, config, mode, gen):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["lstm", "rnn", "rnn_relu"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_and_stepwise_recurrences_both_match_brute_force(kind, fused, mode, gen, monkeypatch):
+    """LSTM and RNN cells take torch's fused kernel at small batch * gates^2 and run step by
+    step above it (_native_pays): both paths, every mode, several layers both ways."""
+    limit = recurrent_rule.NATIVE_MAX_MACS_PER_STEP if fused else 0
+    monkeypatch.setattr(recurrent_rule, "NATIVE_MAX_MACS_PER_STEP", limit)
+    calls = []
+    native = recurrent_rule._Recurrence._native
+    monkeypatch.setattr(
+        recurrent_rule._Recurrence, "_native", lambda *a: calls.append(1) or native(*a)
+    )
+    rnn = _rnn(kind, batch_first=True, num_layers=2, bidirectional=True)
+    net = Net(rnn, read=READS["all"], state=True).double()
+    _check(net, _inputs(net, gen), mode, gen)
+    assert bool(calls) == fused
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("read", READS)
 @pytest.mark.parametrize("packed", [False, True])
