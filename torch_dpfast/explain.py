@@ -95,7 +95,7 @@ def explain(
         for hook in hooks:
             hook.remove()
     traced = _traced_methods(uses)
-    budget = materialise_plan.resolve_budget(materialise_bytes)
+    budget, described = materialise_plan.described_budget(materialise_bytes)
     materialised = _materialised(rules, owners, seen, clipping, budget)
     rows = []
     for path, module in owners.items():
@@ -119,9 +119,8 @@ def explain(
                 )
             )
             macs = None  # the layer's cost is listed on its first parameter
-    described = None
-    if materialise_plan.applies(clipping, _device_of(model)):
-        described = materialise_plan.describe_budget(materialise_bytes, budget)
+    if not materialise_plan.applies(clipping, _device_of(model)):
+        described = None
     return Explanation(clipping, rows, described)
 
 

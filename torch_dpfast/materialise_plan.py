@@ -77,22 +77,20 @@ def available_bytes() -> int | None:
 def resolve_budget(materialise_bytes: int | None) -> int:
     """The budget in bytes: ``materialise_bytes`` validated, or for None the default (an
     eighth of the available memory)."""
-    if materialise_bytes is None:
-        available = available_bytes()
-        return FALLBACK_BYTES if available is None else available // DEFAULT_FRACTION
-    return check_budget(materialise_bytes)
+    return described_budget(materialise_bytes)[0]
 
 
-def describe_budget(materialise_bytes: int | None, budget: int) -> str:
-    """How ``dpf.explain`` states the budget, e.g. "2.9 GiB (default: 1/8 of 23.1 GiB
-    available)"."""
+def described_budget(materialise_bytes: int | None) -> tuple[int, str]:
+    """(the budget in bytes, how ``dpf.explain`` states it, e.g. "2.9 GiB (default: 1/8 of
+    23.1 GiB available)"), from one reading of the available memory."""
     gib = 1 << 30
-    text = f"{budget / gib:.1f} GiB"
-    if materialise_bytes is None:
-        available = available_bytes()
-        origin = "unknown" if available is None else f"{available / gib:.1f} GiB"
-        text += f" (default: 1/{DEFAULT_FRACTION} of {origin} available)"
-    return text
+    if materialise_bytes is not None:
+        budget = check_budget(materialise_bytes)
+        return budget, f"{budget / gib:.1f} GiB"
+    available = available_bytes()
+    budget = FALLBACK_BYTES if available is None else available // DEFAULT_FRACTION
+    origin = "unknown" if available is None else f"{available / gib:.1f} GiB"
+    return budget, f"{budget / gib:.1f} GiB (default: 1/{DEFAULT_FRACTION} of {origin} available)"
 
 
 def check_budget(materialise_bytes: int | None) -> int | None:

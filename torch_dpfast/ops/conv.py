@@ -97,13 +97,17 @@ def conv_geometry(
     return kernel, strides, pads, dil
 
 
+def pad_arguments(pads: list[int]) -> list[int]:
+    """Per-dim (left, right) pads, first spatial dim first, as F.pad takes them (last first)."""
+    return [p for i in reversed(range(len(pads) // 2)) for p in (pads[2 * i], pads[2 * i + 1])]
+
+
 def unfold_patches(
     x: Tensor, kernel: list[int], stride: list[int], pads: list[int], dilation: list[int]
 ) -> Tensor:
     """Input patches of a conv: x (B, C, *S) -> (B, T, C, prod(kernel)), T output positions."""
     n = len(kernel)
-    torch_pads = [p for i in reversed(range(n)) for p in (pads[2 * i], pads[2 * i + 1])]
-    x = F.pad(x, torch_pads)
+    x = F.pad(x, pad_arguments(pads))
     for i in range(n):
         x = x.unfold(2 + i, dilation[i] * (kernel[i] - 1) + 1, stride[i])
     x = x[(..., *[slice(None, None, d) for d in dilation])]  # (B, C, *S_out, *kernel)

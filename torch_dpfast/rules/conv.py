@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops.conv import conv_geometry, unfold_patches
+from ..ops.conv import conv_geometry, pad_arguments, unfold_patches
 from ._registry import Rule, bound_dtype, register_rule, row_norms, scaled_sum, zero_norms
 from .linear import plan_linear
 
@@ -145,9 +145,8 @@ def _weight_grads_correlated(module, x, g, geometry) -> Tensor:
     prod(kernel) outputs per spatial dim; more when the stride does not divide the padded
     input)."""
     kernel, strides, pads, dilation = geometry
-    torch_pads = [p for left, right in zip(pads[-2::-2], pads[::-2]) for p in (left, right)]
-    if any(torch_pads):
-        x = F.pad(x, torch_pads)
+    if any(pads):
+        x = F.pad(x, pad_arguments(pads))
     batch, groups = x.shape[0], module.groups
     per_group = x.shape[1] // groups
     folded_x = x.reshape(batch * groups, per_group, *x.shape[2:]).transpose(0, 1)
@@ -168,7 +167,7 @@ def _weight_grads_folded(module, x, g, geometry) -> Tensor:
     weight only: no k^2-larger copy of the input)."""
     pads = geometry[2]
     if pads[0::2] != pads[1::2]:  # 'same' with an even kernel: pad as the conv did
-        x = F.pad(x, [p for left, right in zip(pads[-2::-2], pads[::-2]) for p in (left, right)])
+        x = F.pad(x, pad_arguments(pads))
         pads = [0] * len(pads)
     batch = x.shape[0]
     folded_x = x.reshape(1, batch * x.shape[1], *x.shape[2:])
