@@ -24,7 +24,26 @@ if __name__ == "__main__":  # run as a script: import from the repository root, 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.training import MODELS, NUM_CLASSES, build_model  # noqa: E402
+from benchmarks.training import (  # noqa: E402
+    LANGUAGE_MODELS,
+    MODELS,
+    NUM_CLASSES,
+    SEQUENCE_MODELS,
+    build_model,
+    synthetic_text,
+    synthetic_tokens,
+)
+
+
+def batch_of(model_name: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) of one full batch: images (B, 3, S, S), or token ids (B, T) with
+    class labels (B,) or next-token labels (B, T)."""
+    size = MODELS[model_name][1]
+    if model_name in LANGUAGE_MODELS:
+        return synthetic_text(batch, size).tensors
+    if model_name in SEQUENCE_MODELS:
+        return synthetic_tokens(batch, size).tensors
+    return torch.randn(batch, 3, size, size), torch.randint(0, NUM_CLASSES, (batch,))
 
 
 def measure(model_name: str, batch: int, steps: int) -> dict:
@@ -35,9 +54,7 @@ def measure(model_name: str, batch: int, steps: int) -> dict:
     torch.manual_seed(0)
     plain = build_model(model_name)
     private = copy.deepcopy(plain)
-    size = MODELS[model_name][1]
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, NUM_CLASSES, (batch,))
+    x, y = batch_of(model_name, batch)
     attachment = dpf.attach(private, probe_coupling=False)
     optimizer = torch.optim.SGD(plain.parameters(), lr=0.0)
 

@@ -17,6 +17,17 @@ TORCH_LIBRARY(dpfast_C, m) {
   m.def("linear_norm_sq(Tensor a, Tensor g, str method) -> Tensor");
   m.def("linear_clipped_sum(Tensor a, Tensor g, Tensor scale) -> Tensor");
   m.def("embedding_norm_sq(Tensor ids, Tensor g, int num_embeddings, int? padding_idx) -> Tensor");
+  // The recurrent rule's recurrence (CPU): all steps of one layer and direction.
+  m.def(
+      "lstm_sequence(Tensor gi, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, Tensor? valid) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "lstm_sequence_backward(Tensor? d_hs, Tensor? dc_n, Tensor gates, Tensor cells, "
+      "Tensor tanh_cells, Tensor c0, Tensor w_hh, Tensor? valid) -> (Tensor, Tensor, Tensor)");
+  m.def("rnn_sequence(Tensor gi, Tensor h0, Tensor w_hh, Tensor? b_hh, bool relu, Tensor? valid) -> Tensor");
+  m.def(
+      "rnn_sequence_backward(Tensor? d_hs, Tensor hs, Tensor w_hh, bool relu, Tensor? valid) "
+      "-> (Tensor, Tensor)");
   // Tensor-core kernels (CUDA only): precision 1 = TF32, 2 = bf16 inputs, fp32 accumulation.
   m.def("linear_norm_sq_tc(Tensor a, Tensor g, str method, int precision) -> Tensor");
   m.def("linear_clipped_sum_tc(Tensor a, Tensor g, Tensor scale, int precision) -> Tensor");

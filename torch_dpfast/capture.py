@@ -230,7 +230,8 @@ class _CaptureProbes(torch.autograd.Function):
         for group in ctx.probes:
             parts = [next(probe_grads) for _ in group]
             parts = [torch.zeros_like(p) if d is None else d for p, d in zip(group, parts)]
-            g_groups.append(zero_padded(torch.cat(parts, dim=1), ctx.batch))
+            joined = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            g_groups.append(zero_padded(joined, ctx.batch))
         ctx.record.x = tuple(zero_padded(s.detach(), ctx.batch) for s in ctx.saved)
         ctx.record.g = tuple(g_groups)
         ctx.record.owner.on_backward(ctx.record)

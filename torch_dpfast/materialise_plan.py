@@ -49,14 +49,23 @@ class Candidate:
 def candidate(key: Hashable, rule, module, x, out, rows: int) -> Candidate | None:
     """The layer called on ``x`` (its input) with output (or output gradient) ``out`` as a
     candidate for ``rows`` real examples, if its rule can materialise cheaply."""
-    if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor):
+    first_x, first_out = first_tensor(x), first_tensor(out)
+    if first_x is None or first_out is None:
         return None
     saving = rule.materialise_saving(module, x, out)
     if saving is None:
         return None
     macs, values = saving
-    itemsize = torch.promote_types(x.dtype, out.dtype).itemsize
+    itemsize = torch.promote_types(first_x.dtype, first_out.dtype).itemsize
     return Candidate(key, rows * values * itemsize, rows * macs, values)
+
+
+def first_tensor(value) -> torch.Tensor | None:
+    """A record's x or g: the tensor, or the first of a tuple of them (rules whose records
+    hold several, as the recurrent ones)."""
+    if isinstance(value, tuple) and value:
+        value = value[0]
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def available_bytes() -> int | None:

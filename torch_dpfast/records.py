@@ -178,13 +178,29 @@ def kept_prefix(mask: Tensor | None, batch: int) -> int:
 
 
 def leading_rows(record: Record, rows: int) -> tuple[object, object]:
-    """(x, g) of a layer call cut to its first ``rows`` examples (views) where both are single
-    batch-first tensors; (x, g) unchanged otherwise (tuples of inputs, folded windows)."""
+    """(x, g) of a layer call cut to its first ``rows`` examples (views) where both are
+    batch-first tensors, or tuples of them (the recurrent rules'); (x, g) unchanged otherwise
+    (tuples of other inputs, folded windows)."""
     x, g = record.x, record.g
-    if isinstance(x, Tensor) and isinstance(g, Tensor) and record.fold == 1:
-        if rows < g.shape[0] and x.shape[0] == g.shape[0]:
-            return x[:rows], g[:rows]
-    return x, g
+    batch = _batch_of(g)
+    if record.fold != 1 or batch is None or rows >= batch or _batch_of(x) != batch:
+        return x, g
+    return _cut(x, rows), _cut(g, rows)
+
+
+def _batch_of(value) -> int | None:
+    """The common leading size of a tensor or a tuple of tensors; None if there is none."""
+    parts = value if isinstance(value, tuple) else (value,)
+    if not parts or not all(isinstance(p, Tensor) and p.dim() > 0 for p in parts):
+        return None
+    sizes = {p.shape[0] for p in parts}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _cut(value, rows: int):
+    if isinstance(value, tuple):
+        return tuple(p[:rows] for p in value)
+    return value[:rows]
 
 
 def zero_padded(per_example: Tensor, batch: int) -> Tensor:

@@ -150,30 +150,49 @@ def test_layers_match_brute_force(kind, config, mode, gen):
     _check(net, _inputs(net, gen), mode, gen)
 
 
+def _force_path(path, monkeypatch):
+    """Makes LSTM and RNN layers run their recurrence by ``path``: "compiled" (csrc/cpu/
+    recurrence.cpp), "native" (torch's fused kernel with the identity input weight) or "steps"
+    (PyTorch ops per step); returns the list each call of the chosen path appends to."""
+    calls = []
+    if path != "compiled":
+        monkeypatch.setattr(recurrent_rule.fused, "available", lambda *a: False)
+    if path != "native":
+        monkeypatch.setattr(recurrent_rule, "NATIVE_MAX_MACS_PER_STEP", 0)
+    method = {"compiled": "_fused", "native": "_native", "steps": "_steps"}[path]
+    original = getattr(recurrent_rule._Recurrence, method)
+    monkeypatch.setattr(
+        recurrent_rule._Recurrence, method, lambda *a: calls.append(1) or original(*a)
+    )
+    return calls
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", ["lstm", "rnn", "rnn_relu"])
-@pytest.mark.parametrize("fused", [True, False])
-def test_fused_and_stepwise_recurrences_both_match_brute_force(kind, fused, mode, gen, monkeypatch):
-    """LSTM and RNN cells take torch's fused kernel at small batch * gates^2 and run step by
-    step above it (_native_pays): both paths, every mode, several layers both ways."""
-    limit = recurrent_rule.NATIVE_MAX_MACS_PER_STEP if fused else 0
-    monkeypatch.setattr(recurrent_rule, "NATIVE_MAX_MACS_PER_STEP", limit)
-    calls = []
-    native = recurrent_rule._Recurrence._native
-    monkeypatch.setattr(
-        recurrent_rule._Recurrence, "_native", lambda *a: calls.append(1) or native(*a)
-    )
+@pytest.mark.parametrize("path", ["compiled", "native", "steps"])
+def test_every_recurrence_path_matches_brute_force(kind, path, mode, gen, monkeypatch):
+    """LSTM and RNN cells run compiled on CPU, else by torch's fused kernel at small batch *
+    gates^2, else step by step: each path, every mode, several layers both ways."""
+    calls = _force_path(path, monkeypatch)
     rnn = _rnn(kind, batch_first=True, num_layers=2, bidirectional=True)
     net = Net(rnn, read=READS["all"], state=True).double()
     _check(net, _inputs(net, gen), mode, gen)
-    assert bool(calls) == fused
+    assert calls, f"the {path} recurrence was not taken"
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("read", READS)
 @pytest.mark.parametrize("packed", [False, True])
-def test_initial_state_packed_sequences_and_what_is_read(kind, read, packed, mode, gen):
+@pytest.mark.parametrize("path", ["compiled", "steps"])
+def test_initial_state_packed_sequences_and_what_is_read(
+    kind, read, packed, path, mode, gen, monkeypatch
+):
+    """Packed sequences (padded steps carry the state) on the compiled recurrence and step by
+    step (GRU layers always run step by step)."""
+    if kind == "gru" and path == "compiled":
+        pytest.skip("GRU layers have no compiled recurrence")
+    _force_path(path, monkeypatch)
     rnn = _rnn(kind, batch_first=True, num_layers=2, bidirectional=True)
     net = Net(rnn, read=READS[read], packed=packed, state=True).double()
     _check(net, _inputs(net, gen), mode, gen)
@@ -189,7 +208,9 @@ def test_lstm_with_projections(mode, gen):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("padding", [1, B - 1])
-def test_padding_rows_contribute_nothing(mode, padding, gen):
+@pytest.mark.parametrize("path", ["compiled", "steps"])
+def test_padding_rows_contribute_nothing(mode, padding, path, gen, monkeypatch):
+    _force_path(path, monkeypatch)
     net = Net(nn.LSTM(D, H, num_layers=2, batch_first=True), read=READS["all"], state=True)
     net = net.double()
     _check(net, _inputs(net, gen), mode, gen, padding=padding)
@@ -246,7 +267,10 @@ def test_dropout_between_layers_is_clipped_with_the_masks_of_the_forward(mode, g
             saved = self.net.rnn.forward
 
             def plain(inp, hx=None):
-                return rule.forward(self.net.rnn, lambda ins, call: call(*ins)[0], inp, hx)
+                # step by step: the compiled recurrence gives no weight gradients (only probes')
+                with monkeypatch.context() as patch:
+                    patch.setattr(recurrent_rule.fused, "available", lambda *a: False)
+                    return rule.forward(self.net.rnn, lambda ins, call: call(*ins)[0], inp, hx)
 
             self.net.rnn.forward = plain
             try:

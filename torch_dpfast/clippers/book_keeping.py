@@ -99,7 +99,8 @@ class BookKeeping(Clipper):
         """{name: (rows, *p.shape) buffer} for the per-example gradients of a materialised
         layer: reused from one physical batch to the next (fresh allocations of this size
         would be returned to the OS and page-faulted back every time)."""
-        dtype = torch.promote_types(record.x.dtype, record.g.dtype)
+        x, g = materialise_plan.first_tensor(record.x), materialise_plan.first_tensor(record.g)
+        dtype = torch.promote_types(x.dtype, g.dtype)
         out = {}
         for name, p in record.params.items():
             need = rows * p.numel()

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import ops
 from ._registry import Rule, scaled_sum, zero_norms
-from .linear import linear_bound_sq
+from .linear import linear_bound_sq, plan_linear
 
 
 class LinearUsesRule(Rule):
@@ -21,15 +21,29 @@ class LinearUsesRule(Rule):
     def uses(self, module, x, g) -> list[tuple[str, str | None, Tensor, Tensor]]:
         raise NotImplementedError
 
-    def per_example_grads(self, module, x, g):
-        params, grads = self.parameters(module), {}
+    def per_example_grads(self, module, x, g, out=None):
+        """{name: (B, *p.shape)}: one batched GEMM d_i^T a_i per weight, written into
+        ``out[name]`` where given (the engine's reused buffers)."""
+        params, grads, out = self.parameters(module), {}, out or {}
         for weight, bias, a, d in self.uses(module, x, g):
             dtype = torch.promote_types(a.dtype, d.dtype)  # autocast: float32 a, bfloat16 d
             if weight in params:
-                grads[weight] = torch.bmm(d.to(dtype).mT, a.to(dtype))
+                grads[weight] = torch.bmm(d.to(dtype).mT, a.to(dtype), out=out.get(weight))
             if bias in params:
-                grads[bias] = d.sum(dim=1)
+                grads[bias] = torch.sum(d.to(dtype), dim=1, out=out.get(bias))
         return grads
+
+    def materialise_saving(self, module, x, g):
+        """The uses' norm multiply-adds per example against their parameters' values: the
+        batched GEMMs of per_example_grads cost what the clipped sums' GEMMs do."""
+        params, macs, values = self.parameters(module), 0, 0
+        for weight, bias, a, d in self.uses(module, x, g):
+            if weight in params:
+                macs += plan_linear("auto", a.shape[1], a.shape[-1], d.shape[-1])[1]
+                values += params[weight].numel()
+            if bias in params:
+                values += params[bias].numel()
+        return (macs, values) if values else None
 
     def norm_sq(self, module, x, g, method="auto"):
         params, total = self.parameters(module), zero_norms(g)

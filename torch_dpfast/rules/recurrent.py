@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from . import _fused_recurrence as fused
 from ._linear_uses import LinearUsesRule
 from ._registry import register_rule
 from .linear import plan_linear
@@ -139,20 +140,29 @@ class _Recurrence:
         w = _layer_parameters(self.module, layer, direction)
         seq = _reversed(x, self.lengths) if direction else x
         gi = F.linear(seq, w["weight_ih"], w["bias_ih"])  # (B, T, G*H): one GEMM for all steps
-        if self._native_pays(gi) and w["weight_hr"] is None and self.lengths is None:
-            return self._native(seq, gi, w, h, c, direction)
         steps = seq.shape[1]
         valid = None
         if self.lengths is not None:
             valid = (
                 torch.arange(steps, device=x.device)[None, :] < self.lengths.to(x.device)[:, None]
             )
+        if w["weight_hr"] is None and fused.available(self.mode, gi, h, w["weight_hh"]):
+            return self._fused(seq, gi, w, h, c, valid, direction)
+        if self._native_pays(gi) and w["weight_hr"] is None and self.lengths is None:
+            return self._native(seq, gi, w, h, c, direction)
+        return self._steps(seq, gi, w, h, c, valid, direction)
+
+    def _steps(self, seq, gi, w, h, c, valid, direction):
+        """The recurrence in PyTorch ops, step by step (any cell, projections, padding)."""
+        steps = seq.shape[1]
         h_prev, gh_probes, hr_probes, hr_inputs, outs = [], [], [], [], []
+        gi_steps = gi.unbind(1)  # one backward for all steps (a select per step would zero-fill
+        # a full-size gradient each)
         for t in range(steps):
             h_prev.append(h)
             gh = F.linear(h[:, None], w["weight_hh"], w["bias_hh"])  # (B, 1, G*H), a probe
             gh_probes.append(gh)
-            h_new, c_new = cell_step(self.mode, gi[:, t], gh[:, 0], h, c)
+            h_new, c_new = cell_step(self.mode, gi_steps[t], gh[:, 0], h, c)
             if w["weight_hr"] is not None:
                 hr_inputs.append(h_new)
                 projected = F.linear(h_new[:, None], w["weight_hr"])
@@ -173,6 +183,16 @@ class _Recurrence:
             self.saved.append(torch.stack(hr_inputs, dim=1))
             self.probes.append(hr_probes)
         return (_reversed(out, self.lengths) if direction else out), h, c
+
+    def _fused(self, seq, gi, w, h, c, valid, direction):
+        """The recurrence in one compiled call (rules/_fused_recurrence.py): the gradient of
+        gi is every step's gate gradient, dgi_t = dgh_t, so gi is the probe of both."""
+        hs, c = fused.run(self.mode, gi, h, c, w["weight_hh"], w["bias_hh"], valid)
+        h_prev = torch.cat([h[:, None], hs[:, :-1]], dim=1)
+        out = hs if valid is None else hs * valid[..., None]
+        self.saved += [seq, h_prev]
+        self.probes += [[gi], [gi]]
+        return (_reversed(out, self.lengths) if direction else out), hs[:, -1], c
 
     def _native_pays(self, gi: Tensor) -> bool:
         """Whether the fused kernel is faster than the steps in PyTorch ops: it saves a dozen
