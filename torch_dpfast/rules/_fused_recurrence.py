@@ -39,7 +39,7 @@ class _LSTMSequence(torch.autograd.Function):
             gi, h0, c0, w_hh, b_hh, valid
         )
         ctx.save_for_backward(gates, cells, tanh_cells, c0, w_hh, valid)
-        return hs, cells[:, -1].clone()
+        return hs, cells[-1].clone()  # gates, cells, tanh_cells: time-major (T, B, .)
 
     @staticmethod
     def backward(ctx, d_hs, dc_n):

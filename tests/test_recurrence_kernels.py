@@ -1,0 +1,128 @@
+"""The compiled recurrence (csrc/cpu/recurrence.cpp through rules/_fused_recurrence.py) against
+autograd through a plain PyTorch loop over the steps: the states, and the gradients of gi (every
+step's gate pre-activations), h0 and c0; float64 and float32 (whose tanh goes through a
+sigmoid), odd sizes, padded steps, large pre-activations, losses that read only part of it."""
+
+import pytest
+import torch
+
+from torch_dpfast import _ext
+from torch_dpfast.rules import _fused_recurrence as fused
+
+pytestmark = pytest.mark.skipif(
+    not _ext.has_kernel("lstm_sequence", "CPU"), reason="torch_dpfast._C is not built"
+)
+GATES = {"LSTM": 4, "RNN_TANH": 1, "RNN_RELU": 1}
+TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-4, atol=2e-5)}
+
+
+def _reference(mode, gi, h0, c0, w_hh, b_hh, valid):
+    """(h (B, T, H), c_T) by a loop of PyTorch ops: padded steps keep the state."""
+    h, c, hs = h0, c0, []
+    for t in range(gi.shape[1]):
+        pre = gi[:, t] + h @ w_hh.T + (0 if b_hh is None else b_hh)
+        if mode == "LSTM":
+            i, f, g, o = pre.chunk(4, dim=1)
+            c_new = f.sigmoid() * c + i.sigmoid() * g.tanh()
+            h_new = o.sigmoid() * c_new.tanh()
+        else:
+            h_new, c_new = (pre.relu() if mode == "RNN_RELU" else pre.tanh()), None
+        if valid is not None:
+            keep = valid[:, t, None]
+            h_new = torch.where(keep, h_new, h)
+            c_new = None if c is None else torch.where(keep, c_new, c)
+        h, c = h_new, c_new
+        hs.append(h)
+    return torch.stack(hs, dim=1), c
+
+
+def _case(mode, dtype, gen, batch=5, steps=7, hidden=3, scale=1.0, padded=False):
+    g = GATES[mode] * hidden
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    gi = rand(batch, steps, g).requires_grad_()
+    h0 = rand(batch, hidden).requires_grad_()
+    c0 = rand(batch, hidden).requires_grad_() if mode == "LSTM" else None
+    w_hh, b_hh = rand(g, hidden) / scale, rand(g)
+    valid = None
+    if padded:
+        lengths = torch.randint(0, steps + 1, (batch,), generator=gen)
+        valid = torch.arange(steps)[None] < lengths[:, None]
+    return gi, h0, c0, w_hh, b_hh, valid
+
+
+def _losses(hs, c_n, gen, read):
+    """A weighted sum of what ``read`` names, weights random."""
+    total = 0
+    if "output" in read:
+        total = total + (hs * torch.randn(hs.shape, generator=gen, dtype=hs.dtype)).sum()
+    if "h_n" in read:
+        total = total + hs[:, -1].square().sum()
+    if "c_n" in read and c_n is not None:
+        total = total + (c_n * 0.7).sin().sum()
+    return total
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode", sorted(GATES))
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("read", [("output",), ("h_n",), ("c_n",), ("output", "h_n", "c_n")])
+def test_states_and_gradients_match_a_loop_of_pytorch_ops(mode, dtype, padded, read, gen):
+    if read == ("c_n",) and mode != "LSTM":
+        pytest.skip("an RNN has no cell state")
+    args = _case(mode, dtype, gen, padded=padded)
+    ref_args = [a.detach().clone().requires_grad_(a.requires_grad) if a is not None else None
+                for a in args[:3]] + list(args[3:])  # fmt: skip
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    hs, c_n = fused.run(mode, *args)
+    expected_hs, expected_c = _reference(mode, *ref_args)
+    torch.testing.assert_close(hs, expected_hs, **TOLERANCE[dtype])
+    if mode == "LSTM":
+        torch.testing.assert_close(c_n, expected_c, **TOLERANCE[dtype])
+    inputs = [a for a in args[:3] if a is not None]
+    ref_inputs = [a for a in ref_args[:3] if a is not None]
+    got = torch.autograd.grad(_losses(hs, c_n, torch.Generator().manual_seed(seed), read), inputs)
+    want = torch.autograd.grad(
+        _losses(expected_hs, expected_c, torch.Generator().manual_seed(seed), read), ref_inputs
+    )
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("mode", sorted(GATES))
+def test_saturated_gates_stay_finite_and_exact(mode, gen):
+    """Pre-activations of +-50: sigmoids at 0 and 1, tanh at +-1, in float32 too."""
+    for dtype in (torch.float64, torch.float32):
+        args = _case(mode, dtype, gen, scale=50.0)
+        hs, c_n = fused.run(mode, *args)
+        expected, _ = _reference(mode, *args)
+        assert torch.isfinite(hs).all()
+        torch.testing.assert_close(hs, expected, **TOLERANCE[dtype])
+
+
+def test_wide_layers_run_their_rows_in_parallel(gen):
+    """Enough rows per step for the parallel loops (batch 33, hidden 70)."""
+    args = _case("LSTM", torch.float64, gen, batch=33, steps=4, hidden=70, padded=True)
+    hs, _ = fused.run("LSTM", *args)
+    expected, _ = _reference("LSTM", *args)
+    torch.testing.assert_close(hs, expected, **TOLERANCE[torch.float64])
+    (g_fused,) = torch.autograd.grad(hs.sum(), args[0])
+    (g_ref,) = torch.autograd.grad(expected.sum(), args[0])
+    torch.testing.assert_close(g_fused, g_ref, **TOLERANCE[torch.float64])
+
+
+def test_only_cpu_float_layers_are_compiled():
+    x = torch.zeros(2, 3, 4)
+    assert fused.available("LSTM", x, torch.zeros(2, 1), torch.zeros(4, 1))
+    assert not fused.available("GRU", x, torch.zeros(2, 1), torch.zeros(4, 1))
+    half = x.to(torch.bfloat16)
+    assert not fused.available("LSTM", half, torch.zeros(2, 1), torch.zeros(4, 1))
+
+
+def test_shape_errors_name_the_shapes():
+    with pytest.raises(RuntimeError, match="w_hh"):
+        torch.ops.dpfast_C.lstm_sequence(
+            torch.zeros(2, 3, 8), torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(8, 3), None, None
+        )
