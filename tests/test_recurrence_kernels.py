@@ -123,6 +123,7 @@ def test_only_cpu_float_layers_are_compiled():
 
 def test_shape_errors_name_the_shapes():
     with pytest.raises(RuntimeError, match="w_hh"):
+        state = torch.zeros(2, 2)
         torch.ops.dpfast_C.lstm_sequence(
-            torch.zeros(2, 3, 8), torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(8, 3), None, None
+            torch.zeros(2, 3, 8), state, state, torch.zeros(8, 3), None, None
         )
