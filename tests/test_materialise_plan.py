@@ -71,6 +71,54 @@ def test_available_memory_is_read_from_the_os():
     assert available is None or 0 < available
 
 
+def test_available_memory_is_the_least_of_the_system_the_address_limit_and_the_cgroup(
+    monkeypatch,
+):
+    """A container (cgroup limit) or `ulimit -v` (RLIMIT_AS) caps what the process can take,
+    though /proc/meminfo shows the whole machine's memory."""
+    gib = 1 << 30
+    readers = dict(_system_available=24 * gib, _rlimit_headroom=None, _cgroup_headroom=None)
+    for name in readers:
+        monkeypatch.setattr(materialise_plan, name, lambda name=name: readers[name])
+    assert materialise_plan.available_bytes() == 24 * gib
+    readers["_rlimit_headroom"] = 2 * gib
+    assert materialise_plan.available_bytes() == 2 * gib
+    readers["_cgroup_headroom"] = gib
+    assert materialise_plan.available_bytes() == gib
+    readers["_cgroup_headroom"] = -5  # over its limit already
+    assert materialise_plan.available_bytes() == 0
+    readers.update(_system_available=None, _rlimit_headroom=None, _cgroup_headroom=None)
+    assert materialise_plan.available_bytes() is None
+
+
+def test_an_address_space_limit_is_seen(tmp_path):
+    """In a child process under RLIMIT_AS = current + 1 GiB, the headroom is about 1 GiB."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource\n"
+        "from torch_dpfast import materialise_plan as mp\n"
+        "used = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (used + (1 << 30), resource.RLIM_INFINITY))\n"
+        "print(mp.available_bytes())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert 0.9 * (1 << 30) < int(out.stdout) <= 1 << 30
+
+
+@pytest.mark.parametrize("limit", ["max\n", str(1 << 62)])
+def test_an_unlimited_cgroup_sets_no_bound(tmp_path, monkeypatch, limit):
+    (tmp_path / "max").write_text(limit)
+    (tmp_path / "current").write_text("1000\n")
+    monkeypatch.setattr(
+        materialise_plan, "CGROUP_FILES", ((str(tmp_path / "max"), str(tmp_path / "current")),)
+    )
+    assert materialise_plan._cgroup_headroom() is None
+    (tmp_path / "max").write_text(str(3000))
+    assert materialise_plan._cgroup_headroom() == 2000
+
+
 class SequenceMLP(nn.Module):
     """Linear layers over T = 40 positions (direct norms of 40 multiply-adds per gradient value,
     5 per float64 byte for `down`, 4.2 for `up` with its bias: both worth materialising, `down`

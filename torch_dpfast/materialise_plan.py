@@ -69,7 +69,18 @@ def first_tensor(value) -> torch.Tensor | None:
 
 
 def available_bytes() -> int | None:
-    """The memory available to allocate now (Linux MemAvailable), or None where unknown."""
+    """What this process can allocate now, or None where unknown: the least of the system's
+    MemAvailable (what can be allocated without swapping), the headroom under the process's
+    address-space limit (RLIMIT_AS) and under its cgroup's memory limit (containers; v2 or v1).
+    A container or a ``ulimit -v`` sees the system's MemAvailable too, so that alone would
+    overshoot its own limit."""
+    known = [
+        b for b in (_system_available(), _rlimit_headroom(), _cgroup_headroom()) if b is not None
+    ]
+    return max(0, min(known)) if known else None
+
+
+def _system_available() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -81,6 +92,44 @@ def available_bytes() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def _rlimit_headroom() -> int | None:
+    """RLIMIT_AS minus the address space in use (VmSize), where a limit is set."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit == resource.RLIM_INFINITY:
+            return None
+        with open("/proc/self/statm") as f:
+            used = int(f.read().split()[0]) * resource.getpagesize()
+    except (ImportError, OSError, ValueError, IndexError):
+        return None
+    return limit - used
+
+
+# (limit file, usage file) of the process's memory cgroup, v2 then v1; "max" or a huge number
+# means no limit.
+CGROUP_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+)
+
+
+def _cgroup_headroom() -> int | None:
+    for limit_file, usage_file in CGROUP_FILES:
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                used = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 1 << 60:
+            return None
+        return int(limit) - used
+    return None
 
 
 def resolve_budget(materialise_bytes: int | None) -> int:
