@@ -12,16 +12,25 @@ from torch_dpfast.rules import _fused_recurrence as fused
 pytestmark = pytest.mark.skipif(
     not _ext.has_kernel("lstm_sequence", "CPU"), reason="torch_dpfast._C is not built"
 )
-GATES = {"LSTM": 4, "RNN_TANH": 1, "RNN_RELU": 1}
+GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-4, atol=2e-5)}
 
 
-def _reference(mode, gi, h0, c0, w_hh, b_hh, valid):
-    """(h (B, T, H), c_T) by a loop of PyTorch ops: padded steps keep the state."""
+def _reference(mode, gi, h0, c0, w_hh, b_hh, valid, probe=None):
+    """(h (B, T, H), c_T) by a loop of PyTorch ops: padded steps keep the state. The GRU's gh
+    is gh + probe (probe zero), so that its gradient is dgh."""
     h, c, hs = h0, c0, []
     for t in range(gi.shape[1]):
-        pre = gi[:, t] + h @ w_hh.T + (0 if b_hh is None else b_hh)
-        if mode == "LSTM":
+        gh = h @ w_hh.T + (0 if b_hh is None else b_hh)
+        if probe is not None:
+            gh = gh + probe[:, t]
+        pre = gi[:, t] + gh
+        if mode == "GRU":
+            ir, iz, in_ = gi[:, t].chunk(3, dim=1)
+            hr, hz, hn = gh.chunk(3, dim=1)
+            r, z = (ir + hr).sigmoid(), (iz + hz).sigmoid()
+            h_new, c_new = (1 - z) * (in_ + r * hn).tanh() + z * h, None
+        elif mode == "LSTM":
             i, f, g, o = pre.chunk(4, dim=1)
             c_new = f.sigmoid() * c + i.sigmoid() * g.tanh()
             h_new = o.sigmoid() * c_new.tanh()
@@ -76,13 +85,16 @@ def test_states_and_gradients_match_a_loop_of_pytorch_ops(mode, dtype, padded, r
     ref_args = [a.detach().clone().requires_grad_(a.requires_grad) if a is not None else None
                 for a in args[:3]] + list(args[3:])  # fmt: skip
     seed = int(torch.randint(0, 2**31, (1,), generator=gen))
-    hs, c_n = fused.run(mode, *args)
-    expected_hs, expected_c = _reference(mode, *ref_args)
+    probe = ref_probe = None
+    if mode == "GRU":  # dgh: the gradient of a zero probe added to gh
+        probe, ref_probe = fused.gh_probe(args[0]), torch.zeros_like(args[0], requires_grad=True)
+    hs, c_n = fused.run(mode, *args, probe)
+    expected_hs, expected_c = _reference(mode, *ref_args, ref_probe)
     torch.testing.assert_close(hs, expected_hs, **TOLERANCE[dtype])
     if mode == "LSTM":
         torch.testing.assert_close(c_n, expected_c, **TOLERANCE[dtype])
-    inputs = [a for a in args[:3] if a is not None]
-    ref_inputs = [a for a in ref_args[:3] if a is not None]
+    inputs = [a for a in (*args[:3], probe) if a is not None]
+    ref_inputs = [a for a in (*ref_args[:3], ref_probe) if a is not None]
     got = torch.autograd.grad(_losses(hs, c_n, torch.Generator().manual_seed(seed), read), inputs)
     want = torch.autograd.grad(
         _losses(expected_hs, expected_c, torch.Generator().manual_seed(seed), read), ref_inputs
@@ -96,17 +108,18 @@ def test_saturated_gates_stay_finite_and_exact(mode, gen):
     """Pre-activations of +-50: sigmoids at 0 and 1, tanh at +-1, in float32 too."""
     for dtype in (torch.float64, torch.float32):
         args = _case(mode, dtype, gen, scale=50.0)
-        hs, c_n = fused.run(mode, *args)
+        hs, c_n = fused.run(mode, *args, fused.gh_probe(args[0]))
         expected, _ = _reference(mode, *args)
         assert torch.isfinite(hs).all()
         torch.testing.assert_close(hs, expected, **TOLERANCE[dtype])
 
 
-def test_wide_layers_run_their_rows_in_parallel(gen):
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_wide_layers_run_their_rows_in_parallel(mode, gen):
     """Enough rows per step for the parallel loops (batch 33, hidden 70)."""
-    args = _case("LSTM", torch.float64, gen, batch=33, steps=4, hidden=70, padded=True)
-    hs, _ = fused.run("LSTM", *args)
-    expected, _ = _reference("LSTM", *args)
+    args = _case(mode, torch.float64, gen, batch=33, steps=4, hidden=70, padded=True)
+    hs, _ = fused.run(mode, *args, fused.gh_probe(args[0]))
+    expected, _ = _reference(mode, *args)
     torch.testing.assert_close(hs, expected, **TOLERANCE[torch.float64])
     (g_fused,) = torch.autograd.grad(hs.sum(), args[0])
     (g_ref,) = torch.autograd.grad(expected.sum(), args[0])
@@ -116,7 +129,8 @@ def test_wide_layers_run_their_rows_in_parallel(gen):
 def test_only_cpu_float_layers_are_compiled():
     x = torch.zeros(2, 3, 4)
     assert fused.available("LSTM", x, torch.zeros(2, 1), torch.zeros(4, 1))
-    assert not fused.available("GRU", x, torch.zeros(2, 1), torch.zeros(4, 1))
+    assert fused.available("GRU", x, torch.zeros(2, 1), torch.zeros(4, 1))
+    assert not fused.available("LSTM", x.double(), torch.zeros(2, 1), torch.zeros(4, 1))
     half = x.to(torch.bfloat16)
     assert not fused.available("LSTM", half, torch.zeros(2, 1), torch.zeros(4, 1))
 

@@ -8,7 +8,8 @@
 //                      (B, T, H);
 //   lstm_sequence_backward  dh_t = dout_t + W_hh^T dgates_{t+1}; returns the gate
 //                      pre-activation gradients (B, T, 4H) and the initial state's gradients;
-//   rnn_sequence(_backward)  h_t = act(gi_t + b_hh + W_hh h_{t-1}), act tanh or relu.
+//   rnn_sequence(_backward)  h_t = act(gi_t + b_hh + W_hh h_{t-1}), act tanh or relu;
+//   gru_sequence(_backward)  torch's GRU cell; the backward returns the gradients of gi and gh.
 //
 // valid (B, T) bool, when given, marks each example's real steps: at a padded step the state
 // is carried unchanged (h_t = h_{t-1}, c_t = c_{t-1}), its gate gradients are zero and the
@@ -356,6 +357,176 @@ std::tuple<at::Tensor, at::Tensor> rnn_sequence_backward_cpu(
   return {dpre.transpose(0, 1), dh};
 }
 
+// ------------------------------------------------------------------------------------ GRU
+// r, z = sigmoid(gi_r + gh_r), sigmoid(gi_z + gh_z), n = tanh(gi_n + r gh_n),
+// h_t = (1 - z) n + z h_{t-1}, gh = W_hh h_{t-1} + b_hh. The gradients of gi and gh differ in
+// the n block (dgh_n = r dgi_n), so the backward returns both.
+
+// Step t's r and z pre-activations (B, 2H) into gates[t] (gi batch-first (B, T, 3H)).
+template <typename scalar_t>
+void gru_reset_update(const at::Tensor& gi, const at::Tensor& gh, at::Tensor& gates, int64_t t) {
+  const int64_t batch = gates.size(1), width = gates.size(2), steps = gi.size(1);
+  const scalar_t *pgi = gi.data_ptr<scalar_t>(), *pgh = gh.data_ptr<scalar_t>();
+  scalar_t* pg = gates.data_ptr<scalar_t>();
+  at::parallel_for(0, batch, row_grain(width), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const scalar_t* x = pgi + (b * steps + t) * width;
+      const scalar_t* h = pgh + (t * batch + b) * width;
+      scalar_t* g = pg + (t * batch + b) * width;
+      for (int64_t j = 0; j < 2 * width / 3; ++j) g[j] = x[j] + h[j];
+    }
+  });
+}
+
+// Step t's candidate pre-activation gi_n + r gh_n (doubled with by_sigmoid) into gates[t].
+template <typename scalar_t>
+void gru_candidate(const at::Tensor& gi, const at::Tensor& gh, at::Tensor& gates, bool by_sigmoid,
+                   int64_t t) {
+  const int64_t batch = gates.size(1), width = gates.size(2), steps = gi.size(1);
+  const int64_t hidden = width / 3;
+  const scalar_t *pgi = gi.data_ptr<scalar_t>(), *pgh = gh.data_ptr<scalar_t>();
+  scalar_t* pg = gates.data_ptr<scalar_t>();
+  const scalar_t two = by_sigmoid ? scalar_t(2) : scalar_t(1);
+  at::parallel_for(0, batch, row_grain(width), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const scalar_t* x = pgi + (b * steps + t) * width + 2 * hidden;
+      const scalar_t* h = pgh + (t * batch + b) * width + 2 * hidden;
+      scalar_t* g = pg + (t * batch + b) * width;
+      for (int64_t j = 0; j < hidden; ++j) g[2 * hidden + j] = two * (x[j] + g[j] * h[j]);
+    }
+  });
+}
+
+// h_t = (1 - z) n + z h_{t-1} (h_{t-1} at a padded step); with by_sigmoid n is first turned
+// from sigmoid(2 x) into tanh(x).
+template <typename scalar_t>
+void gru_hidden(at::Tensor& gates, at::Tensor& hs, const at::Tensor& h0, const bool* valid,
+                bool by_sigmoid, int64_t t) {
+  const int64_t batch = gates.size(1), hidden = hs.size(2);
+  scalar_t *pg = gates.data_ptr<scalar_t>(), *ph = hs.data_ptr<scalar_t>();
+  const scalar_t* ph0 = h0.data_ptr<scalar_t>();
+  at::parallel_for(0, batch, row_grain(3 * hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t row = t * batch + b;
+      scalar_t* h = ph + row * hidden;
+      const scalar_t* h_prev = t ? h - batch * hidden : ph0 + b * hidden;
+      if (valid && !valid[row]) {
+        for (int64_t j = 0; j < hidden; ++j) h[j] = h_prev[j];
+        continue;
+      }
+      scalar_t* g = pg + row * 3 * hidden;
+      if (by_sigmoid) {
+        for (int64_t j = 0; j < hidden; ++j) g[2 * hidden + j] = scalar_t(2) * g[2 * hidden + j] - scalar_t(1);
+      }
+      for (int64_t j = 0; j < hidden; ++j) {
+        const scalar_t z = g[hidden + j];
+        h[j] = (scalar_t(1) - z) * g[2 * hidden + j] + z * h_prev[j];
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_sequence_cpu(
+    const at::Tensor& gi_in, const at::Tensor& h0_in, const at::Tensor& w_hh,
+    const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& valid_in) {
+  check_sequence("gru_sequence", gi_in, h0_in, w_hh, 3);
+  const at::Tensor gi = gi_in.contiguous(), h0 = h0_in.contiguous();
+  const at::Tensor valid = valid_steps(valid_in, gi);
+  const bool* pv = valid.defined() ? valid.data_ptr<bool>() : nullptr;
+  const int64_t batch = gi.size(0), steps = gi.size(1), hidden = h0.size(1);
+  at::Tensor gh = at::empty({steps, batch, 3 * hidden}, gi.options());
+  at::Tensor gates = at::empty_like(gh);
+  at::Tensor hs = at::empty({steps, batch, hidden}, gi.options());
+  const bool by_sigmoid = gi.scalar_type() == at::kFloat;  // as in lstm_sequence_cpu
+  const bool biased = b_hh.has_value() && b_hh->defined();
+  const at::Tensor w_t = w_hh.t();
+  for (int64_t t = 0; t < steps; ++t) {
+    at::Tensor gh_t = gh[t], g = gates[t];
+    const at::Tensor h_prev = t ? hs[t - 1] : h0;
+    if (biased) {
+      at::addmm_out(gh_t, *b_hh, h_prev, w_t);
+    } else {
+      at::mm_out(gh_t, h_prev, w_t);
+    }
+    AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "gru_sequence", [&] {
+      gru_reset_update<scalar_t>(gi, gh, gates, t);
+      g.narrow(1, 0, 2 * hidden).sigmoid_();
+      gru_candidate<scalar_t>(gi, gh, gates, by_sigmoid, t);
+      at::Tensor n = g.narrow(1, 2 * hidden, hidden);
+      by_sigmoid ? n.sigmoid_() : n.tanh_();
+      gru_hidden<scalar_t>(gates, hs, h0, pv, by_sigmoid, t);
+    });
+  }
+  return {hs.transpose(0, 1), gates, gh};
+}
+
+// One step back: dgi[t], dgh[t] and carry = the gradient reaching h_{t-1} directly (z dh, or
+// all of dh at a padded step).
+template <typename scalar_t>
+void gru_step_backward(const at::Tensor& d_hs, const at::Tensor& dh_next, const at::Tensor& hs,
+                       const at::Tensor& h0, const at::Tensor& gates, const at::Tensor& gh,
+                       const bool* valid, at::Tensor& dgi, at::Tensor& dgh, at::Tensor& carry,
+                       int64_t t) {
+  const int64_t batch = gates.size(1), hidden = hs.size(2);
+  const scalar_t* pdo = d_hs.defined() ? d_hs.data_ptr<scalar_t>() : nullptr;
+  const scalar_t *pdh = dh_next.data_ptr<scalar_t>(), *ph = hs.data_ptr<scalar_t>();
+  const scalar_t *ph0 = h0.data_ptr<scalar_t>(), *pg = gates.data_ptr<scalar_t>();
+  const scalar_t* pgh = gh.data_ptr<scalar_t>();
+  scalar_t *pdi = dgi.data_ptr<scalar_t>(), *pdg = dgh.data_ptr<scalar_t>();
+  scalar_t* pcarry = carry.data_ptr<scalar_t>();
+  at::parallel_for(0, batch, row_grain(3 * hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t row = t * batch + b;
+      scalar_t *di = pdi + row * 3 * hidden, *dg = pdg + row * 3 * hidden;
+      scalar_t* c = pcarry + b * hidden;
+      const scalar_t* out_grad = pdo ? pdo + row * hidden : nullptr;
+      const scalar_t* dh_rec = pdh + b * hidden;
+      if (valid && !valid[row]) {
+        for (int64_t j = 0; j < 3 * hidden; ++j) di[j] = dg[j] = scalar_t(0);
+        for (int64_t j = 0; j < hidden; ++j) c[j] = dh_rec[j] + (out_grad ? out_grad[j] : scalar_t(0));
+        continue;
+      }
+      const scalar_t* g = pg + row * 3 * hidden;
+      const scalar_t* hn = pgh + row * 3 * hidden + 2 * hidden;
+      const scalar_t* h_prev = t ? ph + (row - batch) * hidden : ph0 + b * hidden;
+      for (int64_t j = 0; j < hidden; ++j) {
+        const scalar_t dh = dh_rec[j] + (out_grad ? out_grad[j] : scalar_t(0));
+        const scalar_t r = g[j], z = g[hidden + j], n = g[2 * hidden + j];
+        const scalar_t dn = dh * (scalar_t(1) - z) * (scalar_t(1) - n * n);
+        const scalar_t dz = dh * (h_prev[j] - n) * z * (scalar_t(1) - z);
+        const scalar_t dr = dn * hn[j] * r * (scalar_t(1) - r);
+        di[j] = dg[j] = dr;
+        di[hidden + j] = dg[hidden + j] = dz;
+        di[2 * hidden + j] = dn;
+        dg[2 * hidden + j] = dn * r;
+        c[j] = dh * z;
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_sequence_backward_cpu(
+    const c10::optional<at::Tensor>& d_hs_in, const at::Tensor& hs_in, const at::Tensor& gates,
+    const at::Tensor& gh, const at::Tensor& h0_in, const at::Tensor& w_hh,
+    const c10::optional<at::Tensor>& valid_in) {
+  const at::Tensor hs = hs_in.transpose(0, 1);  // the forward's (T, B, H) buffer
+  TORCH_CHECK(hs.is_contiguous(), "gru_sequence_backward: hs must be gru_sequence's output");
+  const int64_t batch = hs.size(1), hidden = hs.size(2);
+  const at::Tensor valid = valid_steps(valid_in, hs_in), h0 = h0_in.contiguous();
+  const bool* pv = valid.defined() ? valid.data_ptr<bool>() : nullptr;
+  const at::Tensor d_hs = time_major(d_hs_in);
+  at::Tensor dh = at::zeros({batch, hidden}, hs.options());
+  at::Tensor dgi = at::empty_like(gates), dgh = at::empty_like(gates);
+  at::Tensor carry = at::empty({batch, hidden}, hs.options());
+  for (int64_t t = hs.size(0) - 1; t >= 0; --t) {
+    AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "gru_sequence_backward", [&] {
+      gru_step_backward<scalar_t>(d_hs, dh, hs, h0, gates, gh, pv, dgi, dgh, carry, t);
+    });
+    recurrent_gradient(dh, carry, dgh[t], w_hh);
+  }
+  return {dgi.transpose(0, 1), dgh.transpose(0, 1), dh};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dpfast_C, CPU, m) {
@@ -363,6 +534,8 @@ TORCH_LIBRARY_IMPL(dpfast_C, CPU, m) {
   m.impl("lstm_sequence_backward", &lstm_sequence_backward_cpu);
   m.impl("rnn_sequence", &rnn_sequence_cpu);
   m.impl("rnn_sequence_backward", &rnn_sequence_backward_cpu);
+  m.impl("gru_sequence", &gru_sequence_cpu);
+  m.impl("gru_sequence_backward", &gru_sequence_backward_cpu);
 }
 
 }  // namespace dpfast

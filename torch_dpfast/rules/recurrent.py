@@ -14,14 +14,15 @@ its steps of outer products, the linear layer's with T = the sequence length:
 
 Under ``attach`` the rule re-implements the layer's forward (the input projection of all steps
 in one GEMM, then the recurrence) inside one capture whose backward hands back the gradients of
-the *probes* gi, gh_t (and the projections). LSTM and RNN cells, whose gates are gi + gh, run
-the recurrence by torch's fused kernel on gi + z (an identity input weight, z a zero probe:
-dz_t = dgi_t = dgh_t) where there is no projection and no PackedSequence and the identity GEMM
-is small enough to pay (small batches); the rest, GRU cells, LSTM projections and packed
-sequences, step by step in PyTorch ops. The record
-holds x = (x, h_prev[, o*tanh(c)]) and g = (dgi, dgh[, dh]) per layer and direction, each
-(B, T, .). Norms are ghost/direct linear norms, sums book-keeping GEMMs: exact, with nothing
-per example materialised. Padded steps of a PackedSequence keep the state (h, c) unchanged and
+the *probes* gi, gh_t (and the projections). How the recurrence runs: on CPU, LSTM, GRU and
+RNN layers without a projection, in one compiled call per layer and direction
+(_fused_recurrence.py, csrc/cpu/recurrence.cpp); else LSTM and RNN cells, whose gates are gi +
+gh, by torch's fused kernel on gi + z (an identity input weight, z a zero probe: dz_t = dgi_t =
+dgh_t) where there is no projection and no PackedSequence and the identity GEMM is small enough
+to pay (small batches); the rest step by step in PyTorch ops. The record holds x = (x, h_prev[,
+o*tanh(c)]) and g = (dgi, dgh[, dh]) per layer and direction, each (B, T, .). Norms are
+ghost/direct linear norms, sums book-keeping GEMMs, or with ``auto`` on CPU the per-example
+gradients materialised (one batched GEMM per weight): exact either way. Padded steps of a PackedSequence keep the state (h, c) unchanged and
 get zero probe gradients, so they add nothing.
 """
 
@@ -186,12 +187,14 @@ class _Recurrence:
 
     def _fused(self, seq, gi, w, h, c, valid, direction):
         """The recurrence in one compiled call (rules/_fused_recurrence.py): the gradient of
-        gi is every step's gate gradient, dgi_t = dgh_t, so gi is the probe of both."""
-        hs, c = fused.run(self.mode, gi, h, c, w["weight_hh"], w["bias_hh"], valid)
+        gi is every step's gate gradient; for LSTM and RNN cells dgi_t = dgh_t, so gi is the
+        probe of both, a GRU's gh has a probe of its own."""
+        probe = fused.gh_probe(gi) if self.mode == "GRU" else gi
+        hs, c = fused.run(self.mode, gi, h, c, w["weight_hh"], w["bias_hh"], valid, probe)
         h_prev = torch.cat([h[:, None], hs[:, :-1]], dim=1)
         out = hs if valid is None else hs * valid[..., None]
         self.saved += [seq, h_prev]
-        self.probes += [[gi], [gi]]
+        self.probes += [[gi], [probe]]
         return (_reversed(out, self.lengths) if direction else out), hs[:, -1], c
 
     def _native_pays(self, gi: Tensor) -> bool:
