@@ -1,8 +1,8 @@
-"""The recurrence of one LSTM or RNN layer and direction in one compiled call (csrc/cpu/
+"""The recurrence of one LSTM, GRU or RNN layer and direction in one compiled call (csrc/cpu/
 recurrence.cpp), forward and backward, as an autograd function of the gate inputs gi: its
 gradient is every step's gate pre-activation gradient, which for LSTM and RNN cells (gates =
-gi + gh) is also the gradient of gh; a GRU's gh gets its own (zero) probe. The recurrent rule uses it on CPU where the extension is built; the
-maths is rules/recurrent.py's ``cell_step``.
+gi + gh) is also the gradient of gh; a GRU's gh gets its own (zero) probe. The recurrent rule
+uses it on CPU where the extension is built; the maths is rules/recurrent.py's ``cell_step``.
 
 Shapes: gi (B, T, G H) with G = 4 (LSTM), 3 (GRU) or 1 (RNN), h0 / c0 (B, H), w_hh (G H, H), b_hh
 (G H,) or None, valid (B, T) bool or None (padded steps carry the state). Returns the state
