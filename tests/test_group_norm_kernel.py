@@ -91,6 +91,7 @@ def test_the_rules_give_the_same_with_the_kernel_off(relu, gen, monkeypatch):
     g = torch.randn(4, 6, 5, 5, generator=gen, dtype=torch.float64)
     rule = timm_rules.GroupNormActRule() if relu else group_norm_rule.GroupNormRule()
     compiled = rule.per_example_grads(module, x, g)
+    assert not any(t.requires_grad for t in compiled.values())  # norms built on them neither
     monkeypatch.setattr(group_norm_rule, "compiled_grads_apply", lambda *a: False)
     monkeypatch.setattr(timm_rules, "compiled_grads_apply", lambda *a: False)
     reference = rule.per_example_grads(module, x, g)

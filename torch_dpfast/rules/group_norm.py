@@ -29,7 +29,7 @@ def compiled_grads(module: nn.Module, x: Tensor, g: Tensor, relu: bool) -> dict[
     (y = weight xhat + bias), for the parameters that train."""
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     dweight, dbias = torch.ops.dpfast_C.group_norm_affine_grads(
-        x, g, module.num_groups, module.eps, weight, bias, relu
+        x, g, module.num_groups, module.eps, _values(weight), _values(bias), relu
     )
     out = {}
     if weight is not None and weight.requires_grad:
@@ -37,6 +37,12 @@ def compiled_grads(module: nn.Module, x: Tensor, g: Tensor, relu: bool) -> dict[
     if bias is not None and bias.requires_grad:
         out["bias"] = dbias
     return out
+
+
+def _values(p: Tensor | None) -> Tensor | None:
+    """A parameter's values without its autograd history (the op has no derivative: a
+    parameter that requires grad would make its outputs, and every norm after, require one)."""
+    return None if p is None else p.detach()
 
 
 def group_norm_grads(module: nn.GroupNorm, x, g):
