@@ -130,14 +130,12 @@ def probe(
     check_no_batch_statistics(model)
     batch = layout.batch
     changed_args, changed_kwargs = _perturbed((args, kwargs), layout)
-    clean = _run(model, modules, args, kwargs)
-    changed = _run(model, modules, changed_args, changed_kwargs)
-    constants = _on_constants(clean[0], changed[0], layout, modules)
+    clean, changed = _runs(model, modules, args, kwargs, changed_args, changed_kwargs, layout)
+    constants = [path for path, constant, _ in changed[0] if constant]
     if layout.batch_first and retrace(constants):
-        clean = _run(model, modules, args, kwargs)
-        changed = _run(model, modules, changed_args, changed_kwargs)
-    for (path, a), (_, b) in zip(clean[0], changed[0]):
-        if _others_moved(a, b, batch, layout.layer_dim(modules[path], a)):
+        clean, changed = _runs(model, modules, args, kwargs, changed_args, changed_kwargs, layout)
+    for path, _, moved in changed[0]:
+        if moved:
             raise RuntimeError(
                 f"torch_dpfast: the model couples the examples of a batch: changing example "
                 f"{PROBE_ROW} changed the input rows of other examples at {path!r} "
@@ -147,7 +145,7 @@ def probe(
                 "layer). Per-example clipping cannot bound such a model; make every example's "
                 "computation independent and batch-first"
             )
-    for a, b in zip(clean[1], changed[1]):
+    for a, b in zip(clean, changed[1]):
         if _others_moved(a, b, batch):
             raise RuntimeError(
                 "torch_dpfast: the model couples the examples of a batch: changing example "
@@ -163,12 +161,26 @@ def probe_gradients(model: nn.Module, modules, args, kwargs, layout: Layout, byp
     gradient g (the gradient of L = sum_k <out_k, R_k> over the model's outputs, R fixed):
     for a layer whose rows are examples, row j of g depends on example j only. A layer whose
     output the model shares across the batch (a table indexed by positions (T,) and broadcast,
-    with T equal to B by chance) has rows that sum every example's gradient."""
+    with T equal to B by chance) has rows that sum every example's gradient. Each run's
+    gradients are reduced to row fingerprints (:class:`RowPrints`) as the backward reaches
+    them, so neither run's are held: the probe takes the memory of one training step."""
     changed_args, changed_kwargs = _perturbed((args, kwargs), layout)
-    clean = _gradients(model, modules, args, kwargs, bypassed)
-    changed = _gradients(model, modules, changed_args, changed_kwargs, bypassed)
-    for (path, a), (_, b) in zip(clean, changed):
-        if _others_moved(a, b, layout.batch, layout.layer_dim(modules[path], a)):
+    prints: dict[int, RowPrints | None] = {}
+
+    def keep(k: int, path: str, g: Tensor) -> None:
+        prints[k] = RowPrints.of(g, layout.batch, layout.layer_dim(modules[path], g))
+
+    _gradients(model, modules, args, kwargs, bypassed, keep)
+    moved: dict[int, bool] = {}
+
+    def compare(k: int, path: str, g: Tensor) -> None:
+        clean = prints.get(k)
+        if clean is not None:
+            moved[k] = clean.others_moved(g)
+
+    paths = _gradients(model, modules, changed_args, changed_kwargs, bypassed, compare)
+    for k, path in enumerate(paths):
+        if moved.get(k):
             raise RuntimeError(
                 f"torch_dpfast: the rows of {path!r} ({type(modules[path]).__name__}) are not "
                 f"the examples of the batch: changing example {PROBE_ROW} changed the gradient "
@@ -180,24 +192,87 @@ def probe_gradients(model: nn.Module, modules, args, kwargs, layout: Layout, byp
             )
 
 
-def _on_constants(clean: list, changed: list, layout: Layout, modules) -> list[str]:
-    """Paths of the layer calls whose input is not the batch: no B or k B rows in its batch
-    dim (nor one row broadcast over the batch), or not moved at all by the changed example."""
-    found = []
-    for (path, a), (_, b) in zip(clean, changed):
-        dim = layout.layer_dim(modules[path], a)
-        rows = a.shape[dim] if dim < a.dim() else 0
-        if rows == 0 or (rows % layout.batch and rows != 1):
-            found.append(path)
-        elif a.shape == b.shape and rows != 1 and not _moved(a, b).any():
-            found.append(path)
-    return found
+@dataclass
+class RowPrints:
+    """Fingerprints of the example rows of a captured layer's output gradient g along its
+    batch dim (k B rows folded example-major taken as B rows): FINGERPRINTS seeded random
+    projections of each row, in float64, each row's norm, whether it is finite, and max |g|.
+    A row of another gradient moved (beyond rounding) when a projection differs by more than
+    1e-6 (max |g| sqrt(n) + its row's norm) for rows of n values, or its finiteness does: a
+    change as large as the gradient itself (what coupling makes) shows in every projection;
+    rounding (1e-7 relative) in none."""
+
+    projections: Tensor  # (B, FINGERPRINTS)
+    norms: Tensor  # (B,)
+    finite: Tensor  # (B,) bool
+    scale: float
+    batch: int
+    dim: int
+    shape: tuple[int, ...]
+
+    @staticmethod
+    def rows(g: Tensor, batch: int, dim: int) -> Tensor | None:
+        """(B, n) float64 example rows of g along ``dim``, or None if it holds no batch."""
+        if dim >= g.dim() or g.shape[dim] % batch:
+            return None
+        return g.movedim(dim, 0).reshape(batch, -1).double()
+
+    @classmethod
+    def of(cls, g: Tensor, batch: int, dim: int) -> RowPrints | None:
+        rows = cls.rows(g, batch, dim)
+        if rows is None:
+            return None
+        finite = torch.isfinite(rows)
+        safe = rows.where(finite, torch.zeros((), dtype=rows.dtype, device=rows.device))
+        scale = safe.abs().max().item() if safe.numel() else 0.0
+        norms, all_finite = safe.norm(dim=1), finite.all(dim=1)
+        return cls(_project(safe), norms, all_finite, scale, batch, dim, tuple(g.shape))
+
+    def others_moved(self, g: Tensor) -> bool:
+        """Whether g (the changed run's gradient) moved a row other than PROBE_ROW."""
+        if tuple(g.shape) != self.shape:
+            return False
+        rows = self.rows(g, self.batch, self.dim)
+        finite = torch.isfinite(rows)
+        safe = rows.where(finite, torch.zeros((), dtype=rows.dtype, device=rows.device))
+        n = rows.shape[1]
+        tolerance = 1e-6 * (self.scale * n**0.5 + self.norms) + 1e-30
+        moved = ((_project(safe) - self.projections).abs() > tolerance[:, None]).any(dim=1)
+        moved = moved | (finite.all(dim=1) != self.finite)
+        moved[PROBE_ROW] = False
+        return bool(moved.any())
 
 
-def _gradients(model, modules, args, kwargs, bypassed) -> list[tuple[str, Tensor]]:
-    """[(path, output gradient)] of every captured layer call whose output needs one, for
-    L = sum_k <out_k, R_k> with R_k seeded normals: a plain graph (``bypassed``), dropout
-    drawn from one seed, no parameter's .grad touched (autograd.grad to the outputs only)."""
+FINGERPRINTS = 4
+
+
+def _project(rows: Tensor) -> Tensor:
+    """(B, n) -> (B, FINGERPRINTS): the rows against seeded normal vectors."""
+    generator = torch.Generator(device=rows.device).manual_seed(_SEED)
+    directions = torch.randn(
+        rows.shape[1], FINGERPRINTS, generator=generator, device=rows.device, dtype=rows.dtype
+    )
+    return rows @ directions
+
+
+def _on_constant(a: Tensor, b: Tensor, layout: Layout, module: nn.Module) -> bool:
+    """Whether a layer call's input (``a`` clean, ``b`` changed) is not the batch: no B or k B
+    rows in its batch dim (nor one row broadcast over the batch), or not moved at all by the
+    changed example."""
+    dim = layout.layer_dim(module, a)
+    rows = a.shape[dim] if dim < a.dim() else 0
+    if rows == 0 or (rows % layout.batch and rows != 1):
+        return True
+    return a.shape == b.shape and rows != 1 and not _moved(a, b).any()
+
+
+def _gradients(model, modules, args, kwargs, bypassed, compare=None) -> list:
+    """[(path, output gradient) or None] of every captured layer call whose output needs one
+    (None where none reached it), for L = sum_k <out_k, R_k> with R_k seeded normals: a plain
+    graph (``bypassed``), dropout drawn from one seed, no parameter's .grad touched
+    (autograd.grad to the outputs only). With ``compare``, each call's gradient is handed to
+    ``compare(k, path, g)`` as the backward reaches it and is not kept; the paths are
+    returned."""
     seen: list[tuple[str, Tensor]] = []
 
     def recorder(path):
@@ -223,7 +298,7 @@ def _gradients(model, modules, args, kwargs, bypassed) -> list[tuple[str, Tensor
             torch.manual_seed(_SEED)
             out = [t for t in _tensors(model(*args, **kwargs)) if t.requires_grad]
             if not out or not seen:
-                return []
+                return [path for path, _ in seen] if compare else []
             generator = torch.Generator(device=out[0].device).manual_seed(_SEED)
             loss = sum(
                 (
@@ -231,16 +306,45 @@ def _gradients(model, modules, args, kwargs, bypassed) -> list[tuple[str, Tensor
                 ).sum()
                 for t in out
             )
+            if compare is not None:
+                for k, (path, t) in enumerate(seen):
+                    t.register_hook(lambda g, k=k, path=path: compare(k, path, g))
             grads = torch.autograd.grad(loss, [t for _, t in seen], allow_unused=True)
     finally:
         for handle in handles:
             handle.remove()
-    return [(path, g) for (path, _), g in zip(seen, grads) if g is not None]
+    if compare is not None:
+        return [path for path, _ in seen]
+    return [None if g is None else (path, g) for (path, _), g in zip(seen, grads)]
 
 
-def _run(model, modules, args, kwargs) -> tuple[list[tuple[str, Tensor]], list[Tensor]]:
-    """(the first tensor input of every captured layer call, in order; the output tensors)."""
-    seen: list[tuple[str, Tensor]] = []
+def _runs(model, modules, args, kwargs, changed_args, changed_kwargs, layout: Layout):
+    """The clean run's outputs, and the changed run's ([(path, on constants, others moved)]
+    per captured layer call, outputs); each input of the changed run is compared with the clean
+    run's as it comes and then dropped, so that one run's inputs are held, not two."""
+    clean, clean_out = _run(model, modules, args, kwargs)
+
+    def compare(k: int, item: tuple[str, Tensor]):
+        path, b = item
+        if k >= len(clean):  # the runs took different paths: nothing to pair this call with
+            return path, True, False
+        a = clean[k][1]
+        clean[k] = (path, None)
+        module = modules[path]
+        return (
+            path,
+            _on_constant(a, b, layout, module),
+            _others_moved(a, b, layout.batch, layout.layer_dim(module, a)),
+        )
+
+    changed = _run(model, modules, changed_args, changed_kwargs, compare)
+    return clean_out, changed
+
+
+def _run(model, modules, args, kwargs, compare=None) -> tuple[list, list[Tensor]]:
+    """(the first tensor input of every captured layer call, in order, as (path, tensor), or
+    with ``compare`` what ``compare(k, (path, tensor))`` makes of it; the output tensors)."""
+    seen: list = [] if compare is None else _Compared(compare)
     handles = [
         module.register_forward_pre_hook(_recorder(path, seen)) for path, module in modules.items()
     ]
@@ -256,7 +360,19 @@ def _run(model, modules, args, kwargs) -> tuple[list[tuple[str, Tensor]], list[T
     finally:
         for handle in handles:
             handle.remove()
-    return seen, _tensors(out)
+    return list(seen), _tensors(out)
+
+
+class _Compared(list):
+    """A record list that keeps ``compare(k, item)`` of each appended item instead of the item
+    (the tracer and the hooks append to it as to a list)."""
+
+    def __init__(self, compare):
+        super().__init__()
+        self.compare = compare
+
+    def append(self, item) -> None:
+        super().append(self.compare(len(self), item))
 
 
 def _recorder(path: str, seen: list):
@@ -308,8 +424,27 @@ def _moved(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _perturbed(tree, layout: Layout):
-    """``tree`` with example PROBE_ROW of every tensor that holds the batch changed."""
-    return tree_map_only(Tensor, lambda t: _perturbed_rows(t, layout), tree)
+    """``tree`` with example PROBE_ROW of every tensor that holds the batch changed. Beside
+    the offsets of bags (nn.EmbeddingBag's flat layout), the 1-D tensors at least as long as
+    the last offset are the flat ids and weights, left as they are like the offsets: their
+    length can equal the batch size by chance, and their rows are not the examples."""
+    flat = _flat_length(_tensors(tree), layout.batch)
+
+    def perturb(t: Tensor) -> Tensor:
+        if flat is not None and t.dim() == 1 and t.numel() >= flat:
+            return t
+        return _perturbed_rows(t, layout)
+
+    return tree_map_only(Tensor, perturb, tree)
+
+
+def _flat_length(leaves: list[Tensor], batch: int) -> int | None:
+    """The last offset when an argument looks like the offsets of ``batch`` bags (``batch``
+    of them, or ``batch`` + 1 with include_last_offset); None otherwise."""
+    for t in leaves:
+        if _offsets(t) and t.numel() in (batch, batch + 1):
+            return int(t.max())
+    return None
 
 
 def _perturbed_rows(t: Tensor, layout: Layout) -> Tensor:

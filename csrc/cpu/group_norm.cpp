@@ -19,16 +19,10 @@
 #include <tuple>
 
 #include "cpu/reduce.h"
+#include "cpu/vector_clones.h"
 
 namespace dpfast {
 namespace {
-
-// The element loops are built for AVX-512, AVX2 and the baseline, picked at load time.
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
-#define DPFAST_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DPFAST_VECTOR_CLONES
-#endif
 
 template <typename scalar_t>
 DPFAST_VECTOR_CLONES double block_sum(const scalar_t* __restrict__ x, int64_t n) {

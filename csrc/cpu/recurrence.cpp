@@ -23,6 +23,7 @@
 #include <tuple>
 
 #include "cpu/reduce.h"
+#include "cpu/vector_clones.h"
 
 namespace dpfast {
 namespace {
@@ -90,6 +91,33 @@ void recurrent_gradient(at::Tensor& dh, const at::Tensor& carry, const at::Tenso
 
 // ----------------------------------------------------------------------------------- LSTM
 
+// c = f c_prev + i g for one example (gates i, f, g, o of width hidden each); with two_c (the
+// by_sigmoid form) g is first turned from sigmoid(2 x) into tanh(x) and two_c gets 2 c.
+template <typename scalar_t>
+DPFAST_VECTOR_CLONES void lstm_row_cell(scalar_t* __restrict__ g,
+                                        const scalar_t* __restrict__ c_prev,
+                                        scalar_t* __restrict__ c, scalar_t* __restrict__ two_c,
+                                        int64_t hidden) {
+  if (two_c) {
+    for (int64_t j = 0; j < hidden; ++j) g[2 * hidden + j] = scalar_t(2) * g[2 * hidden + j] - scalar_t(1);
+  }
+  for (int64_t j = 0; j < hidden; ++j) c[j] = g[hidden + j] * c_prev[j] + g[j] * g[2 * hidden + j];
+  if (two_c) {
+    for (int64_t j = 0; j < hidden; ++j) two_c[j] = scalar_t(2) * c[j];
+  }
+}
+
+// h = o tanh(c) for one example; by_sigmoid: tc holds sigmoid(2 c), first turned into tanh(c).
+template <typename scalar_t>
+DPFAST_VECTOR_CLONES void lstm_row_hidden(const scalar_t* __restrict__ o,
+                                          scalar_t* __restrict__ tc, scalar_t* __restrict__ h,
+                                          bool by_sigmoid, int64_t hidden) {
+  if (by_sigmoid) {
+    for (int64_t j = 0; j < hidden; ++j) tc[j] = scalar_t(2) * tc[j] - scalar_t(1);
+  }
+  for (int64_t j = 0; j < hidden; ++j) h[j] = o[j] * tc[j];
+}
+
 // c_t = f c_{t-1} + i g (c_t = c_{t-1} at a padded step) from step t's activated gates. With
 // by_sigmoid (see lstm_sequence_cpu) the g gates hold sigmoid(2 x) and are first turned into
 // tanh(x) = 2 sigmoid(2 x) - 1, and tanh_cells[t] gets 2 c_t (to go through a sigmoid too).
@@ -98,7 +126,7 @@ void lstm_cells(at::Tensor& gates, at::Tensor& cells, at::Tensor& tanh_cells, co
                 const bool* valid, bool by_sigmoid, int64_t t) {
   const int64_t batch = gates.size(1), hidden = cells.size(2);
   scalar_t* pg = gates.data_ptr<scalar_t>();
-  scalar_t *pc = cells.data_ptr<scalar_t>(), *ptc = tanh_cells.data_ptr<scalar_t>();
+  scalar_t *pc = cells.data_ptr<scalar_t>(), *ptc = by_sigmoid ? tanh_cells.data_ptr<scalar_t>() : nullptr;
   const scalar_t* pc0 = c0.data_ptr<scalar_t>();
   at::parallel_for(0, batch, row_grain(hidden), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
@@ -110,17 +138,7 @@ void lstm_cells(at::Tensor& gates, at::Tensor& cells, at::Tensor& tanh_cells, co
         for (int64_t j = 0; j < hidden; ++j) c[j] = c_prev[j];
         continue;
       }
-      if (by_sigmoid) {
-        scalar_t* gg = g + 2 * hidden;
-        for (int64_t j = 0; j < hidden; ++j) gg[j] = scalar_t(2) * gg[j] - scalar_t(1);
-      }
-      for (int64_t j = 0; j < hidden; ++j) {
-        c[j] = g[hidden + j] * c_prev[j] + g[j] * g[2 * hidden + j];
-      }
-      if (by_sigmoid) {
-        scalar_t* two_c = ptc + row * hidden;
-        for (int64_t j = 0; j < hidden; ++j) two_c[j] = scalar_t(2) * c[j];
-      }
+      lstm_row_cell(g, c_prev, c, by_sigmoid ? ptc + row * hidden : nullptr, hidden);
     }
   });
 }
@@ -144,12 +162,8 @@ void lstm_hidden(const at::Tensor& gates, at::Tensor& tanh_cells, at::Tensor& hs
         for (int64_t j = 0; j < hidden; ++j) h[j] = h_prev[j];
         continue;
       }
-      const scalar_t* o = pg + row * 4 * hidden + 3 * hidden;
-      scalar_t* tc = ptc + row * hidden;
-      if (by_sigmoid) {
-        for (int64_t j = 0; j < hidden; ++j) tc[j] = scalar_t(2) * tc[j] - scalar_t(1);
-      }
-      for (int64_t j = 0; j < hidden; ++j) h[j] = o[j] * tc[j];
+      lstm_row_hidden(pg + row * 4 * hidden + 3 * hidden, ptc + row * hidden, h, by_sigmoid,
+                      hidden);
     }
   });
 }
@@ -202,6 +216,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_sequence_cpu(
   return {hs.transpose(0, 1), gates, cells, tanh_cells};
 }
 
+// One example's gate pre-activation gradients at one step, from dh = dh_rec (+ out_grad with
+// kOut), the activated gates g (4H), tanh(c_t) and c_{t-1}; dc updated in place to the
+// gradient of c_{t-1}.
+template <bool kOut, typename scalar_t>
+DPFAST_VECTOR_CLONES void lstm_row_backward(
+    const scalar_t* __restrict__ g, const scalar_t* __restrict__ tc,
+    const scalar_t* __restrict__ c_prev, const scalar_t* __restrict__ dh_rec,
+    const scalar_t* __restrict__ out_grad, scalar_t* __restrict__ dc, scalar_t* __restrict__ d,
+    int64_t hidden) {
+  const scalar_t one(1);
+  for (int64_t j = 0; j < hidden; ++j) {
+    const scalar_t dh = kOut ? dh_rec[j] + out_grad[j] : dh_rec[j];
+    const scalar_t i = g[j], f = g[hidden + j], gg = g[2 * hidden + j], o = g[3 * hidden + j];
+    const scalar_t dcc = dc[j] + dh * o * (one - tc[j] * tc[j]);
+    d[j] = dcc * gg * i * (one - i);
+    d[hidden + j] = dcc * c_prev[j] * f * (one - f);
+    d[2 * hidden + j] = dcc * i * (one - gg * gg);
+    d[3 * hidden + j] = dh * tc[j] * o * (one - o);
+    dc[j] = dcc * f;
+  }
+}
+
 // One step back: the gate pre-activation gradients of step t, dc (B, H) updated to the
 // gradient of c_{t-1}; carry[b] = dh[b] at a padded step (its state passed through), else 0.
 template <typename scalar_t>
@@ -223,7 +259,6 @@ void lstm_step_backward(const at::Tensor& d_hs, const at::Tensor& dh_next, at::T
       const scalar_t* out_grad = pdo ? pdo + row * hidden : nullptr;
       const scalar_t* dh_rec = pdh + b * hidden;
       scalar_t* d = pd + row * 4 * hidden;
-      scalar_t* dcb = pdc + b * hidden;
       if (valid && !valid[row]) {
         for (int64_t j = 0; j < 4 * hidden; ++j) d[j] = scalar_t(0);
         for (int64_t j = 0; j < hidden; ++j) {
@@ -237,15 +272,10 @@ void lstm_step_backward(const at::Tensor& d_hs, const at::Tensor& dh_next, at::T
       const scalar_t* g = pg + row * 4 * hidden;
       const scalar_t* tc = ptc + row * hidden;
       const scalar_t* c_prev = t ? pc + (row - batch) * hidden : pc0 + b * hidden;
-      for (int64_t j = 0; j < hidden; ++j) {
-        const scalar_t dh = dh_rec[j] + (out_grad ? out_grad[j] : scalar_t(0));
-        const scalar_t i = g[j], f = g[hidden + j], gg = g[2 * hidden + j], o = g[3 * hidden + j];
-        const scalar_t dcc = dcb[j] + dh * o * (scalar_t(1) - tc[j] * tc[j]);
-        d[j] = dcc * gg * i * (scalar_t(1) - i);
-        d[hidden + j] = dcc * c_prev[j] * f * (scalar_t(1) - f);
-        d[2 * hidden + j] = dcc * i * (scalar_t(1) - gg * gg);
-        d[3 * hidden + j] = dh * tc[j] * o * (scalar_t(1) - o);
-        dcb[j] = dcc * f;
+      if (out_grad) {
+        lstm_row_backward<true>(g, tc, c_prev, dh_rec, out_grad, pdc + b * hidden, d, hidden);
+      } else {
+        lstm_row_backward<false>(g, tc, c_prev, dh_rec, out_grad, pdc + b * hidden, d, hidden);
       }
     }
   });

@@ -124,3 +124,20 @@ def test_embedding_bag_forward_equals_torchs(gen):
         got = _call(model, bags, spec["layout"], weights, last)
         att.detach()
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_flat_ids_as_many_as_the_bags_are_not_taken_for_the_batch(last):
+    """Five bags holding five ids in all (lengths 2, 1, 0, 1, 1): the flat ids are as long as
+    the batch, yet their rows are not the examples (id 1 is bag 0's); the independence probe
+    once perturbed them as if they were and reported coupling."""
+    model = Bags("sum", include_last_offset=last).double()
+    ids = torch.tensor([3, 1, 4, 1, 5])  # not sorted from 0: no look of offsets
+    bags = list(ids.split([2, 1, 0, 1, 1]))
+    att = dpf.attach(model, loss_reduction="sum")
+    try:
+        att.begin_batch(torch.ones(5, dtype=torch.bool))
+        _call(model, bags, "flat", None, last).sum().backward()
+        assert att.clip_and_accumulate(C).shape == (5,)
+    finally:
+        att.detach()
