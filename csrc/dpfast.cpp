@@ -34,10 +34,6 @@ TORCH_LIBRARY(dpfast_C, m) {
   m.def(
       "gru_sequence_backward(Tensor? d_hs, Tensor hs, Tensor gates, Tensor gh, Tensor h0, "
       "Tensor w_hh, Tensor? valid) -> (Tensor, Tensor, Tensor)");
-  // The group-norm rules' per-example affine gradients (CPU).
-  m.def(
-      "group_norm_affine_grads(Tensor x, Tensor g, int groups, float eps, Tensor? weight, "
-      "Tensor? bias, bool relu) -> (Tensor, Tensor)");
   // Tensor-core kernels (CUDA only): precision 1 = TF32, 2 = bf16 inputs, fp32 accumulation.
   m.def("linear_norm_sq_tc(Tensor a, Tensor g, str method, int precision) -> Tensor");
   m.def("linear_clipped_sum_tc(Tensor a, Tensor g, Tensor scale, int precision) -> Tensor");

@@ -11,7 +11,7 @@ from torch import nn
 
 from ._affine import affine_grads
 from ._registry import Rule, register_rule
-from .group_norm import compiled_grads, compiled_grads_apply, group_norm_grads
+from .group_norm import group_norm_grads
 from .layer_norm import LayerNormRule
 
 try:
@@ -22,18 +22,14 @@ except ImportError:  # timm is optional
 
 def _group_norm_act_grads(module: nn.Module, x, g):
     """GroupNormAct: y = xhat * weight + bias, out = act(drop(y)); the GroupNorm rule's
-    per-example gradients with g mapped back through the activation: for ReLU (g [y > 0]) and
-    none by the compiled kernel on CPU, else in PyTorch (xhat computed once; ReLU's backward a
-    threshold on y, other activations by autograd)."""
+    per-example gradients with g mapped back through the activation (xhat computed once; for
+    ReLU the activation's backward is a threshold on y, without autograd)."""
     if module.training and not isinstance(module.drop, nn.Identity):
         raise ValueError(
             f"{type(module).__name__} applies dropout between its norm and activation; its "
             "per-example gradients cannot be recomputed exactly in training mode. Use "
             "drop_layer=None for private training"
         )
-    act = module.act
-    if isinstance(act, (nn.ReLU, nn.Identity)) and compiled_grads_apply(x, g):
-        return compiled_grads(module, x, g, relu=isinstance(act, nn.ReLU))
     xhat = F.group_norm(x, module.num_groups, None, None, module.eps)
     shape = (1, -1) + (1,) * (x.dim() - 2)
     y = xhat
