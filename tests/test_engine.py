@@ -388,7 +388,9 @@ def test_masked_rows_contribute_nothing(mode, gen):
     torch.testing.assert_close(summed, expected, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "tied_lm", "attention_lm", "timm_vit"])
+@pytest.mark.parametrize(
+    "name", ["mlp", "cnn", "tied_lm", "attention_lm", "timm_vit", "timm_bit_resnetv2"]
+)
 @pytest.mark.parametrize("mode", MODES)
 def test_trailing_padding_rows_are_skipped_exactly(name, mode, gen):
     """The padding of a physical batch (its last rows, masked out) is left out of the fast
@@ -407,6 +409,84 @@ def test_trailing_padding_rows_are_skipped_exactly(name, mode, gen):
     assert torch.isfinite(summed).all()
     torch.testing.assert_close(summed, expected, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(norm_sq[mask], expected_norms[mask], rtol=1e-8, atol=1e-10)
+
+
+class KeptOutputs(nn.Module):
+    """StdConv -> GroupNormAct(ReLU) -> StdConv, whose rules read the layers' kept outputs;
+    ``in_place`` changes the first conv's output in place after the layer returned it (the
+    kept output then no longer is what the layer computed); ``self.kept`` is the last conv's
+    output (a detached view: same storage and version counter)."""
+
+    def __init__(self, in_place=False):
+        super().__init__()
+        from timm.layers import GroupNormAct, StdConv2d
+
+        self.conv1 = StdConv2d(3, 4, 3, padding=1)
+        self.norm = GroupNormAct(4, num_groups=2)
+        self.conv2 = StdConv2d(4, 6, 1, bias=True)
+        self.head = nn.Linear(6, 3)
+        self.in_place = in_place
+
+    def forward(self, x):
+        h = self.conv1(x)
+        if self.in_place:
+            h.mul_(1.5).add_(0.25)
+        z = self.conv2(self.norm(h))
+        self.kept = z.detach()
+        return self.head(z.mean(dim=(2, 3)))
+
+
+def _kept_outputs_setup(gen, in_place=False):
+    pytest.importorskip("timm")
+    torch.manual_seed(int(torch.randint(0, 2**31, (), generator=gen)))
+    model = KeptOutputs(in_place).double()
+    x = torch.randn(4, 3, 6, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (4,), generator=gen)
+    return model, x, y
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("in_place", [False, True])
+def test_rules_reading_kept_outputs_are_exact(mode, in_place, gen):
+    """StdConv and GroupNormAct read the layers' outputs where those are intact (the records
+    hold (input, output)) and recompute where the model changed them in place; exact both
+    ways."""
+    model, x, y = _kept_outputs_setup(gen, in_place)
+    att = _attach(model, "bk")
+    F.cross_entropy(model(x), y).backward()
+    with_output = {r.module: isinstance(r.x, tuple) for r in att.recorded()}
+    att.detach()
+    assert with_output == {
+        model.conv1: not in_place,
+        model.norm: True,
+        model.conv2: True,
+        model.head: False,
+    }
+    per_example, _ = _per_example_grads(copy.deepcopy(model), x, y)
+    expected, expected_norms = _clipped(per_example, 0.2)
+    summed, norm_sq = _attached_sum(model, x, y, mode, 0.2)
+    torch.testing.assert_close(norm_sq, expected_norms, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(summed, expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["auto", "bk"])  # the modes that read conv2's output
+def test_an_output_changed_between_backward_and_clip_is_not_read(mode, gen):
+    """Misuse: the model's activation is changed in place after the backward recorded it; the
+    clip sees that its version moved and recomputes instead of reading it."""
+    model, x, y = _kept_outputs_setup(gen)
+    per_example, _ = _per_example_grads(copy.deepcopy(model), x, y)
+    expected, expected_norms = _clipped(per_example, 0.2)
+    att = _attach(model, mode)
+    try:
+        F.cross_entropy(model(x), y).backward()
+        with torch.no_grad():
+            model.kept.mul_(0.5)
+        norm_sq = att.clip_and_accumulate(0.2)
+        summed = torch.cat([p.summed_grad.flatten() for p in model.parameters()])
+    finally:
+        att.detach()
+    torch.testing.assert_close(norm_sq, expected_norms, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(summed, expected, rtol=1e-8, atol=1e-10)
 
 
 def _training_flops(model, x, y, mask):

@@ -53,6 +53,7 @@ class _Capture(torch.autograd.Function):
                 x_leaf.requires_grad_(True)
             out = call(x_leaf if rows is None else x_leaf[:rows])
         ctx.record, ctx.x_leaf, ctx.out, ctx.rows = record, x_leaf, out, rows
+        ctx.out_version = out._version
         ctx.save_for_backward(x)  # autograd's version check catches later in-place changes of x
         out = out.detach()
         return out if rows is None else _copies_of_first_row(out, rows, x.shape[0], record)
@@ -66,9 +67,24 @@ class _Capture(torch.autograd.Function):
             retain = ctx.record.owner.retains_graph()
             g_in = g if ctx.rows is None else g[: ctx.rows]
             (grad_x,) = torch.autograd.grad(ctx.out, ctx.x_leaf, g_in, retain_graph=retain)
-        ctx.record.x, ctx.record.g = x.detach(), g.detach()
+        x = x.detach()
+        if ctx.record.rule.keeps_output:
+            x = _with_output(ctx, x)
+        ctx.record.x, ctx.record.g = x, g.detach()
         ctx.record.owner.on_backward(ctx.record)
         return grad_x, None, None, None, None
+
+
+def _with_output(ctx, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+    """(x, the layer's output) for a rule with ``keeps_output`` (padding rows zero), or x
+    alone when the output was changed in place since the forward (its version counter moved:
+    it no longer holds what the layer computed)."""
+    out = ctx.out
+    if not isinstance(out, Tensor) or out._version != ctx.out_version:
+        return x
+    out = zero_padded(out.detach(), x.shape[0])
+    ctx.record.out_version = out._version
+    return x, out
 
 
 def _copies_of_first_row(out: Tensor, rows: int, batch: int, record: Record) -> Tensor:

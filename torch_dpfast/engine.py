@@ -23,8 +23,15 @@ from .assign import assign_rules, check_no_batch_statistics
 from .capture import CAPTURES, UseCapture, bind, bind_root, bypassed, switchable_root
 from .clippers import CLIPPING_MODES, Clipper, make_clipper
 from .materialise_plan import resolve_budget
-from .records import Record, check_batch, kept_prefix, merge_repeated, to_batch_first
-from .rules._registry import Rule
+from .records import (
+    Record,
+    check_batch,
+    drop_stale_output,
+    kept_prefix,
+    merge_repeated,
+    to_batch_first,
+)
+from .rules._registry import Rule, clip_cache
 from .rules.traced import TRACED
 from .validation import check_loss_reduction
 
@@ -207,7 +214,8 @@ class Attachment:
                 "optimizer.step() once after each backward()"
             )
         self.clipped_generation = self.generation
-        return self.clipper.clip(self, max_grad_norm)
+        with clip_cache():
+            return self.clipper.clip(self, max_grad_norm)
 
     def take_batch(self) -> ClipBatch | None:
         """The physical batch whose backward ran, checked (no parameter leaked a gradient, one
@@ -243,6 +251,7 @@ class Attachment:
             )
         batch = self._batch_of(records, mask)
         for r in records:
+            drop_stale_output(r)
             check_batch(r, batch, mask)
         # With a mean-reduced loss, autograd's g carries a factor 1/B; per-example gradients
         # are the gradients of the per-example losses, so multiply it back.

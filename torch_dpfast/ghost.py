@@ -36,7 +36,7 @@ from .records import (
     warn_non_finite,
 )
 from .rules import scaled_sum
-from .rules._registry import Rule, leading
+from .rules._registry import Rule, clip_cache, leading
 
 
 @dataclass(eq=False)
@@ -121,32 +121,33 @@ def ghost_backward(
     state = GhostPass(batch, mask, plain, on_final=on_final)
     clipper = attachment.clipper
     clipper.pass_in_progress = state
-    try:
-        losses.sum().backward(retain_graph=True)
-        attachment.check_no_leaks()
-        per_example = materialise(state.kept + by_parameter)
-        for r in by_parameter:  # pass 2 must not add into the per-example leaves read above
-            r.rule.reset(r.x)
-        parts = (
-            [ops.per_example_norm_sq([g for _, g in per_example.values()])] if per_example else []
-        )
-        if state.norm_sq is not None:
-            parts.append(state.norm_sq)
-        if not parts:
-            dtype = torch.float64 if losses.dtype == torch.float64 else torch.float32
-            parts.append(torch.zeros(batch, dtype=dtype, device=losses.device))
-        norm_sq, factors = ops.total_clip_factors(
-            parts, max_grad_norm, mask_on(mask, losses.device)
-        )
-        warn_non_finite(norm_sq, mask)
-        state.stage, state.include = 2, (factors > 0).to(norm_sq.dtype)
-        state.factors = factors
-        (losses * factors.to(losses.dtype)).sum().backward()
-        for p, grad in per_example.values():
-            accumulate(p, scaled_sum(grad, factors))
-    finally:
-        clipper.pass_in_progress = None
-        attachment.discard()
+    with clip_cache():  # the weights do not change until the step
+        try:
+            losses.sum().backward(retain_graph=True)
+            attachment.check_no_leaks()
+            per_example = materialise(state.kept + by_parameter)
+            for r in by_parameter:  # pass 2 must not add into the per-example leaves read above
+                r.rule.reset(r.x)
+            parts = []
+            if per_example:
+                parts.append(ops.per_example_norm_sq([g for _, g in per_example.values()]))
+            if state.norm_sq is not None:
+                parts.append(state.norm_sq)
+            if not parts:
+                dtype = torch.float64 if losses.dtype == torch.float64 else torch.float32
+                parts.append(torch.zeros(batch, dtype=dtype, device=losses.device))
+            norm_sq, factors = ops.total_clip_factors(
+                parts, max_grad_norm, mask_on(mask, losses.device)
+            )
+            warn_non_finite(norm_sq, mask)
+            state.stage, state.include = 2, (factors > 0).to(norm_sq.dtype)
+            state.factors = factors
+            (losses * factors.to(losses.dtype)).sum().backward()
+            for p, grad in per_example.values():
+                accumulate(p, scaled_sum(grad, factors))
+        finally:
+            clipper.pass_in_progress = None
+            attachment.discard()
     clipper.norm_sq = norm_sq
     return norm_sq
 

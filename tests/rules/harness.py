@@ -52,19 +52,33 @@ def check_rule(module: nn.Module, x: torch.Tensor, gen: torch.Generator) -> None
     """The module's rule against brute force on input ``x`` (float64 module): per-example
     gradients; the same written into NaN-filled buffers when the rule materialises on CPU
     (``materialise_saving``); norms by ghost, direct and auto; clipped sums with example 0
-    scaled by 0 and non-finite (its NaNs must not reach the sums)."""
+    scaled by 0 and non-finite (its NaNs must not reach the sums). A ``keeps_output`` rule is
+    checked both on the input alone and on (input, output), as the engine records it."""
     g = output_grad(module, x, gen)
     rule = rule_for(module)
     assert rule is not None, type(module)
     expected = brute_force(module, x, g)
-    got = rule.per_example_grads(module, x, g)
+    for with_output in (False, True) if rule.keeps_output else (False,):
+        _check_calls(module, rule, x, g, expected, gen, with_output)
+
+
+def _recorded(module: nn.Module, x: torch.Tensor, with_output: bool):
+    """x as the engine records it: the input, or (input, output)."""
+    if not with_output:
+        return x
+    with torch.no_grad():
+        return x, module(x)
+
+
+def _check_calls(module, rule, x, g, expected, gen, with_output: bool) -> None:
+    got = rule.per_example_grads(module, _recorded(module, x, with_output), g)
     assert got.keys() == expected.keys()
     for n in expected:
         torch.testing.assert_close(got[n], expected[n], rtol=1e-9, atol=1e-10)
 
-    if rule.materialise_saving(module, x, g) is not None:
+    if rule.materialise_saving(module, _recorded(module, x, with_output), g) is not None:
         buffers = {n: torch.full_like(v, float("nan")) for n, v in expected.items()}
-        got = rule.per_example_grads(module, x, g, out=buffers)
+        got = rule.per_example_grads(module, _recorded(module, x, with_output), g, out=buffers)
         for n in expected:
             torch.testing.assert_close(got[n], expected[n], rtol=1e-9, atol=1e-10)
         weight = got["weight"]
@@ -72,7 +86,8 @@ def check_rule(module: nn.Module, x: torch.Tensor, gen: torch.Generator) -> None
 
     norms = sum(v.flatten(1).square().sum(dim=1) for v in expected.values())
     for method in ("ghost", "direct", "auto"):
-        torch.testing.assert_close(rule.norm_sq(module, x, g, method), norms, rtol=1e-9, atol=1e-10)
+        got = rule.norm_sq(module, _recorded(module, x, with_output), g, method)
+        torch.testing.assert_close(got, norms, rtol=1e-9, atol=1e-10)
 
     scale = torch.rand(x.shape[0], generator=gen, dtype=torch.float64)
     scale[0] = 0.0
@@ -82,7 +97,7 @@ def check_rule(module: nn.Module, x: torch.Tensor, gen: torch.Generator) -> None
     else:
         g = g.clone()
         g[0] = float("nan")
-    sums = rule.clipped_sums(module, x, g, scale)
+    sums = rule.clipped_sums(module, _recorded(module, x, with_output), g, scale)
     assert sums.keys() == expected.keys()
     for n, per_example in expected.items():
         want = torch.einsum("b,b...->...", scale[1:], per_example[1:])

@@ -54,7 +54,8 @@ def test_conv_rule_matches_per_example_autograd(case, gen):
 @pytest.mark.parametrize(
     "conv,x,path",
     [
-        (nn.Conv2d(2, 3, 3, padding=1), (2, 2, 5, 6), "folded"),  # narrow: batch into groups
+        (nn.Conv2d(6, 3, 3, padding=1), (2, 6, 5, 6), "folded"),  # narrow: batch into groups
+        (nn.Conv2d(3, 4, 7, stride=2, padding=3), (2, 3, 11, 10), "by_example"),  # a stem
         (nn.Conv2d(200, 3, 3, padding=1), (2, 200, 5, 4), "by_example"),
         (nn.Conv2d(200, 3, 2, padding="same"), (2, 200, 5, 4), "gemm"),  # (0, 1) padding
         (nn.Conv2d(2, 3, 1), (2, 2, 7, 5), "gemm"),  # 1x1: a transposed view, no unfolding

@@ -23,13 +23,13 @@ def affine_grads(
     out = {}
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     if weight is not None and weight.requires_grad:
-        out["weight"] = to_param_shape(_product_sum(g, xhat, position_dims))
+        out["weight"] = to_param_shape(product_sum(g, xhat, position_dims))
     if bias is not None and bias.requires_grad:
         out["bias"] = reduce(g)
     return out
 
 
-def _product_sum(a: Tensor, b: Tensor, dims: tuple[int, ...]) -> Tensor:
+def product_sum(a: Tensor, b: Tensor, dims: tuple[int, ...]) -> Tensor:
     """(a * b) summed over ``dims``; over trailing dims of same-shaped contiguous tensors as one
     batched dot product, without the full-size temporary (GroupNorm at 112x112: 1.6x faster)."""
     n = a.dim()

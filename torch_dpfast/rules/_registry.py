@@ -26,6 +26,9 @@ Class attributes (defaults on :class:`Rule`) tell the engine more:
 * ``position_wise``: the rule treats each position independently, so k B rows folded into
   dim 0 (example-major) can be viewed as (B, k, ...);
 * ``subtree``: the rule covers its children's parameters too (Opacus's DPLSTM).
+* ``keeps_output`` ("io" captures): the record's x is (input, output), the layer's output
+  kept from the forward (no copy: the next layer or autograd holds it anyway), or the input
+  alone when the output was changed in place since; see :func:`input_and_output`.
 
 Rules are found by walking the module type's MRO, so subclasses inherit their base's rule unless
 they register their own.
@@ -52,6 +55,7 @@ class Rule:
     mergeable: bool = False  # calls of one module join along the positions (merge_repeated)
     position_wise: bool = False  # k B rows folded into dim 0 can be viewed as (B, k, ...)
     subtree: bool = False  # the rule covers its children's parameters too
+    keeps_output: bool = False  # x is (input, output) when the output is still intact
 
     def parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
         """The module's own trainable parameters (not its children's); frozen ones are skipped."""
@@ -89,6 +93,12 @@ class Rule:
         return {name: scaled_sum(grad, scale) for name, grad in grads.items()}
 
 
+def input_and_output(x) -> tuple[Tensor, Tensor | None]:
+    """A ``keeps_output`` rule's x as (input, output), output None where it is not known (changed
+    in place after the forward, or a call from explain with the input only)."""
+    return x if isinstance(x, tuple) else (x, None)
+
+
 def bound_dtype(t: Tensor) -> torch.dtype:
     """Precision of norm bounds: float64 for float64 tensors, else float32. A bound is a sum of
     non-negative terms, so float32 loses no more than ~1e-5 relative; one that overflows is
@@ -124,6 +134,34 @@ def scaled_sum(per_example: Tensor, scale: Tensor) -> Tensor:
     rows = drop_unscaled_rows(per_example, scale)
     rows = rows.reshape(per_example.shape[0], math.prod(per_example.shape[1:]))
     return (scale.to(rows.dtype) @ rows).reshape(per_example.shape[1:])
+
+
+_CLIP_CACHE: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "torch_dpfast_clip_cache", default=None
+)
+
+
+@contextlib.contextmanager
+def clip_cache():
+    """Within one clip the parameters do not change: in this block :func:`per_clip` computes a
+    value of the weights (timm's standardised conv weights) once per module, not once per rule
+    method; it is forgotten on exit."""
+    token = _CLIP_CACHE.set({})
+    try:
+        yield
+    finally:
+        _CLIP_CACHE.reset(token)
+
+
+def per_clip(module: nn.Module, what: str, compute: Callable[[], object]) -> object:
+    """``compute()``, once per module and clip inside :func:`clip_cache` (always outside)."""
+    cache = _CLIP_CACHE.get()
+    if cache is None:
+        return compute()
+    key = (id(module), what)
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
 
 
 _BATCH_FIRST_CALLS = contextvars.ContextVar("torch_dpfast_batch_first_calls", default=False)

@@ -14,10 +14,14 @@ an orthogonal-style projection, so with H_ir = s_r G_ir / sigma_r
     ||grad_w_ir||^2 = ||H_ir||^2 - (sum H_ir)^2 / n - <w_hat_r, H_ir>^2 (2/n - ||w_hat_r||^2/n^2).
 
 ||H_ir||^2 summed over r is the ghost/direct norm of the conv with g scaled per channel by
-s_r / sigma_r; sum(H_ir) and <w_hat_r, H_ir> come from two cheap convolutions of x (with an
-all-ones kernel, and with w_hat). The Jacobian does not depend on the example, so the clipped
-sum is the Jacobian applied once to the ordinary book-keeping clipped sum. The gain's
-per-example gradient is gamma/sqrt(n) <w_hat_r, G_ir>.
+s_r / sigma_r; sum(H_ir) comes from a cheap convolution of x with an all-ones kernel, and
+<w_hat_r, G_ir> = sum_t g_irt (x_i * w_hat_r)_t from the layer's own output, kept from the
+forward (``keeps_output``: the output is (x * s w_hat) + bias), or where that is not known
+from a convolution of x with w_hat. The Jacobian does not depend on the example, so the
+clipped sum is the Jacobian applied once to the ordinary book-keeping clipped sum. The gain's
+per-example gradient is gamma/sqrt(n) <w_hat_r, G_ir>. Materialised (``auto`` on CPU), the
+conv's per-example gradients G_i go through the Jacobian row by row in place (one compiled
+pass per row on CPU, csrc/cpu/std_conv.cpp).
 """
 
 from __future__ import annotations
@@ -26,8 +30,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import ops
-from ._registry import Rule, bound_dtype, register_rule, row_norms, scaled_sum, zero_norms
+from .. import _ext, ops
+from ._affine import product_sum
+from ._registry import (
+    Rule,
+    bound_dtype,
+    input_and_output,
+    per_clip,
+    register_rule,
+    row_norms,
+    scaled_sum,
+    zero_norms,
+)
 from .conv import ConvRule, _conv_args, _spatial_sum, patch_norms, weight_grads
 
 try:
@@ -38,7 +52,12 @@ except ImportError:  # timm is optional
 
 
 def _standardised(module) -> tuple[Tensor, Tensor, Tensor]:
-    """(w_hat (C_out, n), sigma (C_out,), s (C_out,)) of the module's current weight."""
+    """(w_hat (C_out, n), sigma (C_out,), s (C_out,)) of the module's current weight, computed
+    once per clip (rules.per_clip); callers must not change them in place."""
+    return per_clip(module, "standardised", lambda: _standardise(module))
+
+
+def _standardise(module) -> tuple[Tensor, Tensor, Tensor]:
     w = module.weight.detach().reshape(module.out_channels, -1)
     centred = w - w.mean(dim=1, keepdim=True)
     # the biased variance as a norm of the centred rows (Tensor.var is 10x slower on CPU)
@@ -62,32 +81,46 @@ def _conv(module, x: Tensor, weight: Tensor) -> Tensor:
     return F.conv2d(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
 
 
-def _row_terms(module, x: Tensor, g: Tensor, w_hat: Tensor):
-    """Per example and output row: sum_k G_irk and <w_hat_r, G_ir> (both (B, C_out))."""
+def _row_terms(module, x: Tensor, g: Tensor, w_hat: Tensor, s: Tensor, out: Tensor | None):
+    """Per example and output row: sum_k G_irk and <w_hat_r, G_ir> (both (B, C_out)). The
+    second is sum_t g_irt (x_i * w_hat_r)_t, a convolution of x with w_hat: the layer's own
+    output (x * s w_hat + bias) gives it when kept (``out``) and no s_r is 0."""
     groups, c_in = module.groups, module.in_channels
     ones = torch.ones(groups, c_in // groups, *module.kernel_size, dtype=x.dtype, device=x.device)
     patch_sums = _conv(module, x, ones)  # (B, groups, *S_out)
     per_channel = patch_sums.repeat_interleave(module.out_channels // groups, dim=1)
-    projected = _conv(module, x, w_hat.reshape(module.weight.shape).to(x.dtype))
     dims = tuple(range(2, g.dim()))
-    return (g * per_channel).sum(dim=dims), (g * projected).sum(dim=dims)
+    shape = (1, -1) + (1,) * (g.dim() - 2)
+    usable = out is not None and out.shape == g.shape and out.dtype == x.dtype == g.dtype
+    if usable and bool((s != 0).all()):
+        bias = module.bias
+        projected = out if bias is None else out - bias.detach().to(out.dtype).reshape(shape)
+        row_proj = product_sum(g, projected, dims) / s.to(g.dtype)
+    else:
+        projected = _conv(module, x, w_hat.reshape(module.weight.shape).to(x.dtype))
+        row_proj = product_sum(g, projected, dims)
+    return product_sum(g, per_channel, dims), row_proj
 
 
-def _apply_jacobian_(grad: Tensor, w_hat, sigma, s) -> Tensor:
-    """(..., C_out, n) effective-weight gradients -> raw-weight gradients, row by row, in place
-    on ``grad``."""
-    return _scaled(_project_(grad.div_(sigma[:, None]), w_hat), s)
+def _apply_jacobian_(grad: Tensor, w_hat: Tensor, sigma: Tensor, s: Tensor) -> Tensor:
+    """(..., C_out, n) effective-weight gradients G -> raw-weight gradients
+    (s_r / sigma_r) (G_r - mean(G_r) - w_hat_r <w_hat_r, G_r> / n), row by row, in place on
+    ``grad`` (scaling these rows is cheaper than scaling the output gradient: n < positions for
+    most layers). On CPU one compiled pass per row (csrc/cpu/std_conv.cpp) where built."""
+    factor = s / sigma
+    compiled = grad.device.type == "cpu" and grad.dtype in (torch.float32, torch.float64)
+    if compiled and grad.is_contiguous() and _ext.has_kernel("std_conv_project_", "CPU"):
+        rows = grad.view(-1, *w_hat.shape)
+        torch.ops.dpfast_C.std_conv_project_(rows, w_hat.contiguous(), factor.contiguous())
+        return grad
+    return _apply_jacobian_reference_(grad, w_hat, factor)
 
 
-def _project_(h: Tensor, w_hat: Tensor) -> Tensor:
-    """h - mean(h) - w_hat <w_hat, h> / n per row of h (..., C_out, n), in place."""
-    dots = (h * w_hat).sum(dim=-1, keepdim=True).div_(w_hat.shape[1])
-    return h.sub_(h.mean(dim=-1, keepdim=True)).addcmul_(w_hat, dots, value=-1)
-
-
-def _scaled(h: Tensor, s: Tensor) -> Tensor:
-    """h (..., C_out, n) times s_r per row, in place (skipped when s is all ones)."""
-    return h if bool((s == 1).all()) else h.mul_(s[:, None])
+def _apply_jacobian_reference_(grad: Tensor, w_hat: Tensor, factor: Tensor) -> Tensor:
+    """:func:`_apply_jacobian_` by PyTorch ops, factor = s / sigma."""
+    dots = (grad * w_hat).sum(dim=-1, keepdim=True).div_(w_hat.shape[1])
+    grad.sub_(grad.mean(dim=-1, keepdim=True)).addcmul_(w_hat, dots, value=-1)
+    return grad.mul_(factor[:, None])
 
 
 if std_conv is not None:
@@ -99,42 +132,41 @@ if std_conv is not None:
         std_conv.ScaledStdConv2dSame,
     )
     class StdConvRule(Rule):
+        keeps_output = True  # the output gives <w_hat_r, G_ir> (_row_terms)
+
         def per_example_grads(self, module, x, g, out=None):
             """The conv rule's per-example gradients of the effective weight (into the weight's
             buffer when ``out`` gives one), mapped in place through the standardisation's
             Jacobian."""
             out = {} if out is None else out
-            x = _padded(module, x)
-            w_hat, sigma, s = _standardised(module)
+            x = _padded(module, input_and_output(x)[0])
             grads = {}
-            # g / sigma_r per output channel: the conv's per-example gradients are then
-            # G_ir / sigma_r, a smaller pass than scaling them
-            shape = (1, -1) + (1,) * (g.dim() - 2)
-            scaled_g = g / sigma.to(g.dtype).reshape(shape)
-            flat = weight_grads(module, x, scaled_g, out.get("weight"))
+            flat = weight_grads(module, x, g, out.get("weight"))
             flat = flat.view(x.shape[0], module.out_channels, -1)
-            w_hat, sigma, s = (t.to(flat.dtype) for t in (w_hat, sigma, s))
+            w_hat, sigma, s = (t.to(flat.dtype) for t in _standardised(module))
             if hasattr(module, "gain") and module.gain.requires_grad:
-                gain = module.scale * (flat * w_hat).sum(dim=-1) * sigma
+                gain = module.scale * torch.einsum("bon,on->bo", flat, w_hat)
                 grads["gain"] = gain.reshape(x.shape[0], *module.gain.shape)
             if module.weight.requires_grad:
-                _scaled(_project_(flat, w_hat), s)
+                _apply_jacobian_(flat, w_hat, sigma, s)
                 grads["weight"] = flat.view(x.shape[0], *module.weight.shape)
             if module.bias is not None and module.bias.requires_grad:
                 grads["bias"] = _spatial_sum(g, out.get("bias"))
             return grads
 
         def materialise_saving(self, module, x, g):
-            saving = ConvRule().materialise_saving(module, x, g)
+            saving = ConvRule().materialise_saving(module, input_and_output(x)[0], g)
             if saving is None or not hasattr(module, "gain") or not module.gain.requires_grad:
                 return saving
             return saving[0], saving[1] + module.gain.numel()
 
         def norm_sq(self, module, x, g, method="auto"):
+            x, layer_out = input_and_output(x)
             x = _padded(module, x)
             w_hat, sigma, s = _standardised(module)
             total = zero_norms(g)
-            row_sum, row_proj = _row_terms(module, x, g, w_hat)  # of G_ir (effective weight)
+            # of G_ir (effective weight)
+            row_sum, row_proj = _row_terms(module, x, g, w_hat, s, layer_out)
             row_sum, row_proj = row_sum.to(total.dtype), row_proj.to(total.dtype)
             if module.weight.requires_grad:
                 n = w_hat.shape[1]
@@ -162,7 +194,7 @@ if std_conv is not None:
             """Per output row r, ||G_ir|| <= U_ir = sum_t |g_itr| ||patch_it||; the Jacobian has
             norm <= |s_r| / sigma_r (a projection scaled by it) and |<w_hat_r, G_ir>| <=
             sqrt(n) U_ir, since ||w_hat_r||^2 <= n."""
-            x = _padded(module, x)
+            x = _padded(module, input_and_output(x)[0])
             xx, kwargs = _conv_args(module, x)
             dtype = bound_dtype(g)
             patches = patch_norms(xx, kwargs).to(dtype)
@@ -180,7 +212,7 @@ if std_conv is not None:
             return total.sqrt()
 
         def clipped_sums(self, module, x, g, scale):
-            x = _padded(module, x)
+            x = _padded(module, input_and_output(x)[0])
             w_hat, sigma, s = _standardised(module)
             xx, kwargs = _conv_args(module, x)
             out = {}
@@ -198,4 +230,4 @@ if std_conv is not None:
             return out
 
         def plan(self, module, x, out, clipping):
-            return ConvRule().plan(module, x, out, clipping)
+            return ConvRule().plan(module, input_and_output(x)[0], out, clipping)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._affine import affine_grads
-from ._registry import Rule, register_rule
+from ._registry import Rule, input_and_output, register_rule
 from .group_norm import group_norm_grads
 from .layer_norm import LayerNormRule
 
@@ -22,31 +22,35 @@ except ImportError:  # timm is optional
 
 def _group_norm_act_grads(module: nn.Module, x, g):
     """GroupNormAct: y = xhat * weight + bias, out = act(drop(y)); the GroupNorm rule's
-    per-example gradients with g mapped back through the activation (xhat computed once; for
-    ReLU the activation's backward is a threshold on y, without autograd)."""
+    per-example gradients with g mapped back through the activation. For ReLU that is a
+    threshold on the layer's kept output (out > 0 exactly where y > 0), else on y recomputed;
+    other activations through autograd."""
+    x, out = input_and_output(x)
     if module.training and not isinstance(module.drop, nn.Identity):
         raise ValueError(
             f"{type(module).__name__} applies dropout between its norm and activation; its "
             "per-example gradients cannot be recomputed exactly in training mode. Use "
             "drop_layer=None for private training"
         )
-    xhat = F.group_norm(x, module.num_groups, None, None, module.eps)
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    y = xhat
-    if module.weight is not None:
-        y = xhat * module.weight.detach().reshape(shape)
-    if module.bias is not None:
-        y = y + module.bias.detach().reshape(shape)
-    if isinstance(module.act, nn.ReLU):
+    if isinstance(module.act, nn.Identity):
+        return group_norm_grads(module, x, g)
+    relu = isinstance(module.act, nn.ReLU)
+    if relu and out is not None and out.shape == g.shape:
+        return group_norm_grads(module, x, torch.ops.aten.threshold_backward(g, out, 0))
+    weight, bias = _detached(module.weight), _detached(module.bias)
+    y = F.group_norm(x, module.num_groups, weight, bias, module.eps)
+    if relu:
         pre = torch.ops.aten.threshold_backward(g, y, 0)
-    elif isinstance(module.act, nn.Identity):
-        pre = g
     else:
         with torch.enable_grad():
-            y = y.detach().requires_grad_(True)
-            out = module.act(y.clone())  # clone: the activation may be in place
-            (pre,) = torch.autograd.grad(out, y, g)
-    return affine_grads(module, xhat, pre, tuple(range(2, x.dim())))
+            y = y.requires_grad_(True)
+            act_out = module.act(y.clone())  # clone: the activation may be in place
+            (pre,) = torch.autograd.grad(act_out, y, g)
+    return group_norm_grads(module, x, pre)
+
+
+def _detached(p):
+    return None if p is None else p.detach()
 
 
 if timm_layers is not None:
@@ -70,5 +74,7 @@ if timm_layers is not None:
 
     @register_rule(timm_layers.GroupNormAct)
     class GroupNormActRule(Rule):
+        keeps_output = True  # a ReLU's output gives its mask (_group_norm_act_grads)
+
         def per_example_grads(self, module, x, g):
             return _group_norm_act_grads(module, x, g)
