@@ -60,6 +60,16 @@ def _suffix(layer: int, direction: int) -> str:
     return f"_l{layer}" + ("_reverse" if direction else "")
 
 
+def _input_projection(seq: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """gi (B, T, G*H) of every step in one GEMM; on CPU stored time-major (a (B, T, .) view of
+    (T, B, .) memory): the compiled recurrence's time-major buffers and gi's gradient then pass
+    without a transposing copy of (B, T, G*H) each way (the input's smaller one is made
+    instead), and each step's gi[:, t] is contiguous."""
+    if seq.device.type != "cpu":
+        return F.linear(seq, weight, bias)
+    return F.linear(seq.transpose(0, 1), weight, bias).transpose(0, 1)
+
+
 def _layer_parameters(module: nn.Module, layer: int, direction: int) -> dict[str, Tensor | None]:
     """{role: tensor or None} of one layer and direction; roles weight_ih, weight_hh, bias_ih,
     bias_hh, weight_hr. torch keeps them as attributes ``weight_ih_l0``; Opacus in a cell
@@ -141,7 +151,7 @@ class _Recurrence:
     def _direction(self, x: Tensor, layer: int, direction: int, h: Tensor, c: Tensor | None):
         w = _layer_parameters(self.module, layer, direction)
         seq = _reversed(x, self.lengths) if direction else x
-        gi = F.linear(seq, w["weight_ih"], w["bias_ih"])  # (B, T, G*H): one GEMM for all steps
+        gi = _input_projection(seq, w["weight_ih"], w["bias_ih"])
         steps = seq.shape[1]
         valid = None
         if self.lengths is not None:
