@@ -53,10 +53,12 @@ class _Capture(torch.autograd.Function):
                 x_leaf.requires_grad_(True)
             out = call(x_leaf if rows is None else x_leaf[:rows])
         ctx.record, ctx.x_leaf, ctx.out, ctx.rows = record, x_leaf, out, rows
-        ctx.out_version = out._version
         ctx.save_for_backward(x)  # autograd's version check catches later in-place changes of x
         out = out.detach()
-        return out if rows is None else _copies_of_first_row(out, rows, x.shape[0], record)
+        result = out if rows is None else _copies_of_first_row(out, rows, x.shape[0], record)
+        if record.rule.keeps_output:  # what the model receives (no copy), and its version now
+            ctx.kept, ctx.kept_version = result.detach(), result._version
+        return result
 
     @staticmethod
     def backward(ctx, g):
@@ -76,15 +78,14 @@ class _Capture(torch.autograd.Function):
 
 
 def _with_output(ctx, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-    """(x, the layer's output) for a rule with ``keeps_output`` (padding rows zero), or x
-    alone when the output was changed in place since the forward (its version counter moved:
-    it no longer holds what the layer computed)."""
-    out = ctx.out
-    if not isinstance(out, Tensor) or out._version != ctx.out_version:
+    """(x, the layer's output as the model received it: padding rows are copies of row 0, whose
+    output gradient is 0) for a rule with ``keeps_output``, or x alone when the output was
+    changed in place since the forward (its version counter moved: it no longer holds what the
+    layer computed)."""
+    if ctx.kept._version != ctx.kept_version:
         return x
-    out = zero_padded(out.detach(), x.shape[0])
-    ctx.record.out_version = out._version
-    return x, out
+    ctx.record.out_version = ctx.kept_version
+    return x, ctx.kept
 
 
 def _copies_of_first_row(out: Tensor, rows: int, batch: int, record: Record) -> Tensor:
