@@ -71,21 +71,25 @@ class _Capture(torch.autograd.Function):
             (grad_x,) = torch.autograd.grad(ctx.out, ctx.x_leaf, g_in, retain_graph=retain)
         x = x.detach()
         if ctx.record.rule.keeps_output:
-            x = _with_output(ctx, x)
+            x = _with_output(ctx, x, g.detach())
         ctx.record.x, ctx.record.g = x, g.detach()
         ctx.record.owner.on_backward(ctx.record)
         return grad_x, None, None, None, None
 
 
-def _with_output(ctx, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-    """(x, the layer's output as the model received it: padding rows are copies of row 0, whose
-    output gradient is 0) for a rule with ``keeps_output``, or x alone when the output was
-    changed in place since the forward (its version counter moved: it no longer holds what the
-    layer computed)."""
+def _with_output(ctx, x: Tensor, g: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+    """(x, what the rule keeps of the layer's output) for a rule with ``keeps_output``, from the
+    output as the model received it (padding rows are copies of row 0, whose gradient is 0); x
+    alone when the output was changed in place since the forward (its version counter moved:
+    it no longer holds what the layer computed) or the rule keeps nothing of it."""
     if ctx.kept._version != ctx.kept_version:
         return x
-    ctx.record.out_version = ctx.kept_version
-    return x, ctx.kept
+    record = ctx.record
+    kept = record.rule.kept_output(record.module, x, ctx.kept, g)
+    if kept is None:
+        return x
+    record.out_version = kept._version
+    return x, kept
 
 
 def _copies_of_first_row(out: Tensor, rows: int, batch: int, record: Record) -> Tensor:

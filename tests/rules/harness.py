@@ -53,32 +53,41 @@ def check_rule(module: nn.Module, x: torch.Tensor, gen: torch.Generator) -> None
     gradients; the same written into NaN-filled buffers when the rule materialises on CPU
     (``materialise_saving``); norms by ghost, direct and auto; clipped sums with example 0
     scaled by 0 and non-finite (its NaNs must not reach the sums). A ``keeps_output`` rule is
-    checked both on the input alone and on (input, output), as the engine records it."""
+    checked both on the input alone and on (input, what it keeps of the output), as the engine
+    records it."""
     g = output_grad(module, x, gen)
     rule = rule_for(module)
     assert rule is not None, type(module)
     expected = brute_force(module, x, g)
-    for with_output in (False, True) if rule.keeps_output else (False,):
+    for with_output in (False, True) if _keeps_something(module, rule, x, g) else (False,):
         _check_calls(module, rule, x, g, expected, gen, with_output)
 
 
-def _recorded(module: nn.Module, x: torch.Tensor, with_output: bool):
-    """x as the engine records it: the input, or (input, output)."""
+def _keeps_something(module, rule, x, g) -> bool:
+    """Whether the rule keeps anything of this layer's output (GroupNormAct: behind a ReLU)."""
+    if not rule.keeps_output:
+        return False
+    with torch.no_grad():
+        return rule.kept_output(module, x, module(x), g) is not None
+
+
+def _recorded(module: nn.Module, x: torch.Tensor, g: torch.Tensor, with_output: bool):
+    """x as the engine records it: the input, or (input, what the rule keeps of the output)."""
     if not with_output:
         return x
     with torch.no_grad():
-        return x, module(x)
+        return x, rule_for(module).kept_output(module, x, module(x), g)
 
 
 def _check_calls(module, rule, x, g, expected, gen, with_output: bool) -> None:
-    got = rule.per_example_grads(module, _recorded(module, x, with_output), g)
+    got = rule.per_example_grads(module, _recorded(module, x, g, with_output), g)
     assert got.keys() == expected.keys()
     for n in expected:
         torch.testing.assert_close(got[n], expected[n], rtol=1e-9, atol=1e-10)
 
-    if rule.materialise_saving(module, _recorded(module, x, with_output), g) is not None:
+    if rule.materialise_saving(module, _recorded(module, x, g, with_output), g) is not None:
         buffers = {n: torch.full_like(v, float("nan")) for n, v in expected.items()}
-        got = rule.per_example_grads(module, _recorded(module, x, with_output), g, out=buffers)
+        got = rule.per_example_grads(module, _recorded(module, x, g, with_output), g, out=buffers)
         for n in expected:
             torch.testing.assert_close(got[n], expected[n], rtol=1e-9, atol=1e-10)
         weight = got["weight"]
@@ -86,7 +95,7 @@ def _check_calls(module, rule, x, g, expected, gen, with_output: bool) -> None:
 
     norms = sum(v.flatten(1).square().sum(dim=1) for v in expected.values())
     for method in ("ghost", "direct", "auto"):
-        got = rule.norm_sq(module, _recorded(module, x, with_output), g, method)
+        got = rule.norm_sq(module, _recorded(module, x, g, with_output), g, method)
         torch.testing.assert_close(got, norms, rtol=1e-9, atol=1e-10)
 
     scale = torch.rand(x.shape[0], generator=gen, dtype=torch.float64)
@@ -97,7 +106,7 @@ def _check_calls(module, rule, x, g, expected, gen, with_output: bool) -> None:
     else:
         g = g.clone()
         g[0] = float("nan")
-    sums = rule.clipped_sums(module, _recorded(module, x, with_output), g, scale)
+    sums = rule.clipped_sums(module, _recorded(module, x, g, with_output), g, scale)
     assert sums.keys() == expected.keys()
     for n, per_example in expected.items():
         want = torch.einsum("b,b...->...", scale[1:], per_example[1:])

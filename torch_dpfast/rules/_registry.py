@@ -26,9 +26,11 @@ Class attributes (defaults on :class:`Rule`) tell the engine more:
 * ``position_wise``: the rule treats each position independently, so k B rows folded into
   dim 0 (example-major) can be viewed as (B, k, ...);
 * ``subtree``: the rule covers its children's parameters too (Opacus's DPLSTM).
-* ``keeps_output`` ("io" captures): the record's x is (input, output), the layer's output
-  kept from the forward (no copy: the next layer or autograd holds it anyway), or the input
-  alone when the output was changed in place since; see :func:`input_and_output`.
+* ``keeps_output`` ("io" captures): in the layer's backward, with its output still as the
+  forward made it (not changed in place since), the rule's ``kept_output(module, x, out, g)``
+  says what to keep of it (the output itself, or a reduction of it: a tensor with B rows, or
+  None); the record's x is then (input, kept), else the input alone. See
+  :func:`input_and_output`.
 
 Rules are found by walking the module type's MRO, so subclasses inherit their base's rule unless
 they register their own.
@@ -55,13 +57,18 @@ class Rule:
     mergeable: bool = False  # calls of one module join along the positions (merge_repeated)
     position_wise: bool = False  # k B rows folded into dim 0 can be viewed as (B, k, ...)
     subtree: bool = False  # the rule covers its children's parameters too
-    keeps_output: bool = False  # x is (input, output) when the output is still intact
+    keeps_output: bool = False  # x is (input, kept_output(...)) when the output is intact
 
     def parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
         """The module's own trainable parameters (not its children's); frozen ones are skipped."""
         return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
 
     def per_example_grads(self, module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def kept_output(self, module: nn.Module, x: Tensor, out: Tensor, g: Tensor) -> Tensor | None:
+        """``keeps_output`` rules: what to keep of the layer's output ``out`` (B, ...), called
+        in the layer's backward with its input x and output gradient g."""
         raise NotImplementedError
 
     def plan(self, module: nn.Module, x: Tensor, out: Tensor, clipping: str) -> tuple[str, int]:
@@ -94,8 +101,8 @@ class Rule:
 
 
 def input_and_output(x) -> tuple[Tensor, Tensor | None]:
-    """A ``keeps_output`` rule's x as (input, output), output None where it is not known (changed
-    in place after the forward, or a call from explain with the input only)."""
+    """A ``keeps_output`` rule's x as (input, what kept_output kept), None where nothing was kept
+    (the output changed in place after the forward, or a call with the input only)."""
     return x if isinstance(x, tuple) else (x, None)
 
 

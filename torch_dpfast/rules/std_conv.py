@@ -15,8 +15,9 @@ an orthogonal-style projection, so with H_ir = s_r G_ir / sigma_r
 
 ||H_ir||^2 summed over r is the ghost/direct norm of the conv with g scaled per channel by
 s_r / sigma_r; sum(H_ir) comes from a cheap convolution of x with an all-ones kernel, and
-<w_hat_r, G_ir> = sum_t g_irt (x_i * w_hat_r)_t from the layer's own output, kept from the
-forward (``keeps_output``: the output is (x * s w_hat) + bias), or where that is not known
+<w_hat_r, G_ir> = sum_t g_irt (x_i * w_hat_r)_t from the layer's own output (x * s w_hat +
+bias), reduced in the layer's backward while the forward's output is still there
+(``keeps_output``: a (B, C_out) tensor is kept, not the output), or where that is not known
 from a convolution of x with w_hat. The Jacobian does not depend on the example, so the
 clipped sum is the Jacobian applied once to the ordinary book-keeping clipped sum. The gain's
 per-example gradient is gamma/sqrt(n) <w_hat_r, G_ir>. Materialised (``auto`` on CPU), the
@@ -81,25 +82,39 @@ def _conv(module, x: Tensor, weight: Tensor) -> Tensor:
     return F.conv2d(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
 
 
-def _row_terms(module, x: Tensor, g: Tensor, w_hat: Tensor, s: Tensor, out: Tensor | None):
-    """Per example and output row: sum_k G_irk and <w_hat_r, G_ir> (both (B, C_out)). The
-    second is sum_t g_irt (x_i * w_hat_r)_t, a convolution of x with w_hat: the layer's own
-    output (x * s w_hat + bias) gives it when kept (``out``) and no s_r is 0."""
+def _row_terms(module, x: Tensor, g: Tensor, w_hat: Tensor, projections: Tensor | None):
+    """Per example and output row: sum_k G_irk and <w_hat_r, G_ir> (both (B, C_out)), the
+    second kept from the layer's backward (``projections``, :func:`_output_projections`) or
+    computed as sum_t g_irt (x_i * w_hat_r)_t, a convolution of x with w_hat."""
     groups, c_in = module.groups, module.in_channels
     ones = torch.ones(groups, c_in // groups, *module.kernel_size, dtype=x.dtype, device=x.device)
     patch_sums = _conv(module, x, ones)  # (B, groups, *S_out)
     per_channel = patch_sums.repeat_interleave(module.out_channels // groups, dim=1)
     dims = tuple(range(2, g.dim()))
-    shape = (1, -1) + (1,) * (g.dim() - 2)
-    usable = out is not None and out.shape == g.shape and out.dtype == x.dtype == g.dtype
-    if usable and bool((s != 0).all()):
-        bias = module.bias
-        projected = out if bias is None else out - bias.detach().to(out.dtype).reshape(shape)
-        row_proj = product_sum(g, projected, dims) / s.to(g.dtype)
-    else:
+    if projections is None or projections.shape != g.shape[:2]:
         projected = _conv(module, x, w_hat.reshape(module.weight.shape).to(x.dtype))
-        row_proj = product_sum(g, projected, dims)
-    return product_sum(g, per_channel, dims), row_proj
+        projections = product_sum(g, projected, dims)
+    return product_sum(g, per_channel, dims), projections
+
+
+def _output_projections(module, out: Tensor, g: Tensor) -> Tensor | None:
+    """(B, C_out) <w_hat_r, G_ir> = sum_t g_irt (x_i * w_hat_r)_t from the layer's output
+    out = x * s w_hat + bias (the forward's convolution), as (sum_t g_irt (out - bias)_irt) / s_r;
+    None where the output cannot give it (an s_r of 0, another dtype than g's, or a 16-bit one:
+    autocast's convolution output is coarser than the float32 convolution of x)."""
+    if out.shape != g.shape or out.dtype != g.dtype:
+        return None
+    if out.dtype not in (torch.float32, torch.float64):
+        return None
+    shape = (1, -1) + (1,) * (g.dim() - 2)
+    scale = torch.ones(out.shape[1], dtype=g.dtype, device=g.device)
+    if hasattr(module, "gain"):
+        scale = (module.gain.detach() * module.scale).reshape(-1).to(g.dtype)
+        if not bool((scale != 0).all()):
+            return None
+    if module.bias is not None:
+        out = out - module.bias.detach().to(out.dtype).reshape(shape)
+    return product_sum(g, out, tuple(range(2, g.dim()))) / scale
 
 
 def _apply_jacobian_(grad: Tensor, w_hat: Tensor, sigma: Tensor, s: Tensor) -> Tensor:
@@ -134,6 +149,9 @@ if std_conv is not None:
     class StdConvRule(Rule):
         keeps_output = True  # the output gives <w_hat_r, G_ir> (_row_terms)
 
+        def kept_output(self, module, x, out, g):
+            return _output_projections(module, out, g)
+
         def per_example_grads(self, module, x, g, out=None):
             """The conv rule's per-example gradients of the effective weight (into the weight's
             buffer when ``out`` gives one), mapped in place through the standardisation's
@@ -143,7 +161,8 @@ if std_conv is not None:
             grads = {}
             flat = weight_grads(module, x, g, out.get("weight"))
             flat = flat.view(x.shape[0], module.out_channels, -1)
-            w_hat, sigma, s = (t.to(flat.dtype) for t in _standardised(module))
+            # once per clip anyway: not kept for the clip (a materialised layer's only use)
+            w_hat, sigma, s = (t.to(flat.dtype) for t in _standardise(module))
             if hasattr(module, "gain") and module.gain.requires_grad:
                 gain = module.scale * torch.einsum("bon,on->bo", flat, w_hat)
                 grads["gain"] = gain.reshape(x.shape[0], *module.gain.shape)
@@ -161,12 +180,12 @@ if std_conv is not None:
             return saving[0], saving[1] + module.gain.numel()
 
         def norm_sq(self, module, x, g, method="auto"):
-            x, layer_out = input_and_output(x)
+            x, projections = input_and_output(x)
             x = _padded(module, x)
             w_hat, sigma, s = _standardised(module)
             total = zero_norms(g)
             # of G_ir (effective weight)
-            row_sum, row_proj = _row_terms(module, x, g, w_hat, s, layer_out)
+            row_sum, row_proj = _row_terms(module, x, g, w_hat, projections)
             row_sum, row_proj = row_sum.to(total.dtype), row_proj.to(total.dtype)
             if module.weight.requires_grad:
                 n = w_hat.shape[1]
