@@ -19,9 +19,8 @@ projection of the outputs with respect to every captured layer's output. A layer
 examples has row j of that gradient depend on example j only; a layer whose output the model
 shares across the batch (a position table looked up with ``torch.arange(T)`` and broadcast,
 T equal to B by chance) has rows that sum every example's gradient, which moving example
-``PROBE_ROW`` reveals. No parameter's .grad is touched (autograd.grad; the layer outputs'
-gradients are read by hooks as the backward reaches them, the parameters' are dropped). Four
-forwards and two backwards of one batch, once per attachment.
+``PROBE_ROW`` reveals. No parameter's gradient is touched (autograd.grad to the outputs only).
+Four forwards and two backwards of one batch, once per attachment.
 """
 
 from __future__ import annotations
@@ -267,14 +266,13 @@ def _on_constant(a: Tensor, b: Tensor, layout: Layout, module: nn.Module) -> boo
     return a.shape == b.shape and rows != 1 and not _moved(a, b).any()
 
 
-def _gradients(model, modules, args, kwargs, bypassed, compare) -> list[str]:
-    """The paths of every captured layer call whose output needs a gradient, for
-    L = sum_k <out_k, R_k> with R_k seeded normals: a plain graph (``bypassed``), dropout drawn
-    from one seed, no parameter's .grad touched. Each call's output gradient is handed to
-    ``compare(k, path, g)`` as the backward reaches it, and not kept: the backward is asked for
-    the trainable parameters' gradients (every captured layer's output lies on the way to its
-    own parameters), which are dropped, so no layer output's gradient outlives its use (asked
-    for the outputs themselves, autograd would hold all of them until it returns)."""
+def _gradients(model, modules, args, kwargs, bypassed, compare=None) -> list:
+    """[(path, output gradient) or None] of every captured layer call whose output needs one
+    (None where none reached it), for L = sum_k <out_k, R_k> with R_k seeded normals: a plain
+    graph (``bypassed``), dropout drawn from one seed, no parameter's .grad touched
+    (autograd.grad to the outputs only). With ``compare``, each call's gradient is handed to
+    ``compare(k, path, g)`` as the backward reaches it and is not kept; the paths are
+    returned."""
     seen: list[tuple[str, Tensor]] = []
 
     def recorder(path):
@@ -290,7 +288,6 @@ def _gradients(model, modules, args, kwargs, bypassed, compare) -> list[str]:
 
     handles = [m.register_forward_hook(recorder(path)) for path, m in modules.items()]
     devices = sorted({t.device.index or 0 for t in _tensors((args, kwargs)) if t.is_cuda})
-    trainable = [p for p in model.parameters() if p.requires_grad]
     try:
         with (
             torch.enable_grad(),
@@ -300,8 +297,8 @@ def _gradients(model, modules, args, kwargs, bypassed, compare) -> list[str]:
         ):
             torch.manual_seed(_SEED)
             out = [t for t in _tensors(model(*args, **kwargs)) if t.requires_grad]
-            if not out or not seen or not trainable:
-                return [path for path, _ in seen]
+            if not out or not seen:
+                return [path for path, _ in seen] if compare else []
             generator = torch.Generator(device=out[0].device).manual_seed(_SEED)
             loss = sum(
                 (
@@ -309,13 +306,16 @@ def _gradients(model, modules, args, kwargs, bypassed, compare) -> list[str]:
                 ).sum()
                 for t in out
             )
-            for k, (path, t) in enumerate(seen):
-                t.register_hook(lambda g, k=k, path=path: compare(k, path, g))
-            torch.autograd.grad(loss, trainable, allow_unused=True)
+            if compare is not None:
+                for k, (path, t) in enumerate(seen):
+                    t.register_hook(lambda g, k=k, path=path: compare(k, path, g))
+            grads = torch.autograd.grad(loss, [t for _, t in seen], allow_unused=True)
     finally:
         for handle in handles:
             handle.remove()
-    return [path for path, _ in seen]
+    if compare is not None:
+        return [path for path, _ in seen]
+    return [None if g is None else (path, g) for (path, _), g in zip(seen, grads)]
 
 
 def _runs(model, modules, args, kwargs, changed_args, changed_kwargs, layout: Layout):
