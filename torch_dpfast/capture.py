@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from . import coupling, tracing
 from .records import zero_padded
-from .rules._registry import Rule, in_batch_first_call
+from .rules._registry import Rule, in_batch_first_call, keeps_output
 from .rules.fallback import _original_forward
 from .rules.traced import (
     FUNCTIONAL_EMBEDDING,
@@ -56,7 +56,8 @@ class _Capture(torch.autograd.Function):
         ctx.save_for_backward(x)  # autograd's version check catches later in-place changes of x
         out = out.detach()
         result = out if rows is None else _copies_of_first_row(out, rows, x.shape[0], record)
-        if record.rule.keeps_output:  # what the model receives (no copy), and its version now
+        ctx.kept = None
+        if keeps_output(record.rule):  # what the model receives (no copy), and its version now
             ctx.kept, ctx.kept_version = result.detach(), result._version
         return result
 
@@ -70,7 +71,7 @@ class _Capture(torch.autograd.Function):
             g_in = g if ctx.rows is None else g[: ctx.rows]
             (grad_x,) = torch.autograd.grad(ctx.out, ctx.x_leaf, g_in, retain_graph=retain)
         x = x.detach()
-        if ctx.record.rule.keeps_output:
+        if ctx.kept is not None:
             x = _with_output(ctx, x, g.detach())
         ctx.record.x, ctx.record.g = x, g.detach()
         ctx.record.owner.on_backward(ctx.record)
@@ -78,14 +79,16 @@ class _Capture(torch.autograd.Function):
 
 
 def _with_output(ctx, x: Tensor, g: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-    """(x, what the rule keeps of the layer's output) for a rule with ``keeps_output``, from the
-    output as the model received it (padding rows are copies of row 0, whose gradient is 0); x
-    alone when the output was changed in place since the forward (its version counter moved:
-    it no longer holds what the layer computed) or the rule keeps nothing of it."""
-    if ctx.kept._version != ctx.kept_version:
+    """(x, what the rule keeps of the layer's output), from the output as the model received it
+    (padding rows are copies of row 0, whose gradient is 0); x alone when the output was changed
+    in place since the forward (its version counter moved: it no longer holds what the layer
+    computed) or the rule keeps nothing of it. Once per forward: ghost clipping's second
+    backward through this call reads nothing kept, and the output is let go here."""
+    out, ctx.kept = ctx.kept, None
+    if out._version != ctx.kept_version:
         return x
     record = ctx.record
-    kept = record.rule.kept_output(record.module, x, ctx.kept, g)
+    kept = record.rule.kept_output(record.module, x, out, g)
     if kept is None:
         return x
     record.out_version = kept._version

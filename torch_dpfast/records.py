@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from .rules._registry import Rule, leading
+from .rules._registry import Rule, keeps_output, leading
 from .rules.fallback import FALLBACK, WINDOW_ATTENTION, batch_dim
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ class Record:
     fold: int = 1  # rows of dim 0 per example (window attention: windows per image)
     seq_first: bool = False  # x and g hold the batch in dim 1 (attach(batch_first=False))
     owner: Attachment | None = None  # told (_on_backward) once the backward ran
-    out_version: int = 0  # keeps_output rules: the kept tensor's version counter when recorded
+    out_version: int = 0  # rules keeping outputs: the kept tensor's version when recorded
 
     @property
     def device(self) -> torch.device:
@@ -105,10 +105,10 @@ def check_batch(record: Record, batch: int, mask: Tensor | None) -> None:
 
 
 def drop_stale_output(record: Record) -> None:
-    """A ``keeps_output`` rule's record holds x = (input, kept); if what was kept (the output
+    """The record of a rule that keeps outputs holds x = (input, kept); if what was kept (the output
     itself, for GroupNormAct) was changed in place since the backward recorded it, x becomes the
     input alone (the rule recomputes what it would have read from it)."""
-    if isinstance(record.x, tuple) and record.rule.keeps_output:
+    if isinstance(record.x, tuple) and keeps_output(record.rule):
         if record.x[1]._version != record.out_version:
             record.x = record.x[0]
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from torch_dpfast.rules import rule_for
+from torch_dpfast.rules._registry import keeps_output
 
 
 def floats(*shape):
@@ -52,7 +53,7 @@ def check_rule(module: nn.Module, x: torch.Tensor, gen: torch.Generator) -> None
     """The module's rule against brute force on input ``x`` (float64 module): per-example
     gradients; the same written into NaN-filled buffers when the rule materialises on CPU
     (``materialise_saving``); norms by ghost, direct and auto; clipped sums with example 0
-    scaled by 0 and non-finite (its NaNs must not reach the sums). A ``keeps_output`` rule is
+    scaled by 0 and non-finite (its NaNs must not reach the sums). A rule that keeps outputs is
     checked both on the input alone and on (input, what it keeps of the output), as the engine
     records it."""
     g = output_grad(module, x, gen)
@@ -65,7 +66,7 @@ def check_rule(module: nn.Module, x: torch.Tensor, gen: torch.Generator) -> None
 
 def _keeps_something(module, rule, x, g) -> bool:
     """Whether the rule keeps anything of this layer's output (GroupNormAct: behind a ReLU)."""
-    if not rule.keeps_output:
+    if not keeps_output(rule):
         return False
     with torch.no_grad():
         return rule.kept_output(module, x, module(x), g) is not None

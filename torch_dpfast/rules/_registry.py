@@ -26,11 +26,12 @@ Class attributes (defaults on :class:`Rule`) tell the engine more:
 * ``position_wise``: the rule treats each position independently, so k B rows folded into
   dim 0 (example-major) can be viewed as (B, k, ...);
 * ``subtree``: the rule covers its children's parameters too (Opacus's DPLSTM).
-* ``keeps_output`` ("io" captures): in the layer's backward, with its output still as the
-  forward made it (not changed in place since), the rule's ``kept_output(module, x, out, g)``
-  says what to keep of it (the output itself, or a reduction of it: a tensor with B rows, or
-  None); the record's x is then (input, kept), else the input alone. See
-  :func:`input_and_output`.
+
+A rule that overrides ``kept_output(module, x, out, g)`` ("io" captures) is shown the layer's
+output in the layer's backward, still as the forward made it (not changed in place since), and
+says what to keep of it (the output itself, or a reduction of it: a tensor with B rows, or
+None); the record's x is then (input, kept), else the input alone. See :func:`keeps_output`
+and :func:`input_and_output`.
 
 Rules are found by walking the module type's MRO, so subclasses inherit their base's rule unless
 they register their own.
@@ -57,7 +58,6 @@ class Rule:
     mergeable: bool = False  # calls of one module join along the positions (merge_repeated)
     position_wise: bool = False  # k B rows folded into dim 0 can be viewed as (B, k, ...)
     subtree: bool = False  # the rule covers its children's parameters too
-    keeps_output: bool = False  # x is (input, kept_output(...)) when the output is intact
 
     def parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
         """The module's own trainable parameters (not its children's); frozen ones are skipped."""
@@ -67,9 +67,9 @@ class Rule:
         raise NotImplementedError
 
     def kept_output(self, module: nn.Module, x: Tensor, out: Tensor, g: Tensor) -> Tensor | None:
-        """``keeps_output`` rules: what to keep of the layer's output ``out`` (B, ...), called
-        in the layer's backward with its input x and output gradient g."""
-        raise NotImplementedError
+        """What to keep of the layer's output ``out`` (B, ...), called in the layer's backward
+        with its input x and output gradient g (only for rules that override it)."""
+        return None
 
     def plan(self, module: nn.Module, x: Tensor, out: Tensor, clipping: str) -> tuple[str, int]:
         """(norm method, multiply-adds per example) this rule will use on input ``x`` and output
@@ -100,9 +100,15 @@ class Rule:
         return {name: scaled_sum(grad, scale) for name, grad in grads.items()}
 
 
+def keeps_output(rule: Rule) -> bool:
+    """Whether ``rule`` keeps something of its layer's output (overrides ``kept_output``)."""
+    return type(rule).kept_output is not Rule.kept_output
+
+
 def input_and_output(x) -> tuple[Tensor, Tensor | None]:
-    """A ``keeps_output`` rule's x as (input, what kept_output kept), None where nothing was kept
-    (the output changed in place after the forward, or a call with the input only)."""
+    """The x of a rule that keeps outputs (:func:`keeps_output`) as (input, what it kept), None
+    where nothing was kept (the output changed in place after the forward, or a call with the
+    input only)."""
     return x if isinstance(x, tuple) else (x, None)
 
 

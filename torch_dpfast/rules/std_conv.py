@@ -17,7 +17,7 @@ an orthogonal-style projection, so with H_ir = s_r G_ir / sigma_r
 s_r / sigma_r; sum(H_ir) comes from a cheap convolution of x with an all-ones kernel, and
 <w_hat_r, G_ir> = sum_t g_irt (x_i * w_hat_r)_t from the layer's own output (x * s w_hat +
 bias), reduced in the layer's backward while the forward's output is still there
-(``keeps_output``: a (B, C_out) tensor is kept, not the output), or where that is not known
+(``kept_output``: a (B, C_out) tensor is kept, not the output), or where that is not known
 from a convolution of x with w_hat. The Jacobian does not depend on the example, so the
 clipped sum is the Jacobian applied once to the ordinary book-keeping clipped sum. The gain's
 per-example gradient is gamma/sqrt(n) <w_hat_r, G_ir>. Materialised (``auto`` on CPU), the
@@ -65,11 +65,15 @@ def _standardise(module) -> tuple[Tensor, Tensor, Tensor]:
     var = torch.linalg.vector_norm(centred, dim=1).square() / w.shape[1]
     sigma = (var + module.eps).sqrt()
     w_hat = centred.div_(sigma[:, None])
-    if hasattr(module, "gain"):
-        s = (module.gain.detach() * module.scale).reshape(-1)
-    else:
-        s = torch.ones_like(sigma)
-    return w_hat, sigma, s
+    s = _scales(module)
+    return w_hat, sigma, torch.ones_like(sigma) if s is None else s
+
+
+def _scales(module) -> Tensor | None:
+    """s (C_out,) = gain * gamma / sqrt(n) of the scaled variants; None (all ones) otherwise."""
+    if not hasattr(module, "gain"):
+        return None
+    return (module.gain.detach() * module.scale).reshape(-1)
 
 
 def _padded(module, x: Tensor) -> Tensor:
@@ -106,15 +110,14 @@ def _output_projections(module, out: Tensor, g: Tensor) -> Tensor | None:
         return None
     if out.dtype not in (torch.float32, torch.float64):
         return None
-    shape = (1, -1) + (1,) * (g.dim() - 2)
-    scale = torch.ones(out.shape[1], dtype=g.dtype, device=g.device)
-    if hasattr(module, "gain"):
-        scale = (module.gain.detach() * module.scale).reshape(-1).to(g.dtype)
-        if not bool((scale != 0).all()):
-            return None
+    scale = _scales(module)
+    if scale is not None and not bool((scale != 0).all()):
+        return None
     if module.bias is not None:
+        shape = (1, -1) + (1,) * (g.dim() - 2)
         out = out - module.bias.detach().to(out.dtype).reshape(shape)
-    return product_sum(g, out, tuple(range(2, g.dim()))) / scale
+    projections = product_sum(g, out, tuple(range(2, g.dim())))
+    return projections if scale is None else projections / scale.to(g.dtype)
 
 
 def _apply_jacobian_(grad: Tensor, w_hat: Tensor, sigma: Tensor, s: Tensor) -> Tensor:
@@ -147,9 +150,8 @@ if std_conv is not None:
         std_conv.ScaledStdConv2dSame,
     )
     class StdConvRule(Rule):
-        keeps_output = True  # the output gives <w_hat_r, G_ir> (_row_terms)
-
         def kept_output(self, module, x, out, g):
+            """The output's <w_hat_r, G_ir> (B, C_out), for _row_terms."""
             return _output_projections(module, out, g)
 
         def per_example_grads(self, module, x, g, out=None):

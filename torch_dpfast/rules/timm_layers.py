@@ -74,11 +74,9 @@ if timm_layers is not None:
 
     @register_rule(timm_layers.GroupNormAct)
     class GroupNormActRule(Rule):
-        keeps_output = True  # a ReLU's output gives its mask (_group_norm_act_grads)
-
         def kept_output(self, module, x, out, g):
-            """The output itself, behind a ReLU (usually the next layer's input: no memory of
-            its own); nothing for other activations."""
+            """The output itself, behind a ReLU, whose mask it gives (usually the next layer's
+            input: no memory of its own); nothing for other activations."""
             return out if isinstance(module.act, nn.ReLU) else None
 
         def per_example_grads(self, module, x, g):
