@@ -1,7 +1,8 @@
 """The compiled recurrence (csrc/cpu/recurrence.cpp through rules/_fused_recurrence.py) against
 autograd through a plain PyTorch loop over the steps: the states, and the gradients of gi (every
-step's gate pre-activations), h0 and c0; float64 and float32 (whose tanh goes through a
-sigmoid), odd sizes, padded steps, large pre-activations, losses that read only part of it."""
+step's gate pre-activations), h0 and c0; float64 and float32 (the LSTM's own sigmoid and tanh,
+the GRU's and RNN's tanh through ATen's sigmoid), odd sizes, LSTM units shared among threads,
+padded steps, large pre-activations, losses that read only part of it."""
 
 import pytest
 import torch
@@ -114,16 +115,41 @@ def test_saturated_gates_stay_finite_and_exact(mode, gen):
         torch.testing.assert_close(hs, expected, **TOLERANCE[dtype])
 
 
+@pytest.fixture
+def threads():
+    """Sets ATen's thread count for one test and restores it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("count", [1, 2, 3, 4])
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-def test_wide_layers_run_their_rows_in_parallel(mode, gen):
-    """Enough rows per step for the parallel loops (batch 33, hidden 70)."""
-    args = _case(mode, torch.float64, gen, batch=33, steps=4, hidden=70, padded=True)
-    hs, _ = fused.run(mode, *args, fused.gh_probe(args[0]))
-    expected, _ = _reference(mode, *args)
-    torch.testing.assert_close(hs, expected, **TOLERANCE[torch.float64])
-    (g_fused,) = torch.autograd.grad(hs.sum(), args[0])
-    (g_ref,) = torch.autograd.grad(expected.sum(), args[0])
-    torch.testing.assert_close(g_fused, g_ref, **TOLERANCE[torch.float64])
+def test_wide_layers_share_their_units_among_threads(mode, count, dtype, threads, gen):
+    """Batch 33, hidden 70: the LSTM's threads own 70, 48 + 22, 32 + 32 + 6 or 32 + 32 + 6 + 0
+    units (one owning none), with 8-, 4- and 1-row tiles; padded steps; every gradient, against
+    the loop in float64 on the same inputs (float32 within 1e-4 of each result's scale)."""
+    threads(count)
+    args = _case(mode, dtype, gen, batch=33, steps=6, hidden=70, padded=True)
+    args = (*args[:3], args[3] / 70**0.5, *args[4:])  # W_hh h of unit scale: not all saturated
+    ref_args = [a.detach().double().requires_grad_() if a is not None else None for a in args[:3]]
+    ref_args += [a.double() if a.is_floating_point() else a for a in args[3:] if a is not None]
+    ref_args += [None] * (len(args) - len(ref_args))
+    hs, c_n = fused.run(mode, *args, fused.gh_probe(args[0]))
+    expected, expected_c = _reference(mode, *ref_args)
+    weights = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+
+    def loss(hs, c_n):
+        total = (hs * weights.to(hs.dtype)).sum() + hs[:, -1].square().sum()
+        return total if c_n is None else total + (c_n * 0.7).sin().sum()
+
+    got = torch.autograd.grad(loss(hs, c_n), [a for a in args[:3] if a is not None])
+    ref_inputs = [a for a in ref_args[:3] if a is not None]
+    want = torch.autograd.grad(loss(expected, expected_c), ref_inputs)
+    for a, b in zip((hs, *got), (expected, *want)):
+        atol = (1e-12 if dtype == torch.float64 else 1e-4) * float(b.detach().abs().max())
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=atol)
 
 
 def test_only_cpu_float_layers_are_compiled():

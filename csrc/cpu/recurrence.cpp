@@ -13,17 +13,25 @@
 //
 // valid (B, T) bool, when given, marks each example's real steps: at a padded step the state
 // is carried unchanged (h_t = h_{t-1}, c_t = c_{t-1}), its gate gradients are zero and the
-// state's gradients pass through. The per-step GEMMs and transcendental functions go through
-// ATen (vectorised, its threads); the gate arithmetic is one fused loop per step.
+// state's gradients pass through. The LSTM runs its steps in one threaded region with its own
+// small GEMMs and vectorised sigmoid/tanh (see below); the RNN and GRU steps call ATen for the
+// GEMMs and transcendental functions, the gate arithmetic being one fused loop per step.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include <algorithm>
 #include <tuple>
 
 #include "cpu/reduce.h"
+#include "cpu/small_gemm.h"
 #include "cpu/vector_clones.h"
+#include "cpu/vector_math.h"
 
 namespace dpfast {
 namespace {
@@ -90,82 +98,78 @@ void recurrent_gradient(at::Tensor& dh, const at::Tensor& carry, const at::Tenso
 // In the kernels below every (T, B, .) buffer is time-major and contiguous, `row` = t B + b.
 
 // ----------------------------------------------------------------------------------- LSTM
+// One OpenMP region per call: each thread owns a range of hidden units [u0, u1), that is their
+// i, f, g and o gate columns. Forward, step t: the thread computes its columns of gi_t + b_hh +
+// W_hh h_{t-1} (small_gemm.h, W_hh transposed once), then its units' gates, c_t and h_t; the
+// threads meet once per step, so that h_t is whole before step t + 1 reads it. Backward, step t:
+// the thread computes its units' gate gradients, meets the others, then computes its columns of
+// dh_{t-1} = dgates_t W_hh; it reads back only its own columns of dh and dc, so one meeting per
+// step is enough. Per step this is a few microseconds of work: BLAS packing the weight on every
+// call, ATen's per-op dispatch and waking threads per op cost more than the arithmetic did.
 
-// c = f c_prev + i g for one example (gates i, f, g, o of width hidden each); with two_c (the
-// by_sigmoid form) g is first turned from sigmoid(2 x) into tanh(x) and two_c gets 2 c.
-template <typename scalar_t>
-DPFAST_VECTOR_CLONES void lstm_row_cell(scalar_t* __restrict__ g,
-                                        const scalar_t* __restrict__ c_prev,
-                                        scalar_t* __restrict__ c, scalar_t* __restrict__ two_c,
-                                        int64_t hidden) {
-  if (two_c) {
-    for (int64_t j = 0; j < hidden; ++j) g[2 * hidden + j] = scalar_t(2) * g[2 * hidden + j] - scalar_t(1);
-  }
-  for (int64_t j = 0; j < hidden; ++j) c[j] = g[hidden + j] * c_prev[j] + g[j] * g[2 * hidden + j];
-  if (two_c) {
-    for (int64_t j = 0; j < hidden; ++j) two_c[j] = scalar_t(2) * c[j];
-  }
+struct UnitRange {
+  int64_t begin, end;
+};
+
+// Threads sharing an LSTM recurrence: one where a step is too small to share, else up to
+// ATen's thread count with at least 16 units each.
+int lstm_threads(int64_t batch, int64_t hidden) {
+  if (batch * 4 * hidden * hidden < (int64_t{1} << 15)) return 1;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), hidden / 16)));
 }
 
-// h = o tanh(c) for one example; by_sigmoid: tc holds sigmoid(2 c), first turned into tanh(c).
-template <typename scalar_t>
-DPFAST_VECTOR_CLONES void lstm_row_hidden(const scalar_t* __restrict__ o,
-                                          scalar_t* __restrict__ tc, scalar_t* __restrict__ h,
-                                          bool by_sigmoid, int64_t hidden) {
-  if (by_sigmoid) {
-    for (int64_t j = 0; j < hidden; ++j) tc[j] = scalar_t(2) * tc[j] - scalar_t(1);
-  }
-  for (int64_t j = 0; j < hidden; ++j) h[j] = o[j] * tc[j];
+// Thread `thread` of `threads`' units: chunks of a multiple of 16 units (whole vector tiles).
+UnitRange units_of(int thread, int threads, int64_t hidden) {
+  const int64_t chunk = ((hidden + threads - 1) / threads + 15) / 16 * 16;
+  const int64_t begin = std::min<int64_t>(hidden, thread * chunk);
+  return {begin, std::min<int64_t>(hidden, begin + chunk)};
 }
 
-// c_t = f c_{t-1} + i g (c_t = c_{t-1} at a padded step) from step t's activated gates. With
-// by_sigmoid (see lstm_sequence_cpu) the g gates hold sigmoid(2 x) and are first turned into
-// tanh(x) = 2 sigmoid(2 x) - 1, and tanh_cells[t] gets 2 c_t (to go through a sigmoid too).
-template <typename scalar_t>
-void lstm_cells(at::Tensor& gates, at::Tensor& cells, at::Tensor& tanh_cells, const at::Tensor& c0,
-                const bool* valid, bool by_sigmoid, int64_t t) {
-  const int64_t batch = gates.size(1), hidden = cells.size(2);
-  scalar_t* pg = gates.data_ptr<scalar_t>();
-  scalar_t *pc = cells.data_ptr<scalar_t>(), *ptc = by_sigmoid ? tanh_cells.data_ptr<scalar_t>() : nullptr;
-  const scalar_t* pc0 = c0.data_ptr<scalar_t>();
-  at::parallel_for(0, batch, row_grain(hidden), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t row = t * batch + b;
-      scalar_t* g = pg + row * 4 * hidden;
-      const scalar_t* c_prev = t ? pc + (row - batch) * hidden : pc0 + b * hidden;
-      scalar_t* c = pc + row * hidden;
-      if (valid && !valid[row]) {
-        for (int64_t j = 0; j < hidden; ++j) c[j] = c_prev[j];
-        continue;
-      }
-      lstm_row_cell(g, c_prev, c, by_sigmoid ? ptc + row * hidden : nullptr, hidden);
+// f(units, meet) on each of `threads` threads, meet() a barrier of all of them.
+template <typename F>
+void on_unit_ranges(int threads, int64_t hidden, const F& f) {
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      f(units_of(omp_get_thread_num(), omp_get_num_threads(), hidden), [] {
+#pragma omp barrier
+      });
     }
-  });
+    return;
+  }
+#endif
+  f(UnitRange{0, hidden}, [] {});
 }
 
-// h_t = o tanh(c_t) (h_t = h_{t-1} at a padded step); with by_sigmoid, tanh_cells[t] holds
-// sigmoid(2 c_t) and is first turned into tanh(c_t).
+// Forward step for units u of every example: gates (B, 4H) hold gi_t + b_hh on entry and the
+// activated gates i, f, g, o on exit; c, tc = tanh(c), h (B, H) of step t from c_prev, h_prev.
+// A padded example (valid[b] false) carries its state: c = c_prev, h = h_prev.
 template <typename scalar_t>
-void lstm_hidden(const at::Tensor& gates, at::Tensor& tanh_cells, at::Tensor& hs,
-                 const at::Tensor& h0, const bool* valid, bool by_sigmoid, int64_t t) {
-  const int64_t batch = gates.size(1), hidden = hs.size(2);
-  const scalar_t* pg = gates.data_ptr<scalar_t>();
-  scalar_t* ptc = tanh_cells.data_ptr<scalar_t>();
-  scalar_t* ph = hs.data_ptr<scalar_t>();
-  const scalar_t* ph0 = h0.data_ptr<scalar_t>();
-  at::parallel_for(0, batch, row_grain(hidden), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t row = t * batch + b;
-      scalar_t* h = ph + row * hidden;
-      if (valid && !valid[row]) {
-        const scalar_t* h_prev = t ? h - batch * hidden : ph0 + b * hidden;
-        for (int64_t j = 0; j < hidden; ++j) h[j] = h_prev[j];
-        continue;
-      }
-      lstm_row_hidden(pg + row * 4 * hidden + 3 * hidden, ptc + row * hidden, h, by_sigmoid,
-                      hidden);
+DPFAST_VECTOR_CLONES void lstm_step_forward(const scalar_t* h_prev, const scalar_t* c_prev,
+                                            const scalar_t* w_t, scalar_t* gates, scalar_t* c,
+                                            scalar_t* tc, scalar_t* h, const bool* valid,
+                                            int64_t batch, int64_t hidden, UnitRange u) {
+  const int64_t width = 4 * hidden;
+  for (int64_t q = 0; q < 4; ++q) {
+    gemm_accumulate(h_prev, hidden, w_t, width, gates, width, batch, hidden, q * hidden + u.begin,
+                    q * hidden + u.end);
+  }
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t s = b * hidden;
+    if (valid && !valid[b]) {
+      for (int64_t j = u.begin; j < u.end; ++j) c[s + j] = c_prev[s + j], h[s + j] = h_prev[s + j];
+      continue;
     }
-  });
+    scalar_t* __restrict__ g = gates + b * width;
+    for (int64_t j = u.begin; j < u.end; ++j) {
+      const scalar_t i = sigmoid_of(g[j]), f = sigmoid_of(g[hidden + j]);
+      const scalar_t gg = tanh_of(g[2 * hidden + j]), o = sigmoid_of(g[3 * hidden + j]);
+      g[j] = i, g[hidden + j] = f, g[2 * hidden + j] = gg, g[3 * hidden + j] = o;
+      const scalar_t cj = f * c_prev[s + j] + i * gg, tj = tanh_of(cj);
+      c[s + j] = cj, tc[s + j] = tj, h[s + j] = o * tj;
+    }
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_sequence_cpu(
@@ -177,130 +181,115 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_sequence_cpu(
   const at::Tensor h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
   const at::Tensor valid = valid_steps(valid_in, gi);
   const bool* pv = valid.defined() ? valid.data_ptr<bool>() : nullptr;
-  const int64_t steps = gi.size(1), hidden = h0.size(1);
+  const int64_t steps = gi.size(1), batch = gi.size(0), hidden = h0.size(1);
   at::Tensor gates = gate_buffer(gi, b_hh);
-  at::Tensor hs = at::empty({steps, gi.size(0), hidden}, gi.options());
+  at::Tensor hs = at::empty({steps, batch, hidden}, gi.options());
   at::Tensor cells = at::empty_like(hs), tanh_cells = at::empty_like(hs);
-  // float32: tanh(x) = 2 sigmoid(2 x) - 1 (ATen's vectorised sigmoid is about 5x faster than
-  // its tanh; absolute error ~1e-7), the g rows of W_hh and gi + b_hh doubled once. float64
-  // keeps tanh.
-  const bool by_sigmoid = gi.scalar_type() == at::kFloat;
-  at::Tensor w = w_hh;
-  if (by_sigmoid) {
-    w = w_hh.clone();
-    w.narrow(0, 2 * hidden, hidden).mul_(2);
-    gates.narrow(2, 2 * hidden, hidden).mul_(2);
-  }
-  const at::Tensor w_t = w.t();
-  for (int64_t t = 0; t < steps; ++t) {
-    at::Tensor g = gates[t];  // (B, 4H): i, f, g, o
-    g.addmm_(t ? hs[t - 1] : h0, w_t);
-    at::Tensor tanh_now = tanh_cells[t];
-    if (by_sigmoid) {
-      g.sigmoid_();
-    } else {
-      g.narrow(1, 0, 2 * hidden).sigmoid_();
-      g.narrow(1, 2 * hidden, hidden).tanh_();
-      g.narrow(1, 3 * hidden, hidden).sigmoid_();
-    }
-    AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "lstm_sequence", [&] {
-      lstm_cells<scalar_t>(gates, cells, tanh_cells, c0, pv, by_sigmoid, t);
-      if (by_sigmoid) {
-        tanh_now.sigmoid_();
-      } else {
-        at::tanh_out(tanh_now, cells[t]);
+  const at::Tensor w_t = w_hh.t().contiguous();  // (H, 4H)
+  const int threads = lstm_threads(batch, hidden);
+  AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "lstm_sequence", [&] {
+    scalar_t *pg = gates.data_ptr<scalar_t>(), *ph = hs.data_ptr<scalar_t>();
+    scalar_t *pc = cells.data_ptr<scalar_t>(), *ptc = tanh_cells.data_ptr<scalar_t>();
+    const scalar_t *ph0 = h0.data_ptr<scalar_t>(), *pc0 = c0.data_ptr<scalar_t>();
+    const scalar_t* pw = w_t.data_ptr<scalar_t>();
+    const int64_t state = batch * hidden;
+    on_unit_ranges(threads, hidden, [&](UnitRange u, auto meet) {
+      for (int64_t t = 0; t < steps; ++t) {
+        if (t) meet();
+        lstm_step_forward<scalar_t>(t ? ph + (t - 1) * state : ph0, t ? pc + (t - 1) * state : pc0,
+                                    pw, pg + t * 4 * state, pc + t * state, ptc + t * state,
+                                    ph + t * state, pv ? pv + t * batch : nullptr, batch, hidden,
+                                    u);
       }
-      lstm_hidden<scalar_t>(gates, tanh_cells, hs, h0, pv, by_sigmoid, t);
     });
-  }
+  });
   return {hs.transpose(0, 1), gates, cells, tanh_cells};
 }
 
-// One example's gate pre-activation gradients at one step, from dh = dh_rec (+ out_grad with
-// kOut), the activated gates g (4H), tanh(c_t) and c_{t-1}; dc updated in place to the
-// gradient of c_{t-1}.
-template <bool kOut, typename scalar_t>
-DPFAST_VECTOR_CLONES void lstm_row_backward(
-    const scalar_t* __restrict__ g, const scalar_t* __restrict__ tc,
-    const scalar_t* __restrict__ c_prev, const scalar_t* __restrict__ dh_rec,
-    const scalar_t* __restrict__ out_grad, scalar_t* __restrict__ dc, scalar_t* __restrict__ d,
-    int64_t hidden) {
+// Backward step, gate gradients of units u: d (B, 4H) from dh = dh_rec (+ out_grad), the
+// activated gates g, tc = tanh(c_t) and c_prev; dc (B, H) updated in place to the gradient of
+// c_{t-1}. A padded example gets d = 0 and passes its state's gradients through: carry = dh
+// (the part of dh_{t-1} not from W_hh), dc unchanged; carry = 0 for the others.
+template <typename scalar_t>
+DPFAST_VECTOR_CLONES void lstm_step_gate_grads(const scalar_t* g, const scalar_t* tc,
+                                               const scalar_t* c_prev, const scalar_t* dh_rec,
+                                               const scalar_t* out_grad, scalar_t* dc, scalar_t* d,
+                                               scalar_t* carry, const bool* valid, int64_t batch,
+                                               int64_t hidden, UnitRange u) {
+  const int64_t width = 4 * hidden;
   const scalar_t one(1);
-  for (int64_t j = 0; j < hidden; ++j) {
-    const scalar_t dh = kOut ? dh_rec[j] + out_grad[j] : dh_rec[j];
-    const scalar_t i = g[j], f = g[hidden + j], gg = g[2 * hidden + j], o = g[3 * hidden + j];
-    const scalar_t dcc = dc[j] + dh * o * (one - tc[j] * tc[j]);
-    d[j] = dcc * gg * i * (one - i);
-    d[hidden + j] = dcc * c_prev[j] * f * (one - f);
-    d[2 * hidden + j] = dcc * i * (one - gg * gg);
-    d[3 * hidden + j] = dh * tc[j] * o * (one - o);
-    dc[j] = dcc * f;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t s = b * hidden;
+    scalar_t* __restrict__ db = d + b * width;
+    if (valid && !valid[b]) {
+      for (int64_t q = 0; q < 4; ++q)
+        for (int64_t j = u.begin; j < u.end; ++j) db[q * hidden + j] = scalar_t(0);
+      for (int64_t j = u.begin; j < u.end; ++j)
+        carry[s + j] = dh_rec[s + j] + (out_grad ? out_grad[s + j] : scalar_t(0));
+      continue;
+    }
+    if (carry) {
+      for (int64_t j = u.begin; j < u.end; ++j) carry[s + j] = scalar_t(0);
+    }
+    const scalar_t* __restrict__ gb = g + b * width;
+    for (int64_t j = u.begin; j < u.end; ++j) {
+      const scalar_t dh = out_grad ? dh_rec[s + j] + out_grad[s + j] : dh_rec[s + j];
+      const scalar_t i = gb[j], f = gb[hidden + j], gg = gb[2 * hidden + j], o = gb[3 * hidden + j];
+      const scalar_t t = tc[s + j], dcc = dc[s + j] + dh * o * (one - t * t);
+      db[j] = dcc * gg * i * (one - i);
+      db[hidden + j] = dcc * c_prev[s + j] * f * (one - f);
+      db[2 * hidden + j] = dcc * i * (one - gg * gg);
+      db[3 * hidden + j] = dh * t * o * (one - o);
+      dc[s + j] = dcc * f;
+    }
   }
 }
 
-// One step back: the gate pre-activation gradients of step t, dc (B, H) updated to the
-// gradient of c_{t-1}; carry[b] = dh[b] at a padded step (its state passed through), else 0.
+// dh[:, u] = carry[:, u] (or 0) + d W_hh[:, u]: units u of the gradient reaching h_{t-1}.
 template <typename scalar_t>
-void lstm_step_backward(const at::Tensor& d_hs, const at::Tensor& dh_next, at::Tensor& dc,
-                        const at::Tensor& gates, const at::Tensor& cells,
-                        const at::Tensor& tanh_cells, const at::Tensor& c0, const bool* valid,
-                        at::Tensor& dgates, at::Tensor& carry, int64_t t) {
-  const int64_t batch = gates.size(1), hidden = cells.size(2);
-  const scalar_t* pdo = d_hs.defined() ? d_hs.data_ptr<scalar_t>() : nullptr;
-  const scalar_t* pdh = dh_next.data_ptr<scalar_t>();
-  scalar_t* pdc = dc.data_ptr<scalar_t>();
-  const scalar_t *pg = gates.data_ptr<scalar_t>(), *pc = cells.data_ptr<scalar_t>();
-  const scalar_t *ptc = tanh_cells.data_ptr<scalar_t>(), *pc0 = c0.data_ptr<scalar_t>();
-  scalar_t* pd = dgates.data_ptr<scalar_t>();
-  scalar_t* pcarry = carry.defined() ? carry.data_ptr<scalar_t>() : nullptr;
-  at::parallel_for(0, batch, row_grain(hidden), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t row = t * batch + b;
-      const scalar_t* out_grad = pdo ? pdo + row * hidden : nullptr;
-      const scalar_t* dh_rec = pdh + b * hidden;
-      scalar_t* d = pd + row * 4 * hidden;
-      if (valid && !valid[row]) {
-        for (int64_t j = 0; j < 4 * hidden; ++j) d[j] = scalar_t(0);
-        for (int64_t j = 0; j < hidden; ++j) {
-          pcarry[b * hidden + j] = dh_rec[j] + (out_grad ? out_grad[j] : scalar_t(0));
-        }
-        continue;
-      }
-      if (pcarry) {
-        for (int64_t j = 0; j < hidden; ++j) pcarry[b * hidden + j] = scalar_t(0);
-      }
-      const scalar_t* g = pg + row * 4 * hidden;
-      const scalar_t* tc = ptc + row * hidden;
-      const scalar_t* c_prev = t ? pc + (row - batch) * hidden : pc0 + b * hidden;
-      if (out_grad) {
-        lstm_row_backward<true>(g, tc, c_prev, dh_rec, out_grad, pdc + b * hidden, d, hidden);
-      } else {
-        lstm_row_backward<false>(g, tc, c_prev, dh_rec, out_grad, pdc + b * hidden, d, hidden);
-      }
-    }
-  });
+DPFAST_VECTOR_CLONES void lstm_step_state_grad(const scalar_t* d, const scalar_t* w,
+                                               const scalar_t* carry, scalar_t* dh, int64_t batch,
+                                               int64_t hidden, UnitRange u) {
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t j = u.begin; j < u.end; ++j)
+      dh[b * hidden + j] = carry ? carry[b * hidden + j] : scalar_t(0);
+  gemm_accumulate(d, 4 * hidden, w, hidden, dh, hidden, batch, 4 * hidden, u.begin, u.end);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_sequence_backward_cpu(
     const c10::optional<at::Tensor>& d_hs_in, const c10::optional<at::Tensor>& dc_n,
     const at::Tensor& gates, const at::Tensor& cells, const at::Tensor& tanh_cells,
-    const at::Tensor& c0_in, const at::Tensor& w_hh, const c10::optional<at::Tensor>& valid_in) {
+    const at::Tensor& c0_in, const at::Tensor& w_hh_in, const c10::optional<at::Tensor>& valid_in) {
   const int64_t steps = gates.size(0), batch = gates.size(1), hidden = cells.size(2);
   const at::Tensor valid = valid_steps(valid_in, gates.transpose(0, 1)), c0 = c0_in.contiguous();
   const bool* pv = valid.defined() ? valid.data_ptr<bool>() : nullptr;
-  const at::Tensor d_hs = time_major(d_hs_in);
+  const at::Tensor d_hs = time_major(d_hs_in), w_hh = w_hh_in.contiguous();
   at::Tensor dc = (dc_n.has_value() && dc_n->defined()) ? dc_n->contiguous().clone()
                                                         : at::zeros({batch, hidden}, cells.options());
   at::Tensor dh = at::zeros({batch, hidden}, cells.options());
   at::Tensor dgates = at::empty_like(gates);
   at::Tensor carry = pv ? at::empty({batch, hidden}, cells.options()) : at::Tensor();
-  for (int64_t t = steps - 1; t >= 0; --t) {
-    AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_sequence_backward", [&] {
-      lstm_step_backward<scalar_t>(d_hs, dh, dc, gates, cells, tanh_cells, c0, pv, dgates,
-                                   carry, t);
+  const int threads = lstm_threads(batch, hidden);
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_sequence_backward", [&] {
+    const scalar_t *pg = gates.data_ptr<scalar_t>(), *pc = cells.data_ptr<scalar_t>();
+    const scalar_t *ptc = tanh_cells.data_ptr<scalar_t>(), *pc0 = c0.data_ptr<scalar_t>();
+    const scalar_t* pdo = d_hs.defined() ? d_hs.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pw = w_hh.data_ptr<scalar_t>();
+    scalar_t *pdh = dh.data_ptr<scalar_t>(), *pdc = dc.data_ptr<scalar_t>();
+    scalar_t* pd = dgates.data_ptr<scalar_t>();
+    scalar_t* pcarry = carry.defined() ? carry.data_ptr<scalar_t>() : nullptr;
+    const int64_t state = batch * hidden;
+    on_unit_ranges(threads, hidden, [&](UnitRange u, auto meet) {
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        lstm_step_gate_grads<scalar_t>(pg + t * 4 * state, ptc + t * state,
+                                       t ? pc + (t - 1) * state : pc0, pdh,
+                                       pdo ? pdo + t * state : nullptr, pdc, pd + t * 4 * state,
+                                       pcarry, pv ? pv + t * batch : nullptr, batch, hidden, u);
+        meet();
+        lstm_step_state_grad<scalar_t>(pd + t * 4 * state, pw, pcarry, pdh, batch, hidden, u);
+      }
     });
-    recurrent_gradient(dh, carry, dgates[t], w_hh);
-  }
+  });
   return {dgates.transpose(0, 1), dh, dc};
 }
 
