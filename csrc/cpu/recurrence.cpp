@@ -142,9 +142,26 @@ void on_unit_ranges(int threads, int64_t hidden, const F& f) {
   f(UnitRange{0, hidden}, [] {});
 }
 
+// Units [begin, end) of one example's forward step: g (4H) holds the gate pre-activations on
+// entry and the activated gates i, f, g, o on exit; c, tc = tanh(c) and h from c_prev. Every
+// pointer restrict, so that the loop vectorises.
+template <typename scalar_t>
+inline __attribute__((always_inline)) void lstm_units_forward(
+    scalar_t* __restrict__ g, const scalar_t* __restrict__ c_prev, scalar_t* __restrict__ c,
+    scalar_t* __restrict__ tc, scalar_t* __restrict__ h, int64_t hidden, int64_t begin,
+    int64_t end) {
+  for (int64_t j = begin; j < end; ++j) {
+    const scalar_t i = sigmoid_of(g[j]), f = sigmoid_of(g[hidden + j]);
+    const scalar_t gg = tanh_of(g[2 * hidden + j]), o = sigmoid_of(g[3 * hidden + j]);
+    g[j] = i, g[hidden + j] = f, g[2 * hidden + j] = gg, g[3 * hidden + j] = o;
+    const scalar_t cj = f * c_prev[j] + i * gg, tj = tanh_of(cj);
+    c[j] = cj, tc[j] = tj, h[j] = o * tj;
+  }
+}
+
 // Forward step for units u of every example: gates (B, 4H) hold gi_t + b_hh on entry and the
-// activated gates i, f, g, o on exit; c, tc = tanh(c), h (B, H) of step t from c_prev, h_prev.
-// A padded example (valid[b] false) carries its state: c = c_prev, h = h_prev.
+// activated gates on exit; c, tc = tanh(c), h (B, H) of step t from c_prev, h_prev. A padded
+// example (valid[b] false) carries its state: c = c_prev, h = h_prev.
 template <typename scalar_t>
 DPFAST_VECTOR_CLONES void lstm_step_forward(const scalar_t* h_prev, const scalar_t* c_prev,
                                             const scalar_t* w_t, scalar_t* gates, scalar_t* c,
@@ -161,14 +178,8 @@ DPFAST_VECTOR_CLONES void lstm_step_forward(const scalar_t* h_prev, const scalar
       for (int64_t j = u.begin; j < u.end; ++j) c[s + j] = c_prev[s + j], h[s + j] = h_prev[s + j];
       continue;
     }
-    scalar_t* __restrict__ g = gates + b * width;
-    for (int64_t j = u.begin; j < u.end; ++j) {
-      const scalar_t i = sigmoid_of(g[j]), f = sigmoid_of(g[hidden + j]);
-      const scalar_t gg = tanh_of(g[2 * hidden + j]), o = sigmoid_of(g[3 * hidden + j]);
-      g[j] = i, g[hidden + j] = f, g[2 * hidden + j] = gg, g[3 * hidden + j] = o;
-      const scalar_t cj = f * c_prev[s + j] + i * gg, tj = tanh_of(cj);
-      c[s + j] = cj, tc[s + j] = tj, h[s + j] = o * tj;
-    }
+    lstm_units_forward(gates + b * width, c_prev + s, c + s, tc + s, h + s, hidden, u.begin,
+                       u.end);
   }
 }
 
@@ -206,10 +217,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_sequence_cpu(
   return {hs.transpose(0, 1), gates, cells, tanh_cells};
 }
 
-// Backward step, gate gradients of units u: d (B, 4H) from dh = dh_rec (+ out_grad), the
-// activated gates g, tc = tanh(c_t) and c_prev; dc (B, H) updated in place to the gradient of
-// c_{t-1}. A padded example gets d = 0 and passes its state's gradients through: carry = dh
-// (the part of dh_{t-1} not from W_hh), dc unchanged; carry = 0 for the others.
+// Units [begin, end) of one example's backward step: d (4H) from dh = dh_rec (+ out_grad with
+// kOut), the activated gates g, tc = tanh(c_t) and c_prev; dc updated in place to the gradient
+// of c_{t-1}.
+template <bool kOut, typename scalar_t>
+inline __attribute__((always_inline)) void lstm_units_backward(
+    const scalar_t* __restrict__ g, const scalar_t* __restrict__ tc,
+    const scalar_t* __restrict__ c_prev, const scalar_t* __restrict__ dh_rec,
+    const scalar_t* __restrict__ out_grad, scalar_t* __restrict__ dc, scalar_t* __restrict__ d,
+    int64_t hidden, int64_t begin, int64_t end) {
+  const scalar_t one(1);
+  for (int64_t j = begin; j < end; ++j) {
+    const scalar_t dh = kOut ? dh_rec[j] + out_grad[j] : dh_rec[j];
+    const scalar_t i = g[j], f = g[hidden + j], gg = g[2 * hidden + j], o = g[3 * hidden + j];
+    const scalar_t t = tc[j], dcc = dc[j] + dh * o * (one - t * t);
+    d[j] = dcc * gg * i * (one - i);
+    d[hidden + j] = dcc * c_prev[j] * f * (one - f);
+    d[2 * hidden + j] = dcc * i * (one - gg * gg);
+    d[3 * hidden + j] = dh * t * o * (one - o);
+    dc[j] = dcc * f;
+  }
+}
+
+// Backward step, gate gradients of units u: d (B, 4H) and dc (B, H) as lstm_units_backward. A
+// padded example gets d = 0 and passes its state's gradients through: carry = dh (the part of
+// dh_{t-1} not from W_hh), dc unchanged; carry = 0 for the others.
 template <typename scalar_t>
 DPFAST_VECTOR_CLONES void lstm_step_gate_grads(const scalar_t* g, const scalar_t* tc,
                                                const scalar_t* c_prev, const scalar_t* dh_rec,
@@ -217,10 +249,9 @@ DPFAST_VECTOR_CLONES void lstm_step_gate_grads(const scalar_t* g, const scalar_t
                                                scalar_t* carry, const bool* valid, int64_t batch,
                                                int64_t hidden, UnitRange u) {
   const int64_t width = 4 * hidden;
-  const scalar_t one(1);
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t s = b * hidden;
-    scalar_t* __restrict__ db = d + b * width;
+    scalar_t* db = d + b * width;
     if (valid && !valid[b]) {
       for (int64_t q = 0; q < 4; ++q)
         for (int64_t j = u.begin; j < u.end; ++j) db[q * hidden + j] = scalar_t(0);
@@ -231,16 +262,12 @@ DPFAST_VECTOR_CLONES void lstm_step_gate_grads(const scalar_t* g, const scalar_t
     if (carry) {
       for (int64_t j = u.begin; j < u.end; ++j) carry[s + j] = scalar_t(0);
     }
-    const scalar_t* __restrict__ gb = g + b * width;
-    for (int64_t j = u.begin; j < u.end; ++j) {
-      const scalar_t dh = out_grad ? dh_rec[s + j] + out_grad[s + j] : dh_rec[s + j];
-      const scalar_t i = gb[j], f = gb[hidden + j], gg = gb[2 * hidden + j], o = gb[3 * hidden + j];
-      const scalar_t t = tc[s + j], dcc = dc[s + j] + dh * o * (one - t * t);
-      db[j] = dcc * gg * i * (one - i);
-      db[hidden + j] = dcc * c_prev[s + j] * f * (one - f);
-      db[2 * hidden + j] = dcc * i * (one - gg * gg);
-      db[3 * hidden + j] = dh * t * o * (one - o);
-      dc[s + j] = dcc * f;
+    if (out_grad) {
+      lstm_units_backward<true>(g + b * width, tc + s, c_prev + s, dh_rec + s, out_grad + s,
+                                dc + s, db, hidden, u.begin, u.end);
+    } else {
+      lstm_units_backward<false, scalar_t>(g + b * width, tc + s, c_prev + s, dh_rec + s, nullptr,
+                                           dc + s, db, hidden, u.begin, u.end);
     }
   }
 }

@@ -12,7 +12,8 @@
 namespace dpfast {
 
 inline __attribute__((always_inline)) float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // not fmin/fmax: those keep NaN apart
+  x = x < -87.0f ? -87.0f : x;  // not fmin/fmax: those keep NaN apart
+  x = x > 88.0f ? 88.0f : x;
   // n = round(x / ln 2): adding and subtracting 1.5 2^23 rounds to an integer (no floor call,
   // which vectorises only with -fno-trapping-math).
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
