@@ -1,4 +1,4 @@
-// Argument checks of clip_accumulate_, shared by the CPU and CUDA kernels (host code).
+// Argument checks of clip_accumulate_ (CPU and CUDA kernels, host code) and scaled_accumulate_.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -7,10 +7,11 @@ namespace dpfast {
 
 // Checks the tensor lists and the mask; returns the batch size B.
 inline int64_t check_clip_accumulate_args(at::TensorList per_example, at::TensorList summed,
-                                          const c10::optional<at::Tensor>& mask) {
-  TORCH_CHECK(per_example.size() == summed.size(), "clip_accumulate_: got ", per_example.size(),
+                                          const c10::optional<at::Tensor>& mask,
+                                          const char* op = "clip_accumulate_") {
+  TORCH_CHECK(per_example.size() == summed.size(), op, ": got ", per_example.size(),
               " per-example tensors but ", summed.size(), " summed tensors");
-  TORCH_CHECK(!per_example.empty(), "clip_accumulate_: empty tensor list");
+  TORCH_CHECK(!per_example.empty(), op, ": empty tensor list");
   const int64_t batch = per_example[0].size(0);
   if (mask.has_value()) {
     TORCH_CHECK(mask->dim() == 1 && mask->size(0) == batch,
@@ -18,9 +19,9 @@ inline int64_t check_clip_accumulate_args(at::TensorList per_example, at::Tensor
   }
   for (size_t k = 0; k < per_example.size(); ++k) {
     const at::Tensor& g = per_example[k];
-    TORCH_CHECK(g.dim() >= 1 && g.size(0) == batch, "clip_accumulate_: per_example[", k,
+    TORCH_CHECK(g.dim() >= 1 && g.size(0) == batch, op, ": per_example[", k,
                 "] has shape ", g.sizes(), ", expected (", batch, ", ...)");
-    TORCH_CHECK(g.sizes().slice(1) == summed[k].sizes(), "clip_accumulate_: per_example[", k,
+    TORCH_CHECK(g.sizes().slice(1) == summed[k].sizes(), op, ": per_example[", k,
                 "] has shape ", g.sizes(), " but summed[", k, "] has shape ", summed[k].sizes());
   }
   return batch;

@@ -12,6 +12,7 @@ TORCH_LIBRARY(dpfast_C, m) {
   m.def(
       "clip_accumulate_(Tensor[] per_example, Tensor(a!)[] summed, float max_norm, "
       "Tensor? mask) -> Tensor");
+  m.def("scaled_accumulate_(Tensor[] per_example, Tensor(a!)[] summed, Tensor scale) -> ()");
   m.def("per_example_norm_sq(Tensor[] per_example) -> Tensor");
   m.def("add_noise_(Tensor(a!)[] grads, float std, float scale, int seed) -> ()");
   m.def("linear_norm_sq(Tensor a, Tensor g, str method) -> Tensor");

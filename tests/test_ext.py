@@ -31,6 +31,7 @@ def test_cpu_extension_registers_its_kernels():
         assert not REQUIRE_CPP, f"torch_dpfast._C did not load: {_ext.cpu_error}"
         pytest.skip(f"torch_dpfast._C: {_ext.cpu_error}")
     cpu_ops = ("linear_norm_sq", "linear_clipped_sum", "embedding_norm_sq", "total_clip_factors")
+    cpu_ops += ("scaled_accumulate_", "per_example_norm_sq")
     for op in ("clip_factors", "clip_accumulate_", "add_noise_", *cpu_ops):
         assert _ext.has_kernel(op, "CPU")
         assert "cpp" in dpf.ops.available(op)

@@ -48,7 +48,11 @@ elif cuda_error and cuda_error != "not built":
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether ``dpfast_C::<op>`` has a compiled kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
+    """Whether ``dpfast_C::<op>`` has a compiled kernel for ``dispatch_key`` ("CPU" or "CUDA");
+    False for an op the loaded extension does not define (built from older sources)."""
     if not cpu_loaded:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"dpfast_C::{op}", dispatch_key)
+    name = f"dpfast_C::{op}"
+    if not torch._C._dispatch_has_kernel(name):
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(name, dispatch_key)

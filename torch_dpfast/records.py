@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from . import ops
 from .rules._registry import Rule, keeps_output, leading
 from .rules.fallback import FALLBACK, WINDOW_ATTENTION, batch_dim
 
@@ -301,3 +302,18 @@ def warn_non_finite(norm_sq: Tensor, mask: Tensor | None) -> None:
 def accumulate(p: nn.Parameter, summed: Tensor) -> None:
     summed = summed.to(p.dtype)
     p.summed_grad = summed if p.summed_grad is None else p.summed_grad + summed
+
+
+def accumulate_scaled(per_example: list[tuple[nn.Parameter, Tensor]], scale: Tensor) -> None:
+    """p.summed_grad += sum_i scale_i grad[i] for every (p, grad (rows, *p.shape)), rows of
+    scale 0 left out: one ops.scaled_accumulate_ per row count, into each p.summed_grad (a
+    fresh zero tensor where there is none yet)."""
+    groups: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
+    for p, grad in per_example:
+        if p.summed_grad is None:
+            p.summed_grad = torch.zeros_like(p)
+        grads, sums = groups.setdefault(grad.shape[0], ([], []))
+        grads.append(grad)
+        sums.append(p.summed_grad)
+    for rows, (grads, sums) in groups.items():
+        ops.scaled_accumulate_(grads, sums, scale[:rows])

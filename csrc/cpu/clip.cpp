@@ -136,6 +136,30 @@ at::Tensor clip_accumulate_cpu(at::TensorList per_example, at::TensorList summed
   return at::tensor(norm_sq, at::TensorOptions().dtype(at::kDouble)).to(norms_dtype(per_example));
 }
 
+// summed[k] += sum_i scale_i per_example[k][i] for every k, rows of scale 0 left out exactly:
+// the clip of materialised gradients whose factors come from elsewhere (book-keeping), one call
+// for all tensors, no temporary per tensor.
+void scaled_accumulate_cpu(at::TensorList per_example, at::TensorList summed,
+                           const at::Tensor& scale) {
+  const int64_t batch = check_clip_accumulate_args(per_example, summed, c10::nullopt,
+                                                   "scaled_accumulate_");
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == batch, "scaled_accumulate_: scale must be (",
+              batch, ",), got ", scale.sizes());
+  const at::Tensor s = scale.to(at::kDouble).contiguous();
+  const std::vector<double> c(s.data_ptr<double>(), s.data_ptr<double>() + batch);
+  for (size_t k = 0; k < per_example.size(); ++k) {
+    const at::Tensor g = per_example[k].contiguous();
+    at::Tensor out = summed[k];
+    if (out.is_contiguous()) {
+      add_clipped(g, c, out);
+    } else {
+      at::Tensor tmp = at::zeros(out.sizes(), out.options());
+      add_clipped(g, c, tmp);
+      out.add_(tmp);
+    }
+  }
+}
+
 // n_i = sum_k ||per_example[k][i]||^2 in double, in one pass per tensor and no temporary.
 at::Tensor per_example_norm_sq_cpu(at::TensorList per_example) {
   TORCH_CHECK(!per_example.empty(), "per_example_norm_sq: empty tensor list");
@@ -156,6 +180,7 @@ TORCH_LIBRARY_IMPL(dpfast_C, CPU, m) {
   m.impl("clip_factors", &clip_factors_cpu);
   m.impl("total_clip_factors", &total_clip_factors_cpu);
   m.impl("clip_accumulate_", &clip_accumulate_cpu);
+  m.impl("scaled_accumulate_", &scaled_accumulate_cpu);
   m.impl("per_example_norm_sq", &per_example_norm_sq_cpu);
 }
 

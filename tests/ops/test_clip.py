@@ -170,6 +170,69 @@ def test_clip_accumulate_handles_non_contiguous_tensors(device, gen):
             assert_close(s, r.double(), torch.float32)
 
 
+@pytest.mark.parametrize("mix", DTYPE_MIXES)
+@pytest.mark.parametrize("batch", [0, 1, 7])
+def test_scaled_accumulate_matches_brute_force(mix, batch, device, gen):
+    """summed[k] += sum_i s_i g_k[i] against a float64 loop over the examples; some s_i = 0,
+    the rest of either sign and up to 1e3."""
+    grads = _per_example_list(batch, gen, DTYPE_MIXES[mix], device)
+    scale = torch.randn(batch, generator=gen, dtype=torch.float64) * 10 ** (
+        3 * torch.rand(batch, generator=gen, dtype=torch.float64)
+    )
+    scale[torch.rand(batch, generator=gen) < 0.3] = 0.0
+    scale = scale.to(torch.float64 if mix == "float64" else torch.float32)
+    for backend in backends("scaled_accumulate_", device):
+        start = [randn(*g.shape[1:], gen=gen, dtype=g.dtype, device=device) for g in grads]
+        summed = [x.clone() for x in start]
+        dpf.ops.scaled_accumulate_(grads, summed, scale.to(device), backend)
+        for g, s0, s in zip(grads, start, summed):
+            expected = s0.double().cpu()
+            for i in range(batch):
+                expected = expected + scale[i].double() * g[i].double().cpu()
+            if s.dtype in (torch.float16, torch.bfloat16):
+                size = float(expected.abs().max()) if expected.numel() else 1.0
+                torch.testing.assert_close(s.double().cpu(), expected, rtol=1e-2, atol=1e-2 * size)
+            else:
+                assert_close(
+                    s, expected, s.dtype, scale=10 * float(scale.abs().max() if batch else 1)
+                )
+
+
+@pytest.mark.parametrize("value", [NAN, INF, -INF])
+def test_scaled_accumulate_leaves_unscaled_examples_out_exactly(value, device, gen):
+    """Rows of scale 0 holding NaN or Inf (a bad example, padding) add nothing, in every
+    tensor, contiguous or not."""
+    base = randn(5, 6, 4, gen=gen, dtype=torch.float32, device=device)
+    base[1, 2, 3] = value
+    base[4, 0, 0] = value
+    grads = [base.transpose(1, 2), base[:, ::2, 1], base.reshape(5, -1)]
+    scale = torch.tensor([0.5, 0.0, -2.0, 1.0, 0.0], device=device)
+    kept = [0, 2, 3]
+    for backend in backends("scaled_accumulate_", device):
+        summed = [torch.zeros(6, 4, device=device).t(), torch.zeros(3, device=device)]
+        summed.append(torch.zeros(24, device=device))
+        dpf.ops.scaled_accumulate_(grads, summed, scale, backend)
+        for g, s in zip(grads, summed):
+            expected = sum(float(scale[i]) * g[i].double().cpu() for i in kept)
+            assert torch.isfinite(s).all()
+            assert_close(s, expected, torch.float32)
+
+
+def test_scaled_accumulate_bad_arguments_name_the_problem():
+    g, s = [torch.randn(3, 4)], [torch.zeros(4)]
+    with pytest.raises(ValueError, match=r"scale must be a tensor of shape \(B,\) = \(3,\)"):
+        dpf.ops.scaled_accumulate_(g, s, torch.ones(4))
+    with pytest.raises(ValueError, match=r"per_example\[0\] must be \(B, \*summed\[0\].shape\)"):
+        dpf.ops.scaled_accumulate_(g, [torch.zeros(5)], torch.ones(3))
+    with pytest.raises(ValueError, match="as many summed tensors"):
+        dpf.ops.scaled_accumulate_(g, [], torch.ones(3))
+    for backend in backends("scaled_accumulate_", torch.device("cpu")):
+        summed = [torch.zeros(4)]
+        torch.library.opcheck(
+            torch.ops.torch_dpfast.scaled_accumulate_, (g, summed, torch.ones(3), backend)
+        )
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     log_magnitude=st.floats(-30, 30),

@@ -15,6 +15,7 @@ from .. import certify, materialise_plan, ops
 from ..records import (
     Record,
     accumulate,
+    accumulate_scaled,
     has_fast_path,
     kept_prefix,
     leading_rows,
@@ -24,7 +25,6 @@ from ..records import (
     warn_non_finite,
     zero_padded,
 )
-from ..rules import scaled_sum
 from ..rules._registry import leading
 from ._base import Clipper
 
@@ -75,8 +75,8 @@ class BookKeeping(Clipper):
                 factors_of_rows = exact[id(r)].without(factors_of_rows)
             for name, summed in r.rule.clipped_sums(r.module, x, g, factors_of_rows).items():
                 accumulate(r.params[name], summed)
-        for p, grad in per_example.values():
-            accumulate(p, scaled_sum(grad, scale[: grad.shape[0]]))
+        if per_example:
+            accumulate_scaled(list(per_example.values()), scale)
         return norm_sq
 
     def _to_materialise(self, plain: list[Record], rows: int, budget: int) -> set[int]:

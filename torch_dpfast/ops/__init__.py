@@ -6,7 +6,13 @@ Every op is a ``torch.library`` custom op (``torch.ops.torch_dpfast.*``, traceab
 """
 
 from ._backend import AUTO_ORDER, BACKENDS, available
-from .clip import clip_accumulate_, clip_factors, per_example_norm_sq, total_clip_factors
+from .clip import (
+    clip_accumulate_,
+    clip_factors,
+    per_example_norm_sq,
+    scaled_accumulate_,
+    total_clip_factors,
+)
 from .conv import conv_clipped_sum, conv_norm_sq
 from .embedding import embedding_clipped_sum, embedding_norm_sq
 from .linear import linear_clipped_sum, linear_norm_sq
@@ -23,6 +29,7 @@ OPS = (
     "total_clip_factors",
     "per_example_norm_sq",
     "clip_accumulate_",
+    "scaled_accumulate_",
     "add_noise_",
 )
 
@@ -41,6 +48,7 @@ __all__ = [
     "linear_clipped_sum",
     "linear_norm_sq",
     "per_example_norm_sq",
+    "scaled_accumulate_",
     "total_clip_factors",
 ]
 

@@ -1,4 +1,5 @@
-"""Clip factors and multi-tensor clip-and-accumulate of materialised per-example gradients.
+"""Clip factors and multi-tensor clip-and-accumulate of materialised per-example gradients
+(factors from their own norms, or given: scaled_accumulate_).
 
 The clip factor of example i is c_i = min(1, C / (||g_i|| + 1e-6)), computed in float64 with
 IEEE sqrt and division; a non-finite squared norm (a NaN or Inf anywhere in the example's
@@ -16,7 +17,13 @@ from torch import Tensor
 
 from ..validation import check_positive
 from . import _backend
-from ._checks import accumulation_dtype, check_floating, check_mask, drop_unscaled_rows
+from ._checks import (
+    accumulation_dtype,
+    check_floating,
+    check_mask,
+    check_scale,
+    drop_unscaled_rows,
+)
 
 CLIP_EPS = 1e-6
 
@@ -320,3 +327,70 @@ def clip_accumulate_(
     device = _one_device(op, per_example + summed + ([mask] if mask is not None else []))
     backend = _backend.resolve(op, backend, device, per_example, summed, max_norm, mask)
     return _clip_accumulate_(per_example, summed, max_norm, mask, backend)
+
+
+# ---------------------------------------------------------------- scaled_accumulate_
+
+
+@torch.library.custom_op("torch_dpfast::scaled_accumulate_", mutates_args=("summed",))
+def _scaled_accumulate_(
+    per_example: list[Tensor], summed: list[Tensor], scale: Tensor, backend: str
+) -> None:
+    _backend.run("scaled_accumulate_", backend, per_example, summed, scale)
+
+
+@_scaled_accumulate_.register_fake
+def _(per_example, summed, scale, backend) -> None:
+    return None
+
+
+@_backend.register("scaled_accumulate_", "reference")
+def scaled_accumulate_reference(
+    per_example: list[Tensor], summed: list[Tensor], scale: Tensor
+) -> None:
+    """Reference: summed[k] += sum_i scale_i g_k[i], in float32 (float64 for float64 inputs)."""
+    for g, out in zip(per_example, summed):
+        acc = accumulation_dtype(g)
+        s = scale.to(acc)
+        scaled = drop_unscaled_rows(g.to(acc), s) * s.reshape(-1, *([1] * (g.dim() - 1)))
+        out.add_(scaled.sum(dim=0).to(out.dtype))
+
+
+_backend.register_compiled("scaled_accumulate_", "cpp", "CPU")
+
+
+def scaled_accumulate_(
+    per_example: list[Tensor], summed: list[Tensor], scale: Tensor, backend: str = "auto"
+) -> None:
+    """Adds up materialised per-example gradients of many tensors with given factors, in one call.
+
+    Does ``summed[k] += sum_i scale_i per_example[k][i]`` for every k; examples with
+    ``scale_i == 0`` are left out exactly (a NaN or Inf in their rows never reaches ``summed``).
+    Book-keeping's clip of the layers it materialises: their factors come from the norms of every
+    layer. The cpp kernel accumulates in float64, one pass over each tensor.
+
+    Args:
+        per_example: per-example gradients, tensor k of shape (B, *shape_k).
+        summed: accumulators, tensor k of shape shape_k; updated in place.
+        scale: (B,) factors.
+        backend: ``"auto"``, ``"reference"`` or ``"cpp"``.
+    """
+    op = "scaled_accumulate_"
+    per_example, summed = list(per_example), list(summed)
+    if not per_example or len(per_example) != len(summed):
+        raise ValueError(
+            f"{op}: needs one or more per-example tensors and as many summed tensors, got "
+            f"{len(per_example)} and {len(summed)}"
+        )
+    batch = per_example[0].shape[0] if per_example[0].dim() else -1
+    for k, (g, out) in enumerate(zip(per_example, summed)):
+        check_floating(op, **{f"per_example[{k}]": g, f"summed[{k}]": out})
+        if g.dim() < 1 or g.shape[0] != batch or g.shape[1:] != out.shape:
+            raise ValueError(
+                f"{op}: per_example[{k}] must be (B, *summed[{k}].shape) with B = {batch}, got "
+                f"{tuple(g.shape)} against summed {tuple(out.shape)}"
+            )
+    check_scale(op, scale, batch)
+    device = _one_device(op, per_example + summed + [scale])
+    backend = _backend.resolve(op, backend, device, per_example, summed, scale)
+    _scaled_accumulate_(per_example, summed, scale, backend)
