@@ -239,6 +239,24 @@ def per_example_norm_sq(per_example: list[Tensor], backend: str = "auto") -> Ten
     return _per_example_norm_sq(per_example, _backend.resolve(op, backend, device, per_example))
 
 
+def _check_accumulators(op: str, per_example: list[Tensor], summed: list[Tensor]) -> int:
+    """Checks per_example[k] (B, *summed[k].shape), floating, for every k; returns B."""
+    if not per_example or len(per_example) != len(summed):
+        raise ValueError(
+            f"{op}: needs one or more per-example tensors and as many summed tensors, got "
+            f"{len(per_example)} and {len(summed)}"
+        )
+    batch = per_example[0].shape[0] if per_example[0].dim() else -1
+    for k, (g, out) in enumerate(zip(per_example, summed)):
+        check_floating(op, **{f"per_example[{k}]": g, f"summed[{k}]": out})
+        if g.dim() < 1 or g.shape[0] != batch or g.shape[1:] != out.shape:
+            raise ValueError(
+                f"{op}: per_example[{k}] must be (B, *summed[{k}].shape) with B = {batch}, got "
+                f"{tuple(g.shape)} against summed {tuple(out.shape)}"
+            )
+    return batch
+
+
 # ---------------------------------------------------------------- clip_accumulate_
 
 
@@ -310,19 +328,7 @@ def clip_accumulate_(
     op = "clip_accumulate_"
     max_norm = _check_max_norm(op, max_norm)
     per_example, summed = list(per_example), list(summed)
-    if not per_example or len(per_example) != len(summed):
-        raise ValueError(
-            f"{op}: needs one or more per-example tensors and as many summed tensors, got "
-            f"{len(per_example)} and {len(summed)}"
-        )
-    batch = per_example[0].shape[0] if per_example[0].dim() else -1
-    for k, (g, out) in enumerate(zip(per_example, summed)):
-        check_floating(op, **{f"per_example[{k}]": g, f"summed[{k}]": out})
-        if g.dim() < 1 or g.shape[0] != batch or g.shape[1:] != out.shape:
-            raise ValueError(
-                f"{op}: per_example[{k}] must be (B, *summed[{k}].shape) with B = {batch}, got "
-                f"{tuple(g.shape)} against summed {tuple(out.shape)}"
-            )
+    batch = _check_accumulators(op, per_example, summed)
     check_mask(op, mask, batch)
     device = _one_device(op, per_example + summed + ([mask] if mask is not None else []))
     backend = _backend.resolve(op, backend, device, per_example, summed, max_norm, mask)
@@ -377,19 +383,7 @@ def scaled_accumulate_(
     """
     op = "scaled_accumulate_"
     per_example, summed = list(per_example), list(summed)
-    if not per_example or len(per_example) != len(summed):
-        raise ValueError(
-            f"{op}: needs one or more per-example tensors and as many summed tensors, got "
-            f"{len(per_example)} and {len(summed)}"
-        )
-    batch = per_example[0].shape[0] if per_example[0].dim() else -1
-    for k, (g, out) in enumerate(zip(per_example, summed)):
-        check_floating(op, **{f"per_example[{k}]": g, f"summed[{k}]": out})
-        if g.dim() < 1 or g.shape[0] != batch or g.shape[1:] != out.shape:
-            raise ValueError(
-                f"{op}: per_example[{k}] must be (B, *summed[{k}].shape) with B = {batch}, got "
-                f"{tuple(g.shape)} against summed {tuple(out.shape)}"
-            )
+    batch = _check_accumulators(op, per_example, summed)
     check_scale(op, scale, batch)
     device = _one_device(op, per_example + summed + [scale])
     backend = _backend.resolve(op, backend, device, per_example, summed, scale)
