@@ -122,7 +122,8 @@ def test_an_unlimited_cgroup_sets_no_bound(tmp_path, monkeypatch, limit):
 class SequenceMLP(nn.Module):
     """Linear layers over T = 40 positions (direct norms of 40 multiply-adds per gradient value,
     5 per float64 byte for `down`, 4.2 for `up` with its bias: both worth materialising, `down`
-    first), a LayerNorm, a T = 1 head (not worth it)."""
+    first), a LayerNorm, a T = 1 head (worth it only for the fast path's fixed cost, and then
+    first: it is tiny)."""
 
     def __init__(self):
         super().__init__()
@@ -160,8 +161,17 @@ def _fast_path_layers(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("budget", ["none", "one layer", "all"])
-def test_the_engine_materialises_what_explain_says_and_stays_exact(budget, monkeypatch, gen):
+@pytest.mark.parametrize(
+    "budget, call_macs",
+    [("none", None), ("two layers", None), ("all", None), ("all", 0)],
+)
+def test_the_engine_materialises_what_explain_says_and_stays_exact(
+    budget, call_macs, monkeypatch, gen
+):
+    """Within the budget, best saving per byte first; with the fast path's fixed cost counted
+    (the default) the T = 1 head is worth it, without (call_macs 0) it is not."""
+    if call_macs is not None:
+        monkeypatch.setattr(materialise_plan, "FAST_PATH_CALL_MACS", call_macs)
     torch.manual_seed(int(torch.randint(0, 2**31, (), generator=gen)))
     model = SequenceMLP().double()
     batch, rows = 6, 4  # the last two rows are padding, with NaN planted in them
@@ -170,7 +180,8 @@ def test_the_engine_materialises_what_explain_says_and_stays_exact(budget, monke
     mask = torch.arange(batch) < rows
     expected = _brute_force(copy.deepcopy(model), x, y, 0.4, mask.double())
     down_bytes = rows * 6 * 12 * 8  # float64 weight gradients of `down`, real rows only
-    materialise_bytes = {"none": 0, "one layer": down_bytes, "all": 1 << 30}[budget]
+    head_bytes = rows * 3 * 7 * 8  # the head's weight and bias
+    materialise_bytes = {"none": 0, "two layers": head_bytes + down_bytes, "all": 1 << 30}[budget]
     x[rows:] = float("nan")
 
     plan = dpf.explain(model, x[:rows], materialise_bytes=materialise_bytes)
@@ -187,7 +198,8 @@ def test_the_engine_materialises_what_explain_says_and_stays_exact(budget, monke
     took_fast_path = {name for name, m in model.named_children() if m in fast}
     linear = {"up", "down", "head"}
     assert planned == linear - took_fast_path
-    assert planned == {"none": set(), "one layer": {"down"}, "all": {"up", "down"}}[budget]
+    everything = {"up", "down"} if call_macs == 0 else {"up", "down", "head"}
+    assert planned == {"none": set(), "two layers": {"head", "down"}, "all": everything}[budget]
     assert torch.isfinite(summed).all()
     torch.testing.assert_close(summed, expected, rtol=1e-8, atol=1e-10)
 
@@ -219,6 +231,9 @@ class SmallCNN(nn.Module):
 
 
 def test_convolutions_grouped_or_not_are_materialised_too(monkeypatch, gen):
+    """Beside a head on its fast path (the fast path's fixed cost not counted, so that the
+    clip mixes both)."""
+    monkeypatch.setattr(materialise_plan, "FAST_PATH_CALL_MACS", 0)
     torch.manual_seed(int(torch.randint(0, 2**31, (), generator=gen)))
     model = SmallCNN().double()
     x = torch.randn(5, 3, 8, 8, generator=gen, dtype=torch.float64)

@@ -8,10 +8,15 @@ matrix-vector product sum_i c_i G_i. The norm's multiply-adds are saved; the pri
 B x (parameter size) values until every layer's norm is known.
 
 On a CPU the GEMMs are compute-bound and memory is plentiful, so this pays whenever the saved
-multiply-adds outweigh the extra memory traffic; on a GPU the same trade is memory-bound and the
-fast paths win, so nothing is materialised there. The layers are chosen greedily by saved
-multiply-adds per byte held, within a byte budget (``attach(..., materialise_bytes=...)``; by
-default an eighth of the memory available when the model is attached).
+multiply-adds outweigh the extra memory traffic. A fast path also has a fixed cost per layer
+and batch, whatever its size: its norm, its certification against the rule's bound and its
+clipped sum are a dozen op calls, where a materialised layer joins the one norm pass and the
+one scaled sum of all of them; that cost counts as :data:`FAST_PATH_CALL_MACS` saved, so small
+layers (a T = 1 head, a character embedding) are materialised too. On a GPU the same trade is
+memory-bound and the fast paths win, so nothing is materialised there. The layers are chosen
+greedily by saved multiply-adds per byte held, within a byte budget
+(``attach(..., materialise_bytes=...)``; by default an eighth of the memory available when the
+model is attached).
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ FALLBACK_BYTES = 1 << 30
 # of per-example gradient (16 per float32 value): below it, the extra memory passes cost more
 # than the norm (output layers with T = 1, whose ghost norm costs d_in + d_out).
 MIN_SAVED_MACS_PER_BYTE = 4.0
+# The fixed cost of a layer's fast path on CPU (its norm, certification and clipped-sum calls,
+# about 0.1-0.3 ms measured on the char-LSTM's head and embedding at batch 8), as multiply-adds
+# at the CPU GEMM rate (~50 per ns): saved by materialising the layer, once per batch.
+FAST_PATH_CALL_MACS = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -56,8 +65,18 @@ def candidate(key: Hashable, rule, module, x, out, rows: int) -> Candidate | Non
     if saving is None:
         return None
     macs, values = saving
-    itemsize = torch.promote_types(first_x.dtype, first_out.dtype).itemsize
-    return Candidate(key, rows * values * itemsize, rows * macs, values)
+    itemsize = gradient_dtype(first_x, first_out).itemsize
+    return Candidate(key, rows * values * itemsize, rows * macs + FAST_PATH_CALL_MACS, values)
+
+
+def gradient_dtype(x: torch.Tensor, out: torch.Tensor) -> torch.dtype:
+    """The dtype materialised gradients are held in: the promotion of the layer's input and
+    output gradient (float32 input, bfloat16 gradient under autocast: float32); for integer
+    inputs (an embedding's ids) the gradient's, at least float32 (positions sharing an id add
+    up in it)."""
+    if x.is_floating_point():
+        return torch.promote_types(x.dtype, out.dtype)
+    return torch.promote_types(out.dtype, torch.float32)
 
 
 def first_tensor(value) -> torch.Tensor | None:

@@ -100,7 +100,7 @@ class BookKeeping(Clipper):
         layer: reused from one physical batch to the next (fresh allocations of this size
         would be returned to the OS and page-faulted back every time)."""
         x, g = materialise_plan.first_tensor(record.x), materialise_plan.first_tensor(record.g)
-        dtype = torch.promote_types(x.dtype, g.dtype)
+        dtype = materialise_plan.gradient_dtype(x, g)
         out = {}
         for name, p in record.params.items():
             need = rows * p.numel()

@@ -25,7 +25,9 @@ def _check(module: nn.Embedding) -> None:
 class EmbeddingRule(Rule):
     position_wise = True  # rows folded into dim 0 (k B, example-major) are taken apart
 
-    def per_example_grads(self, module, ids: Tensor, g: Tensor):
+    def per_example_grads(self, module, ids: Tensor, g: Tensor, out=None):
+        """{"weight": (B, V, d)}: example i's rows g_it added into rows ids_it of its table (one
+        index_add over the batch), written into ``out["weight"]`` where given."""
         _check(module)
         if not module.weight.requires_grad:
             return {}
@@ -34,8 +36,19 @@ class EmbeddingRule(Rule):
         ids, g = ids.reshape(batch, positions), g.reshape(batch, positions, dim)
         keys = torch.arange(batch, device=ids.device)[:, None] * vocab + ids
         valid = ids != module.padding_idx if module.padding_idx is not None else ids >= 0
-        table = g.new_zeros(batch * vocab, dim).index_add_(0, keys[valid], g[valid])
-        return {"weight": table.reshape(batch, vocab, dim)}
+        table = (out or {}).get("weight")
+        table = g.new_zeros(batch, vocab, dim) if table is None else table.zero_()
+        table.view(batch * vocab, dim).index_add_(0, keys[valid], g[valid].to(table.dtype))
+        return {"weight": table}
+
+    def materialise_saving(self, module, ids, g):
+        """The norm reads every position's gradient (T d per example); the tables hold V d
+        values per example, so only small vocabularies are worth it (with the fast path's
+        fixed cost, materialise_plan.py)."""
+        if not module.weight.requires_grad:
+            return None
+        positions = math.prod(ids.shape[1:])
+        return positions * module.embedding_dim, module.num_embeddings * module.embedding_dim
 
     def plan(self, module, ids, out, clipping):
         if clipping == "per_example":

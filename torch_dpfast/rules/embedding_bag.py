@@ -77,7 +77,10 @@ class EmbeddingBagRule(EmbeddingRule):
         return summed
 
     def per_example_grads(self, module, x, g, out=None):
-        return super().per_example_grads(module, x[0], g[0])
+        return super().per_example_grads(module, x[0], g[0], out)
+
+    def materialise_saving(self, module, x, g):
+        return super().materialise_saving(module, x[0], g[0])
 
     def norm_sq(self, module, x, g, method="auto"):
         return super().norm_sq(module, x[0], g[0], method)
