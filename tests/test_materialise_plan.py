@@ -280,3 +280,56 @@ def test_materialising_under_bf16_autocast_agrees_with_the_fast_paths(model_clas
     assert torch.isfinite(summed).all()
     torch.testing.assert_close(norms, fast_norms, rtol=2**-6, atol=0)
     assert (summed - fast_summed).norm() <= 2**-6 * fast_summed.norm()
+
+
+class CharLSTM(nn.Module):
+    """Embedding, a two-layer LSTM (batch first or not), a head on the last step."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.lstm = nn.LSTM(6, 8, num_layers=2, batch_first=batch_first)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        out, _ = self.lstm(x if self.lstm.batch_first else x.transpose(0, 1))
+        return self.head(out[:, -1] if self.lstm.batch_first else out[-1])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("budget", [0, 1 << 30])
+def test_explain_and_the_engine_agree_on_recurrent_layers(batch_first, budget, monkeypatch, gen):
+    """dpf.explain works out a recurrent layer's saving from its shapes (its records hold the
+    gate pre-activations, not the module's input and output): what it lists as materialised is
+    what the engine materialises, and the rest takes the fast path."""
+    from torch_dpfast.rules.embedding import EmbeddingRule
+    from torch_dpfast.rules.recurrent import RecurrentRule
+
+    torch.manual_seed(int(torch.randint(0, 2**31, (), generator=gen)))
+    model = CharLSTM(batch_first).double()
+    ids = torch.randint(0, 11, (5, 20), generator=gen)
+    y = torch.randint(0, 3, (5,), generator=gen)
+    plan = dpf.explain(model, ids, materialise_bytes=budget)
+    planned = {r["layer"] for r in plan.rows if r["method"] == "materialised"}
+    assert planned == ({"embed", "lstm", "head"} if budget else set())
+    fast = []
+    for rule in (LinearRule, RecurrentRule, EmbeddingRule):
+        original = rule.norm_sq
+
+        def norm_sq(self, module, x, g, method="auto", original=original):
+            fast.append(module)
+            return original(self, module, x, g, method)
+
+        monkeypatch.setattr(rule, "norm_sq", norm_sq)
+    expected = _brute_force(copy.deepcopy(model), ids, y, 0.3, torch.ones(5, dtype=torch.float64))
+    att = dpf.attach(model, loss_reduction="sum", materialise_bytes=budget)
+    try:
+        F.cross_entropy(model(ids), y, reduction="sum").backward()
+        att.clip_and_accumulate(0.3)
+        summed = torch.cat([p.summed_grad.flatten() for p in model.parameters()])
+    finally:
+        att.detach()
+    took_fast_path = {name for name, m in model.named_children() if m in fast}
+    assert took_fast_path == {"embed", "lstm", "head"} - planned
+    torch.testing.assert_close(summed, expected, rtol=1e-8, atol=1e-10)

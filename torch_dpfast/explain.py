@@ -96,7 +96,10 @@ def explain(
             hook.remove()
     traced = _traced_methods(uses)
     budget, described = materialise_plan.described_budget(materialise_bytes)
-    materialised = _materialised(rules, owners, seen, clipping, budget)
+    from .coupling import batch_size
+
+    batch = batch_size(args, kwargs)
+    materialised = _materialised(rules, owners, seen, clipping, budget, batch)
     rows = []
     for path, module in owners.items():
         rule = rules[path]
@@ -130,16 +133,19 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu") if p is None else p.device
 
 
-def _materialised(rules, owners, seen, clipping, budget) -> dict[str, int]:
+def _materialised(rules, owners, seen, clipping, budget, batch) -> dict[str, int]:
     """{path: multiply-adds per example of the sum of squares} of the layers that attach's
-    clip_and_accumulate will materialise (materialise_plan.py), for the batch of ``seen``."""
+    clip_and_accumulate will materialise (materialise_plan.py), for the batch of ``seen``
+    (``batch`` examples; where unknown, each output's dim 0)."""
     candidates = {}
     for path, (x, out) in seen.items():
-        if isinstance(out, torch.Tensor) and materialise_plan.applies(clipping, out.device):
-            rows = out.shape[0]
-            c = materialise_plan.candidate(path, rules[path], owners[path], x, out, rows)
-            if c is not None:
-                candidates[path] = c
+        first = materialise_plan.first_tensor(out)
+        if first is None or not materialise_plan.applies(clipping, first.device):
+            continue
+        saving = rules[path].call_saving(owners[path], x, out)
+        c = materialise_plan.candidate(path, saving, x, first, batch or first.shape[0])
+        if c is not None:
+            candidates[path] = c
     chosen = materialise_plan.choose(list(candidates.values()), budget)
     return {path: candidates[path].values for path in chosen}
 

@@ -55,14 +55,12 @@ class Candidate:
     values: int = 0
 
 
-def candidate(key: Hashable, rule, module, x, out, rows: int) -> Candidate | None:
-    """The layer called on ``x`` (its input) with output (or output gradient) ``out`` as a
-    candidate for ``rows`` real examples, if its rule can materialise cheaply."""
+def candidate(key: Hashable, saving, x, out, rows: int) -> Candidate | None:
+    """The layer as a candidate for ``rows`` real examples, given its rule's ``saving``
+    (``Rule.materialise_saving``: (norm multiply-adds, values) per example, or None when it
+    cannot materialise cheaply), its input ``x`` and its output (or output gradient) ``out``."""
     first_x, first_out = first_tensor(x), first_tensor(out)
-    if first_x is None or first_out is None:
-        return None
-    saving = rule.materialise_saving(module, x, out)
-    if saving is None:
+    if saving is None or first_x is None or first_out is None:
         return None
     macs, values = saving
     itemsize = gradient_dtype(first_x, first_out).itemsize
@@ -80,9 +78,9 @@ def gradient_dtype(x: torch.Tensor, out: torch.Tensor) -> torch.dtype:
 
 
 def first_tensor(value) -> torch.Tensor | None:
-    """A record's x or g: the tensor, or the first of a tuple of them (rules whose records
-    hold several, as the recurrent ones)."""
-    if isinstance(value, tuple) and value:
+    """A record's x or g: the tensor, or the first of a (nested) tuple of them (rules whose
+    records hold several, as the recurrent ones; a recurrent layer's output (out, (h, c)))."""
+    while isinstance(value, tuple) and value:
         value = value[0]
     return value if isinstance(value, torch.Tensor) else None
 

@@ -85,7 +85,10 @@ class BookKeeping(Clipper):
         if not plain or not materialise_plan.applies(self.mode, plain[0].device):
             return set()
         candidates = [
-            materialise_plan.candidate(id(r), r.rule, r.module, r.x, r.g, rows) for r in plain
+            materialise_plan.candidate(
+                id(r), r.rule.materialise_saving(r.module, r.x, r.g), r.x, r.g, rows
+            )
+            for r in plain
         ]
         candidates = [c for c in candidates if c is not None]
         chosen = materialise_plan.choose(candidates, budget)

@@ -86,6 +86,12 @@ class Rule:
         physical batch to the next)."""
         return None
 
+    def call_saving(self, module: nn.Module, x, out) -> tuple[int, int] | None:
+        """:meth:`materialise_saving` from the layer's input and output as its forward sees
+        them (``dpf.explain``, before any backward): the default passes them on, rules whose
+        records hold other tensors (the recurrent ones) work it out from the shapes."""
+        return self.materialise_saving(module, x, out) if isinstance(out, Tensor) else None
+
     def norm_sq(self, module: nn.Module, x: Tensor, g: Tensor, method: str = "auto") -> Tensor:
         """Default: from the materialised per-example gradients (cheap for small parameters)."""
         grads = list(self.per_example_grads(module, x, g).values())

@@ -354,23 +354,47 @@ class RecurrentRule(LinearUsesRule):
                     k += 1
         return out
 
-    def plan(self, module, x, out, clipping):
+    def _maps(self, module, x):
+        """(steps, [(d_in, d_out, weight, bias)] of every linear map of the layer) for the
+        forward's input x; weight / bias: the trainable parameters among them."""
         if isinstance(x, PackedSequence):
             steps = int(x.batch_sizes.numel())
         else:
             steps = x.shape[1] if module.batch_first or x.dim() == 2 else x.shape[0]
         gates, hidden = _GATES[_mode(module)], module.hidden_size
         h_out = getattr(module, "proj_size", 0) or hidden
-        method, macs = None, 0
+        params, maps = self.parameters(module), []
         for layer in range(module.num_layers):
             d_in = module.input_size if layer == 0 else h_out * _directions(module)
-            shapes = [(d_in, gates * hidden), (h_out, gates * hidden)]
-            if h_out != hidden:
-                shapes.append((hidden, h_out))
-            for d_i, d_o in shapes:
-                method, cost = plan_linear(clipping, steps, d_i, d_o)
-                macs += cost * _directions(module)
+            for direction in range(_directions(module)):
+                sfx = _suffix(layer, direction)
+                shapes = [(d_in, gates * hidden, "ih"), (h_out, gates * hidden, "hh")]
+                if h_out != hidden:
+                    shapes.append((hidden, h_out, "hr"))
+                for d_i, d_o, role in shapes:
+                    weight, bias = params.get(f"weight_{role}{sfx}"), params.get(f"bias_{role}{sfx}")
+                    maps.append((d_i, d_o, weight, bias))
+        return steps, maps
+
+    def plan(self, module, x, out, clipping):
+        steps, maps = self._maps(module, x)
+        method, macs = None, 0
+        for d_i, d_o, _, _ in maps:
+            method, cost = plan_linear(clipping, steps, d_i, d_o)
+            macs += cost
         return f"{method} (gate pre-activations over {steps} steps)", macs
+
+    def call_saving(self, module, x, out):
+        """As materialise_saving, from the shapes of the layer's linear maps."""
+        steps, maps = self._maps(module, x)
+        macs = values = 0
+        for d_i, d_o, weight, bias in maps:
+            if weight is not None:
+                macs += plan_linear("auto", steps, d_i, d_o)[1]
+                values += weight.numel()
+            if bias is not None:
+                values += bias.numel()
+        return (macs, values) if values else None
 
 
 register_rule(nn.RNN, nn.LSTM, nn.GRU)(RecurrentRule)
