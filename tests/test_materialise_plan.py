@@ -147,10 +147,10 @@ def _brute_force(model, x, y, max_norm, keep):
     return (factors[:, None] * per_example).sum(0)
 
 
-def _fast_path_layers(monkeypatch):
-    """Records which linear and conv layers took their fast-path norm."""
+def _fast_path_layers(monkeypatch, rules=(LinearRule, ConvRule)):
+    """Records which layers of ``rules`` took their fast-path norm."""
     seen = []
-    for rule in (LinearRule, ConvRule):
+    for rule in rules:
         original = rule.norm_sq
 
         def norm_sq(self, module, x, g, method="auto", original=original):
@@ -313,15 +313,7 @@ def test_explain_and_the_engine_agree_on_recurrent_layers(batch_first, budget, m
     plan = dpf.explain(model, ids, materialise_bytes=budget)
     planned = {r["layer"] for r in plan.rows if r["method"] == "materialised"}
     assert planned == ({"embed", "lstm", "head"} if budget else set())
-    fast = []
-    for rule in (LinearRule, RecurrentRule, EmbeddingRule):
-        original = rule.norm_sq
-
-        def norm_sq(self, module, x, g, method="auto", original=original):
-            fast.append(module)
-            return original(self, module, x, g, method)
-
-        monkeypatch.setattr(rule, "norm_sq", norm_sq)
+    fast = _fast_path_layers(monkeypatch, (LinearRule, RecurrentRule, EmbeddingRule))
     expected = _brute_force(copy.deepcopy(model), ids, y, 0.3, torch.ones(5, dtype=torch.float64))
     att = dpf.attach(model, loss_reduction="sum", materialise_bytes=budget)
     try:

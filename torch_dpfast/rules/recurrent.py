@@ -372,8 +372,8 @@ class RecurrentRule(LinearUsesRule):
                 if h_out != hidden:
                     shapes.append((hidden, h_out, "hr"))
                 for d_i, d_o, role in shapes:
-                    weight, bias = params.get(f"weight_{role}{sfx}"), params.get(f"bias_{role}{sfx}")
-                    maps.append((d_i, d_o, weight, bias))
+                    weight = params.get(f"weight_{role}{sfx}")
+                    maps.append((d_i, d_o, weight, params.get(f"bias_{role}{sfx}")))
         return steps, maps
 
     def plan(self, module, x, out, clipping):
