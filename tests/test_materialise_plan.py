@@ -147,6 +147,19 @@ def _brute_force(model, x, y, max_norm, keep):
     return (factors[:, None] * per_example).sum(0)
 
 
+def _attached_clip(model, inputs, y, max_norm, mask=None, **attach_kwargs) -> torch.Tensor:
+    """One physical batch through attach's clip_and_accumulate: the flattened summed grads."""
+    att = dpf.attach(model, loss_reduction="sum", **attach_kwargs)
+    try:
+        if mask is not None:
+            att.begin_batch(mask)
+        F.cross_entropy(model(inputs), y, reduction="sum").backward()
+        att.clip_and_accumulate(max_norm)
+        return torch.cat([p.summed_grad.flatten() for p in model.parameters()])
+    finally:
+        att.detach()
+
+
 def _fast_path_layers(monkeypatch, rules=(LinearRule, ConvRule)):
     """Records which layers of ``rules`` took their fast-path norm."""
     seen = []
@@ -187,14 +200,7 @@ def test_the_engine_materialises_what_explain_says_and_stays_exact(
     plan = dpf.explain(model, x[:rows], materialise_bytes=materialise_bytes)
     planned = {r["layer"] for r in plan.rows if r["method"] == "materialised"} - {"norm"}
     fast = _fast_path_layers(monkeypatch)
-    att = dpf.attach(model, loss_reduction="sum", materialise_bytes=materialise_bytes)
-    try:
-        att.begin_batch(mask)
-        F.cross_entropy(model(x), y, reduction="sum").backward()
-        att.clip_and_accumulate(0.4)
-        summed = torch.cat([p.summed_grad.flatten() for p in model.parameters()])
-    finally:
-        att.detach()
+    summed = _attached_clip(model, x, y, 0.4, mask, materialise_bytes=materialise_bytes)
     took_fast_path = {name for name, m in model.named_children() if m in fast}
     linear = {"up", "down", "head"}
     assert planned == linear - took_fast_path
@@ -243,13 +249,7 @@ def test_convolutions_grouped_or_not_are_materialised_too(monkeypatch, gen):
     materialised = {r["layer"] for r in plan.rows if r["method"] == "materialised"}
     assert materialised == {"conv", "depthwise", "norm"}
     fast = _fast_path_layers(monkeypatch)
-    att = dpf.attach(model, loss_reduction="sum")
-    try:
-        F.cross_entropy(model(x), y, reduction="sum").backward()
-        att.clip_and_accumulate(0.7)
-        summed = torch.cat([p.summed_grad.flatten() for p in model.parameters()])
-    finally:
-        att.detach()
+    summed = _attached_clip(model, x, y, 0.7)
     assert {name for name, m in model.named_children() if m in fast} == {"head"}
     torch.testing.assert_close(summed, expected, rtol=1e-8, atol=1e-10)
 
@@ -315,13 +315,7 @@ def test_explain_and_the_engine_agree_on_recurrent_layers(batch_first, budget, m
     assert planned == ({"embed", "lstm", "head"} if budget else set())
     fast = _fast_path_layers(monkeypatch, (LinearRule, RecurrentRule, EmbeddingRule))
     expected = _brute_force(copy.deepcopy(model), ids, y, 0.3, torch.ones(5, dtype=torch.float64))
-    att = dpf.attach(model, loss_reduction="sum", materialise_bytes=budget)
-    try:
-        F.cross_entropy(model(ids), y, reduction="sum").backward()
-        att.clip_and_accumulate(0.3)
-        summed = torch.cat([p.summed_grad.flatten() for p in model.parameters()])
-    finally:
-        att.detach()
+    summed = _attached_clip(model, ids, y, 0.3, materialise_bytes=budget)
     took_fast_path = {name for name, m in model.named_children() if m in fast}
     assert took_fast_path == {"embed", "lstm", "head"} - planned
     torch.testing.assert_close(summed, expected, rtol=1e-8, atol=1e-10)

@@ -28,6 +28,7 @@ from .engine import Attachment
 from .records import (
     Record,
     accumulate,
+    accumulate_scaled,
     check_batch,
     has_fast_path,
     mask_on,
@@ -35,7 +36,6 @@ from .records import (
     plain_records,
     warn_non_finite,
 )
-from .rules import scaled_sum
 from .rules._registry import Rule, clip_cache, leading
 
 
@@ -143,8 +143,8 @@ def ghost_backward(
             state.stage, state.include = 2, (factors > 0).to(norm_sq.dtype)
             state.factors = factors
             (losses * factors.to(losses.dtype)).sum().backward()
-            for p, grad in per_example.values():
-                accumulate(p, scaled_sum(grad, factors))
+            if per_example:
+                accumulate_scaled(list(per_example.values()), factors)
         finally:
             clipper.pass_in_progress = None
             attachment.discard()
