@@ -3,8 +3,12 @@ normalisation rules: weight_i = sum over positions of g_i * xhat_i, bias_i = sum
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
+
+from .. import _ext
 
 
 def affine_grads(
@@ -31,7 +35,8 @@ def affine_grads(
 
 def product_sum(a: Tensor, b: Tensor, dims: tuple[int, ...]) -> Tensor:
     """(a * b) summed over ``dims``; over trailing dims of same-shaped contiguous tensors as one
-    batched dot product, without the full-size temporary (GroupNorm at 112x112: 1.6x faster)."""
+    dot product per row without a full-size temporary: on CPU by the compiled :func:`row_dots`
+    (2-4x einsum's batched dot products), else einsum."""
     n = a.dim()
     trailing = dims and sorted(d % n for d in dims) == list(range(n - len(dims), n))
     same = a.shape == b.shape and a.dtype == b.dtype
@@ -39,4 +44,31 @@ def product_sum(a: Tensor, b: Tensor, dims: tuple[int, ...]) -> Tensor:
         return (a * b).sum(dim=dims) if dims else a * b
     kept = a.shape[: n - len(dims)]
     flat_a, flat_b = a.reshape(*kept, -1), b.reshape(*kept, -1)
+    sums = row_dots(flat_a, flat_b)
+    if sums is not None:
+        return sums[0].to(a.dtype)
     return torch.einsum("...s,...s->...", flat_a, flat_b)
+
+
+def row_dots(g: Tensor, x: Tensor, relu_out: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+    """(sum_s m g x, sum_s m g) over the last dim of same-shaped g and x, (..., n) -> (...,)
+    float64 each, with m = not [relu_out <= 0] (ReLU's backward as autograd's: masked elements
+    contribute exactly nothing, a NaN output passes its gradient) or 1: one pass of the
+    compiled kernel (csrc/cpu/row_dots.cpp); None where it does not run (not CPU float32 or
+    float64, a tensor requiring grad, no built kernel)."""
+    tensors = (g, x) if relu_out is None else (g, x, relu_out)
+    if not (
+        g.device.type == "cpu"
+        and g.dtype in (torch.float32, torch.float64)
+        and all(t.shape == g.shape and t.dtype == g.dtype for t in tensors)
+        and not any(t.requires_grad for t in tensors)
+        and g.dim() > 0
+        and _ext.has_kernel("row_dots", "CPU")
+    ):
+        return None
+    kept, n = g.shape[:-1], g.shape[-1]
+    rows = [t.reshape(math.prod(kept), n) for t in tensors]
+    dots, sums = torch.ops.dpfast_C.row_dots(
+        rows[0], rows[1], rows[2] if relu_out is not None else None
+    )
+    return dots.view(kept), sums.view(kept)

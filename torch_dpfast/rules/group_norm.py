@@ -12,18 +12,28 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ._affine import product_sum
+from ._affine import product_sum, row_dots
 from ._registry import Rule, register_rule
 
 
-def group_norm_grads(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+def group_norm_grads(
+    module: nn.Module, x: Tensor, g: Tensor, relu_out: Tensor | None = None
+) -> dict[str, Tensor]:
     """{"weight", "bias"}: (B, C) per-example gradients of a group norm's affine parameters
-    (those that are trainable) for input x and gradient g of its affine output, (B, C, *S)."""
+    (those that are trainable) for input x and gradient g of its affine output, (B, C, *S); with
+    ``relu_out``, g is the gradient of a ReLU's output relu_out on the affine output (timm's
+    GroupNormAct), taken back through it as autograd does (0 where relu_out <= 0)."""
     batch, channels = x.shape[:2]
     groups = module.num_groups
     dtype = torch.promote_types(x.dtype, torch.float32)  # statistics at least in float32
     flat_x, flat_g = x.reshape(batch, channels, -1), g.reshape(batch, channels, -1)
-    sums = flat_g.sum(dim=2, dtype=dtype)  # (B, C)
+    flat_relu = None if relu_out is None else relu_out.reshape(batch, channels, -1)
+    fused = row_dots(flat_g, flat_x, flat_relu)  # one pass on CPU: (sum g x, sum g), float64
+    if fused is None:
+        if flat_relu is not None:
+            flat_g = torch.ops.aten.threshold_backward(flat_g, flat_relu, 0)
+        fused = (None, flat_g.sum(dim=2, dtype=dtype))
+    products, sums = fused
     out = {}
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     if weight is not None and weight.requires_grad:
@@ -32,11 +42,13 @@ def group_norm_grads(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tenso
         _, mean, rstd = torch.native_group_norm(
             x, None, None, batch, channels, positions, groups, module.eps
         )
-        mean, rstd = mean.to(dtype), rstd.to(dtype)
         per_group = channels // groups
         mean, rstd = mean.repeat_interleave(per_group, 1), rstd.repeat_interleave(per_group, 1)
-        products = product_sum(flat_g, flat_x, (2,)).to(dtype)
-        out["weight"] = ((products - mean * sums) * rstd).to(g.dtype)
+        if products is None:
+            products = product_sum(flat_g, flat_x, (2,))
+        acc = products.dtype if products.dtype == torch.float64 else dtype
+        products, sums_acc = products.to(acc), sums.to(acc)
+        out["weight"] = ((products - mean.to(acc) * sums_acc) * rstd.to(acc)).to(g.dtype)
     if bias is not None and bias.requires_grad:
         out["bias"] = sums.to(g.dtype)
     return out

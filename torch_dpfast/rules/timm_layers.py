@@ -36,7 +36,7 @@ def _group_norm_act_grads(module: nn.Module, x, g):
         return group_norm_grads(module, x, g)
     relu = isinstance(module.act, nn.ReLU)
     if relu and out is not None and out.shape == g.shape:
-        return group_norm_grads(module, x, torch.ops.aten.threshold_backward(g, out, 0))
+        return group_norm_grads(module, x, g, relu_out=out)
     weight, bias = _detached(module.weight), _detached(module.bias)
     y = F.group_norm(x, module.num_groups, weight, bias, module.eps)
     if relu:
