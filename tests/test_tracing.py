@@ -14,6 +14,7 @@ from torch import nn
 
 import torch_dpfast as dpf
 from tests.helpers import clipped_reference
+from torch_dpfast import tracing
 from torch_dpfast.ghost import ghost_backward
 
 MODES = ["auto", "bk", "per_example", "ghost"]
@@ -286,3 +287,23 @@ def test_a_constant_with_as_many_rows_as_the_batch_stays_a_constant(gen):
     att.detach()
     got = torch.cat([p.summed_grad.flatten() for p in _params(model)])
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_a_captured_layer_inside_a_traced_module_runs_without_the_tracer(monkeypatch):
+    """The tracer's mode is off inside the captured layers of the module it traces (their calls
+    would only pass through it): it sees the module's own calls, here the layer scale's use, and
+    none of the linear layer's."""
+    seen = []
+    call = tracing.UseTracer.__torch_function__
+
+    def spy(self, func, types, args=(), kwargs=None):
+        seen.append(getattr(func, "__name__", str(func)))
+        return call(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(tracing.UseTracer, "__torch_function__", spy)
+    model = nn.Sequential(Tokens(), nn.Flatten(), nn.Linear(24, 3))
+    dpf.attach(model, probe_coupling=False)
+    seen.clear()
+    model(torch.randn(B, 3, 6)).sum().backward()
+    assert "mul" in seen or "__mul__" in seen  # the layer scale, traced
+    assert "linear" not in seen  # Tokens.fc's own call, captured with the tracer off

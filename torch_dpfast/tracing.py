@@ -282,10 +282,17 @@ class UseTracer(TorchFunctionMode):
 
     @contextlib.contextmanager
     def suspend(self):
-        """Calls in the block pass through untouched (a captured layer's own call)."""
+        """Calls in the block pass through untouched (a captured layer's own call). Where this
+        tracer is the innermost mode it is off in the block (popped, pushed back on exit), so
+        that the layer's torch calls cost no Python dispatch (ConvNeXt-atto's traced blocks:
+        a forward 1.3x the plain one with the mode on inside their captured layers)."""
         self.suspended += 1
         try:
-            yield
+            if torch.overrides._get_current_function_mode() is self:
+                with torch.overrides._pop_mode_temporarily():
+                    yield
+            else:
+                yield
         finally:
             self.suspended -= 1
 
