@@ -1,18 +1,22 @@
-"""Non-private and ``auto`` training steps of one model interleaved in one process, full
-physical batches (no sampling, no padding): the quickest side-by-side ratio, and the one to
-compare two commits with (run it in a worktree of each).
+"""Training steps of one model on full physical batches (no sampling, no padding), the modes
+interleaved in one process: non-private, ``auto`` and with ``--opacus`` Opacus's hooks (its
+per-sample gradients, clipping and accumulation; no noise, as ours). The quickest side-by-side
+ratio, the protocol of issue 21's goal, and the one to compare two commits with (run it in a
+worktree of each).
 
 Usage:
-  python benchmarks/step_ab.py --model vit_small --batch 8 --steps 6 [--out DIR]
-Prints (and with --out writes DIR/step_ab.json) the median step time of each and the median of
-the per-step ratios non-private / ours.
+  python benchmarks/step_ab.py --model vit_small --batch 8 --steps 6 [--opacus] [--out DIR]
+  python benchmarks/step_ab.py --models vit_small:8,bit_50x1:8 --opacus --out DIR
+Prints (and with --out writes DIR/step_ab.json, raw times, and DIR/step_ab.md) per model the
+median step time of each mode, the median of the per-round ratios non-private / mode and
+Opacus / ours. One process holds every mode's model: peak memory is not separable here (see
+throughput.py for it).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import pathlib
 import statistics
 import sys
@@ -24,6 +28,7 @@ if __name__ == "__main__":  # run as a script: import from the repository root, 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.common import write_run  # noqa: E402
 from benchmarks.training import (  # noqa: E402
     LANGUAGE_MODELS,
     MODELS,
@@ -46,9 +51,11 @@ def batch_of(model_name: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(batch, 3, size, size), torch.randint(0, NUM_CLASSES, (batch,))
 
 
-def measure(model_name: str, batch: int, steps: int) -> dict:
-    """{"non_private_ms", "dpfast_auto_ms", "ratio", "ratios"}: ``steps`` interleaved steps
-    each, after one warm-up step each."""
+def measure(model_name: str, batch: int, steps: int, opacus: bool = False) -> dict:
+    """{"<mode>_ms": median step time, "ratio(s)": non-private / ``auto`` (median, per round),
+    with ``opacus`` also "opacus_ratio(s)" (non-private / Opacus) and "ours_vs_opacus" (Opacus
+    time / ours, per round), or "opacus_error"}: ``steps`` interleaved rounds of one step of
+    each mode, after one warm-up step each."""
     import torch_dpfast as dpf
 
     torch.manual_seed(0)
@@ -69,40 +76,133 @@ def measure(model_name: str, batch: int, steps: int) -> dict:
         for p in private.parameters():
             p.summed_grad = None
 
+    modes = {"non_private": step_plain, "dpfast_auto": step_private}
+    result = {}
+    if opacus:
+        try:
+            modes["opacus_hooks"] = _opacus_step(model_name, batch, x, y)
+            modes["opacus_hooks"]()  # fails here on the models Opacus cannot train
+        except Exception as error:  # noqa: BLE001 - reported, as throughput.py does
+            modes.pop("opacus_hooks", None)
+            result["opacus_error"] = f"{type(error).__name__}: {error}"[:300]
+
     def timed(step) -> float:
         start = time.perf_counter()
         step()
         return time.perf_counter() - start
 
-    step_plain(), step_private()
-    times = [(timed(step_plain), timed(step_private)) for _ in range(steps)]
-    ratios = [a / b for a, b in times]
-    return {
-        "non_private_ms": 1e3 * statistics.median(a for a, _ in times),
-        "dpfast_auto_ms": 1e3 * statistics.median(b for _, b in times),
-        "ratio": statistics.median(ratios),
-        "ratios": ratios,
-    }
+    for step in modes.values():
+        step()
+    rounds = [{name: timed(step) for name, step in modes.items()} for _ in range(steps)]
+    for name in modes:
+        result[f"{name}_ms"] = 1e3 * statistics.median(r[name] for r in rounds)
+    result["ratios"] = [r["non_private"] / r["dpfast_auto"] for r in rounds]
+    result["ratio"] = statistics.median(result["ratios"])
+    if "opacus_hooks" in modes:
+        result["opacus_ratios"] = [r["non_private"] / r["opacus_hooks"] for r in rounds]
+        result["opacus_ratio"] = statistics.median(result["opacus_ratios"])
+        result["ours_vs_opacus"] = statistics.median(
+            r["opacus_hooks"] / r["dpfast_auto"] for r in rounds
+        )
+    result["raw_seconds"] = rounds
+    return result
+
+
+def _opacus_step(model_name: str, batch: int, x: torch.Tensor, y: torch.Tensor):
+    """One step of Opacus's hooks on a fresh model of the family (its DPLSTM for the LSTM):
+    forward, backward with per-sample gradients, clip and accumulate (DPOptimizer, no noise)."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    torch.manual_seed(0)
+    model = GradSampleModule(build_model(model_name, opacus=True))  # the "hooks" mode
+    optimizer = DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        noise_multiplier=0.0,
+        max_grad_norm=1.0,
+        expected_batch_size=batch,
+    )
+
+    def step():
+        F.cross_entropy(model(x), y).backward()
+        optimizer.clip_and_accumulate()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_small", choices=sorted(MODELS))
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument(
+        "--models", help="model:batch,... run one after another (instead of --model/--batch)"
+    )
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--opacus", action="store_true", help="Opacus hooks side by side")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    result = {"model": args.model, "batch": args.batch, "steps": args.steps}
-    result.update(measure(args.model, args.batch, args.steps))
-    print(
-        f"{args.model}, batch {args.batch}: non-private {result['non_private_ms']:.0f} ms, "
-        f"auto {result['dpfast_auto_ms']:.0f} ms, ratio {result['ratio']:.3f} "
-        f"[{min(result['ratios']):.2f}-{max(result['ratios']):.2f}]"
-    )
+    runs = [(args.model, args.batch)]
+    if args.models:
+        runs = [_model_and_batch(item) for item in args.models.split(",")]
+    results = []
+    for model, batch in runs:
+        result = {"model": model, "batch": batch, "steps": args.steps}
+        result.update(measure(model, batch, args.steps, args.opacus))
+        print(_line(result), flush=True)
+        results.append(result)
     if args.out:
-        out = pathlib.Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "step_ab.json").write_text(json.dumps(result, indent=2))
+        settings = {"runs": runs, "steps": args.steps, "opacus": args.opacus, "device": "cpu"}
+        write_run(pathlib.Path(args.out), "step_ab", settings, results, _table)
+
+
+def _model_and_batch(item: str) -> tuple[str, int]:
+    model, _, batch = item.partition(":")
+    if model not in MODELS or not batch.isdigit():
+        raise SystemExit(f"--models: expected model:batch with a model of {sorted(MODELS)}")
+    return model, int(batch)
+
+
+def _line(r: dict) -> str:
+    text = (
+        f"{r['model']}, batch {r['batch']}: non-private {r['non_private_ms']:.0f} ms, "
+        f"auto {r['dpfast_auto_ms']:.0f} ms, ratio {r['ratio']:.3f} "
+        f"[{min(r['ratios']):.2f}-{max(r['ratios']):.2f}]"
+    )
+    if "opacus_ratio" in r:
+        text += f"; Opacus {r['opacus_hooks_ms']:.0f} ms, ours / Opacus {r['ours_vs_opacus']:.2f}x"
+    elif "opacus_error" in r:
+        text += f"; Opacus fails: {r['opacus_error'][:80]}"
+    return text
+
+
+def _table(env: dict, settings: dict, results: list) -> str:
+    lines = [
+        f"# Full batches side by side ({env['device']})",
+        "",
+        f"torch {env['torch']}, commit {env['commit']}, {env['time_utc']}. Each model in one "
+        f"process: {settings['steps']} rounds of one step of each mode (interleaved, after a "
+        "warm-up step), full physical batches, no sampling or noise; median step time, and "
+        "the median of the per-round ratios [range].",
+        "",
+        "| model | batch | non-private ms | ours `auto` ms | vs non-private | Opacus hooks ms "
+        "| Opacus vs non-private | ours / Opacus |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ours = f"{r['ratio']:.2f}x [{min(r['ratios']):.2f}-{max(r['ratios']):.2f}]"
+        if "opacus_ratio" in r:
+            opacus = (
+                f"{r['opacus_hooks_ms']:.0f} | {r['opacus_ratio']:.2f}x | "
+                f"{r['ours_vs_opacus']:.2f}x"
+            )
+        else:
+            opacus = f"{'fails: ' + r['opacus_error'][:90] if 'opacus_error' in r else '-'} | | "
+        lines.append(
+            f"| {MODELS[r['model']][2]} | {r['batch']} | {r['non_private_ms']:.0f} | "
+            f"{r['dpfast_auto_ms']:.0f} | {ours} | {opacus} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -196,10 +196,13 @@ def test_language_model_harness_trains_on_next_token_labels():
     assert rows >= examples >= 0 and seconds > 0
 
 
-def test_step_ab_writes_the_interleaved_ratio(tmp_path):
+def test_step_ab_writes_the_interleaved_ratios(tmp_path):
     from benchmarks import step_ab
 
-    step_ab.main(["--model", "smoke_vit", "--batch", "2", "--steps", "2", "--out", str(tmp_path)])
-    result = json.loads((tmp_path / "step_ab.json").read_text())
+    step_ab.main(["--models", "smoke_vit:2", "--steps", "2", "--opacus", "--out", str(tmp_path)])
+    (result,) = json.loads((tmp_path / "step_ab.json").read_text())["results"]
     assert result["model"] == "smoke_vit" and len(result["ratios"]) == 2
     assert result["ratio"] > 0 and result["dpfast_auto_ms"] > 0
+    assert result["ours_vs_opacus"] > 0 and len(result["raw_seconds"]) == 2
+    assert set(result["raw_seconds"][0]) == {"non_private", "dpfast_auto", "opacus_hooks"}
+    assert "| tiny ViT" in (tmp_path / "step_ab.md").read_text()
