@@ -20,8 +20,9 @@ TORCH_LIBRARY(dpfast_C, m) {
   m.def("embedding_norm_sq(Tensor ids, Tensor g, int num_embeddings, int? padding_idx) -> Tensor");
   // The weight standardisation's Jacobian on per-example gradients (rules/std_conv.py), in place.
   m.def("std_conv_project_(Tensor(a!) grad, Tensor w_hat, Tensor factor) -> Tensor(a!)");
-  // Per-row sum(m g x) and sum(m g), m = not [relu_out <= 0] (the normalisation rules), float64.
-  m.def("row_dots(Tensor g, Tensor x, Tensor? relu_out) -> (Tensor, Tensor)");
+  // Per row sum(m g x), sum(m g), m = not [relu_out <= 0], and with moments the shifted first
+  // and second moments of x (the normalisation rules): (N, 2) or (N, 5) float64.
+  m.def("row_dots(Tensor g, Tensor x, Tensor? relu_out, bool moments) -> Tensor");
   // The recurrent rule's recurrence (CPU): all steps of one layer and direction.
   m.def(
       "lstm_sequence(Tensor gi, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, Tensor? valid) "

@@ -36,11 +36,17 @@ def test_row_dots_match_a_float64_loop(rows, n, masked, dtype, gen):
     g = torch.randn(rows, n, generator=gen, dtype=torch.float64).to(dtype)
     x = torch.randn(rows, n, generator=gen, dtype=torch.float64).mul(5).to(dtype)
     relu_out = torch.randn(rows, n, generator=gen).to(dtype).relu() if masked else None
-    dots, sums = _affine.row_dots(g, x, relu_out)
+    out = _affine.row_dots(g, x, relu_out, moments=True)
     want_dots, want_sums = _reference(g, x, relu_out)
-    assert dots.dtype == sums.dtype == torch.float64
-    torch.testing.assert_close(dots, want_dots, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(sums, want_sums, rtol=1e-12, atol=1e-12)
+    assert out.dtype == torch.float64 and out.shape == (rows, 5)
+    torch.testing.assert_close(out[:, 0], want_dots, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out[:, 1], want_sums, rtol=1e-12, atol=1e-12)
+    shift = x[:, :1].double()
+    assert torch.equal(out[:, 2], shift[:, 0])
+    centred = x.double() - shift
+    torch.testing.assert_close(out[:, 3], centred.sum(1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out[:, 4], centred.square().sum(1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_affine.row_dots(g, x, relu_out), out[:, :2])
 
 
 def test_masked_elements_contribute_nothing_whatever_their_values(gen):
@@ -57,7 +63,7 @@ def test_masked_elements_contribute_nothing_whatever_their_values(gen):
     poison = torch.tensor([float("nan"), float("inf"), -float("inf"), 3e38])
     g[dead] = poison[torch.arange(int(dead.sum())) % 4]
     x[dead] = poison[(torch.arange(int(dead.sum())) + 1) % 4]
-    dots, sums = _affine.row_dots(g, x, relu_out)
+    dots, sums = _affine.row_dots(g, x, relu_out).unbind(-1)
     assert torch.isfinite(dots).all() and torch.isfinite(sums).all()
     kept = torch.ops.aten.threshold_backward(g.double(), relu_out.double(), 0)
     assert kept[0, 3] == g[0, 3]  # the NaN output's gradient passes
@@ -69,14 +75,14 @@ def test_masked_elements_contribute_nothing_whatever_their_values(gen):
 def test_row_dots_takes_leading_dims_and_declines_what_it_cannot_run(gen):
     g = torch.randn(2, 3, 10, generator=gen)
     x = torch.randn(2, 3, 10, generator=gen)
-    dots, sums = _affine.row_dots(g, x)
-    assert dots.shape == sums.shape == (2, 3)
-    torch.testing.assert_close(dots, (g.double() * x.double()).sum(-1))
+    out = _affine.row_dots(g, x)
+    assert out.shape == (2, 3, 2)
+    torch.testing.assert_close(out[..., 0], (g.double() * x.double()).sum(-1))
     assert _affine.row_dots(g.half(), x.half()) is None  # 16-bit: the PyTorch ops
     assert _affine.row_dots(g.requires_grad_(), x) is None  # autograd: the PyTorch ops
     assert _affine.row_dots(torch.randn(3, 4), torch.randn(3, 5)) is None
     empty = torch.empty(0, 4)
-    assert _affine.row_dots(empty, empty)[0].shape == (0,)
+    assert _affine.row_dots(empty, empty).shape == (0, 2)
 
 
 def test_product_sum_compiled_and_einsum_agree(gen, monkeypatch):
@@ -111,3 +117,19 @@ def test_group_norm_grads_match_per_example_autograd(relu, compiled, gen, monkey
         (torch.relu(y) if relu else y).backward(g[i : i + 1])
         torch.testing.assert_close(got["weight"][i], norm.weight.grad, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(got["bias"][i], norm.bias.grad, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4, -3e6])
+def test_group_statistics_match_the_two_pass_variance(offset, gen):
+    """The pooled shifted moments give each group's mean and biased variance, also where the
+    mean dwarfs the spread and where the shift (a row's first value) is an outlier."""
+    batch, groups, per_group, n = 3, 2, 4, 37
+    x = torch.randn(batch, groups * per_group, n, generator=gen, dtype=torch.float64) + offset
+    x[0, 0, 0] = offset + 1e5  # the shift of the first row, far from its group's values
+    moments = _affine.row_dots(x, x, moments=True)[..., 2:]
+    mean, rstd = _affine.group_statistics(moments.reshape(batch, groups, per_group, 3), n, 1e-5)
+    grouped = x.reshape(batch, groups, -1)
+    want_mean = grouped.mean(-1)
+    want_var = (grouped - want_mean.unsqueeze(-1)).square().mean(-1)
+    torch.testing.assert_close(mean, want_mean, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(rstd, (want_var + 1e-5).rsqrt(), rtol=1e-9, atol=0)

@@ -46,16 +46,20 @@ def product_sum(a: Tensor, b: Tensor, dims: tuple[int, ...]) -> Tensor:
     flat_a, flat_b = a.reshape(*kept, -1), b.reshape(*kept, -1)
     sums = row_dots(flat_a, flat_b)
     if sums is not None:
-        return sums[0].to(a.dtype)
+        return sums[..., 0].to(a.dtype)
     return torch.einsum("...s,...s->...", flat_a, flat_b)
 
 
-def row_dots(g: Tensor, x: Tensor, relu_out: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
-    """(sum_s m g x, sum_s m g) over the last dim of same-shaped g and x, (..., n) -> (...,)
-    float64 each, with m = not [relu_out <= 0] (ReLU's backward as autograd's: masked elements
-    contribute exactly nothing, a NaN output passes its gradient) or 1: one pass of the
-    compiled kernel (csrc/cpu/row_dots.cpp); None where it does not run (not CPU float32 or
-    float64, a tensor requiring grad, no built kernel)."""
+def row_dots(
+    g: Tensor, x: Tensor, relu_out: Tensor | None = None, moments: bool = False
+) -> Tensor | None:
+    """Over the last dim of same-shaped g and x, (..., n) -> (..., 2) float64:
+    (sum_s m g x, sum_s m g) with m = not [relu_out <= 0] (ReLU's backward as autograd's:
+    masked elements contribute exactly nothing, a NaN output passes its gradient) or 1; with
+    ``moments`` (..., 5), also (s, sum_s (x - s), sum_s (x - s)^2) for the shift s = x[..., 0]
+    (see :func:`group_statistics`). One pass of the compiled kernel (csrc/cpu/row_dots.cpp);
+    None where it does not run (not CPU float32 or float64, a tensor requiring grad, no built
+    kernel)."""
     tensors = (g, x) if relu_out is None else (g, x, relu_out)
     if not (
         g.device.type == "cpu"
@@ -68,7 +72,21 @@ def row_dots(g: Tensor, x: Tensor, relu_out: Tensor | None = None) -> tuple[Tens
         return None
     kept, n = g.shape[:-1], g.shape[-1]
     rows = [t.reshape(math.prod(kept), n) for t in tensors]
-    dots, sums = torch.ops.dpfast_C.row_dots(
-        rows[0], rows[1], rows[2] if relu_out is not None else None
+    out = torch.ops.dpfast_C.row_dots(
+        rows[0], rows[1], rows[2] if relu_out is not None else None, moments
     )
-    return dots.view(kept), sums.view(kept)
+    return out.view(*kept, out.shape[-1])
+
+
+def group_statistics(moments: Tensor, n: int, eps: float) -> tuple[Tensor, Tensor]:
+    """(mean, rstd) of each group, (B, G) float64, from the (B, G, C/G, 3) shifted moments
+    (s, sum (x - s), sum (x - s)^2) of its C/G rows of n values (:func:`row_dots`): each row's
+    mean and sum of squared deviations, pooled over the group (Chan et al.'s parallel
+    variance: no cancellation of E[x^2] against E[x]^2); the biased variance, as the norms'."""
+    shift, first, second = moments.unbind(-1)
+    row_mean = shift + first / n
+    row_m2 = second - first * first / n
+    mean = row_mean.mean(dim=-1)
+    m2 = row_m2.sum(dim=-1) + n * (row_mean - mean.unsqueeze(-1)).square().sum(dim=-1)
+    var = (m2 / (n * moments.shape[-2])).clamp_min(0.0)
+    return mean, (var + eps).rsqrt()
