@@ -7,6 +7,8 @@ commits with (run it in a worktree of each).
 Usage:
   python benchmarks/step_ab.py --model vit_small --batch 8 --steps 6 [--opacus] [--out DIR]
   python benchmarks/step_ab.py --models vit_small:8,bit_50x1:8 --opacus --out DIR
+(--models: each model in a fresh process; in one process, BiT after three other models ran
+0.64x against 0.78x on its own.)
 Prints (and with --out writes DIR/step_ab.json, raw times, and DIR/step_ab.md) per model the
 median step time of each mode, the median of the per-round ratios non-private / mode and their
 quotient, ours / Opacus. One process holds every mode's model: peak memory is not separable
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import pathlib
 import statistics
 import sys
@@ -28,7 +31,7 @@ if __name__ == "__main__":  # run as a script: import from the repository root, 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import write_run  # noqa: E402
+from benchmarks.common import run_worker, write_run  # noqa: E402
 from benchmarks.training import (  # noqa: E402
     LANGUAGE_MODELS,
     MODELS,
@@ -140,19 +143,30 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="vit_small", choices=sorted(MODELS))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument(
-        "--models", help="model:batch,... run one after another (instead of --model/--batch)"
+        "--models",
+        help="model:batch,... one after another, each in a fresh process (instead of "
+        "--model/--batch)",
     )
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--opacus", action="store_true", help="Opacus hooks side by side")
     parser.add_argument("--out")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:  # one model, in this process: its result as a JSON line
+        print(json.dumps(measure(args.model, args.batch, args.steps, args.opacus)))
+        return
     runs = [(args.model, args.batch)]
     if args.models:
         runs = [_model_and_batch(item) for item in args.models.split(",")]
     results = []
     for model, batch in runs:
         result = {"model": model, "batch": batch, "steps": args.steps}
-        result.update(measure(model, batch, args.steps, args.opacus))
+        if args.models:  # a fresh process per model: one model's memory slowed the next's
+            flags = ["--worker", "--model", model, "--batch", str(batch)]
+            flags += ["--steps", str(args.steps)] + (["--opacus"] if args.opacus else [])
+            result.update(run_worker(__file__, flags))
+        else:
+            result.update(measure(model, batch, args.steps, args.opacus))
         print(_line(result), flush=True)
         results.append(result)
     if args.out:
@@ -168,6 +182,8 @@ def _model_and_batch(item: str) -> tuple[str, int]:
 
 
 def _line(r: dict) -> str:
+    if "error" in r:
+        return f"{r['model']}, batch {r['batch']}: failed: {r['error']}"
     text = (
         f"{r['model']}, batch {r['batch']}: non-private {r['non_private_ms']:.0f} ms, "
         f"auto {r['dpfast_auto_ms']:.0f} ms, ratio {r['ratio']:.3f} "
@@ -184,7 +200,7 @@ def _table(env: dict, settings: dict, results: list) -> str:
     lines = [
         f"# Full batches side by side ({env['device']})",
         "",
-        f"torch {env['torch']}, commit {env['commit']}, {env['time_utc']}. Each model in one "
+        f"torch {env['torch']}, commit {env['commit']}, {env['time_utc']}. Each model in a fresh "
         f"process: {settings['steps']} rounds of a non-private and an `auto` step, then as many "
         "of a non-private and an Opacus step (after a warm-up step each), full physical "
         "batches, no sampling or noise; median step time, the median of the per-round ratios "
@@ -195,6 +211,9 @@ def _table(env: dict, settings: dict, results: list) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        if "error" in r:
+            lines.append(f"| {MODELS[r['model']][2]} | {r['batch']} | failed: {r['error']} |")
+            continue
         ours = f"{r['ratio']:.2f}x [{min(r['ratios']):.2f}-{max(r['ratios']):.2f}]"
         if "opacus_ratio" in r:
             opacus = (
