@@ -6,6 +6,7 @@ registers CUDA kernels on those ops and is only loaded after ``_C``.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import warnings
 
@@ -47,6 +48,7 @@ elif cuda_error and cuda_error != "not built":
     )
 
 
+@functools.cache  # the extensions register their kernels once, at import; rules ask per layer
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``dpfast_C::<op>`` has a compiled kernel for ``dispatch_key`` ("CPU" or "CUDA");
     False for an op the loaded extension does not define (built from older sources)."""

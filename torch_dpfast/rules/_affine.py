@@ -44,9 +44,9 @@ def product_sum(a: Tensor, b: Tensor, dims: tuple[int, ...]) -> Tensor:
         return (a * b).sum(dim=dims) if dims else a * b
     kept = a.shape[: n - len(dims)]
     flat_a, flat_b = a.reshape(*kept, -1), b.reshape(*kept, -1)
-    sums = row_dots(flat_a, flat_b)
-    if sums is not None:
-        return sums[..., 0].to(a.dtype)
+    fused = row_dots(flat_a, flat_b)
+    if fused is not None:
+        return fused[..., 0].to(a.dtype)
     return torch.einsum("...s,...s->...", flat_a, flat_b)
 
 

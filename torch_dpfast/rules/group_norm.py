@@ -22,40 +22,43 @@ def group_norm_grads(
     (those that are trainable) for input x and gradient g of its affine output, (B, C, *S); with
     ``relu_out``, g is the gradient of a ReLU's output relu_out on the affine output (timm's
     GroupNormAct), taken back through it as autograd does (0 where relu_out <= 0)."""
-    batch, channels = x.shape[:2]
-    groups = module.num_groups
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     need_weight = weight is not None and weight.requires_grad
-    flat_x, flat_g = x.reshape(batch, channels, -1), g.reshape(batch, channels, -1)
+    batch, channels = x.shape[:2]
+    flat = [t.reshape(batch, channels, -1) for t in (g, x)]
     flat_relu = None if relu_out is None else relu_out.reshape(batch, channels, -1)
-    positions = flat_x.shape[2]
-    per_group = channels // groups
-    # On CPU one pass: sum g x, sum g and, for the weight, the group statistics (float64)
-    fused = row_dots(flat_g, flat_x, flat_relu, moments=need_weight)
-    if fused is not None:
-        products, sums = fused[..., 0], fused[..., 1]
-        if need_weight:
-            moments = fused[..., 2:].reshape(batch, groups, per_group, 3)
-            mean, rstd = group_statistics(moments, positions, module.eps)
-    else:
-        if flat_relu is not None:
-            flat_g = torch.ops.aten.threshold_backward(flat_g, flat_relu, 0)
-        dtype = torch.promote_types(x.dtype, torch.float32)  # statistics at least in float32
-        sums = flat_g.sum(dim=2, dtype=dtype)
-        if need_weight:
-            products = product_sum(flat_g, flat_x, (2,)).to(dtype)
-            # ATen's statistics (Welford, vectorised): torch.var_mean is 5x slower on CPU
-            _, mean, rstd = torch.native_group_norm(
-                x, None, None, batch, channels, positions, groups, module.eps
-            )
+    products, sums, mean, rstd = _reductions(module, *flat, flat_relu, need_weight)
     out = {}
     if need_weight:
-        mean = mean.to(products.dtype).repeat_interleave(per_group, 1)
-        rstd = rstd.to(products.dtype).repeat_interleave(per_group, 1)
-        out["weight"] = ((products - mean * sums.to(products.dtype)) * rstd).to(g.dtype)
+        per_group = channels // module.num_groups
+        mean, rstd = mean.repeat_interleave(per_group, 1), rstd.repeat_interleave(per_group, 1)
+        out["weight"] = ((products - mean * sums) * rstd).to(g.dtype)
     if bias is not None and bias.requires_grad:
         out["bias"] = sums.to(g.dtype)
     return out
+
+
+def _reductions(module, g: Tensor, x: Tensor, relu_out: Tensor | None, statistics: bool):
+    """(sum_s g x, sum_s g) (B, C) of g, x (B, C, n), g masked by the ReLU's output, and with
+    ``statistics`` each group's (mean, rstd) (B, G), else None for those three but the sums.
+    On CPU one float64 pass (_affine.row_dots); else PyTorch ops in at least float32, the
+    statistics ATen's (Welford, vectorised: torch.var_mean is 5x slower on CPU)."""
+    groups = module.num_groups
+    fused = row_dots(g, x, relu_out, moments=statistics)
+    if fused is not None:
+        if not statistics:
+            return None, fused[..., 1], None, None
+        moments = fused[..., 2:].reshape(*fused.shape[:1], groups, -1, 3)
+        return (fused[..., 0], fused[..., 1], *group_statistics(moments, x.shape[2], module.eps))
+    if relu_out is not None:
+        g = torch.ops.aten.threshold_backward(g, relu_out, 0)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    sums = g.sum(dim=2, dtype=dtype)
+    if not statistics:
+        return None, sums, None, None
+    batch, channels, n = x.shape
+    _, mean, rstd = torch.native_group_norm(x, None, None, batch, channels, n, groups, module.eps)
+    return product_sum(g, x, (2,)).to(dtype), sums, mean.to(dtype), rstd.to(dtype)
 
 
 @register_rule(nn.GroupNorm)
