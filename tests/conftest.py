@@ -30,7 +30,8 @@ def device(request) -> str:
 
 @pytest.fixture
 def gen(request) -> torch.Generator:
-    """A CPU generator with a fresh random seed, printed so that a failure can be replayed."""
-    seed = secrets.randbits(63)
+    """A CPU generator with a fresh random seed, printed so that a failure can be replayed:
+    DPFAST_TEST_SEED=<seed> pytest <nodeid> runs it again with that seed."""
+    seed = int(os.environ.get("DPFAST_TEST_SEED") or secrets.randbits(63))
     print(f"{request.node.nodeid}: seed {seed}")
     return torch.Generator().manual_seed(seed)
