@@ -23,6 +23,11 @@ TORCH_LIBRARY(dpfast_C, m) {
   // Per row sum(m g x), sum(m g), m = not [relu_out <= 0], and with moments the shifted first
   // and second moments of x (the normalisation rules): (N, 2) or (N, 5) float64.
   m.def("row_dots(Tensor g, Tensor x, Tensor? relu_out, bool moments) -> Tensor");
+  // Per-example weight gradients of a depthwise 2-d conv (rules/conv.py): x (B, C, H, W),
+  // g (B, M C, Ho, Wo) -> (B, M C, kh, kw); padding: the leading padding of each dim.
+  m.def(
+      "depthwise_weight_grads(Tensor x, Tensor g, int[] kernel, int[] stride, int[] padding, "
+      "int[] dilation) -> Tensor");
   // The recurrent rule's recurrence (CPU): all steps of one layer and direction.
   m.def(
       "lstm_sequence(Tensor gi, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, Tensor? valid) "

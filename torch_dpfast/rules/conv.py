@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
+from .. import _ext, ops
 from ..ops.conv import conv_geometry, pad_arguments, unfold_patches
 from ._registry import Rule, bound_dtype, register_rule, row_norms, scaled_sum, zero_norms
 from .linear import plan_linear
@@ -77,6 +77,12 @@ def conv_bound_sq(x: Tensor, g: Tensor, kwargs: dict, weight: bool, bias: bool) 
 # as fast as the batch's). Grouped convs with several input channels per group are folded.
 # Stems (a few input channels, large maps) go by example: 7x7, 3 -> 64 channels, stride 2 at
 # 224x224: 15.7 ms against 27.7 folded (the batch's: 13.3); 3x3, 3 -> 32: 3.6 against 8.5.
+# A depthwise conv whose input holds DEPTHWISE_KERNEL_MIN_INPUT values or more goes through the
+# compiled kernel (csrc/cpu/depthwise_grads.cpp): oneDNN's correlation falls off a cliff there
+# (batch 8, 3x3: 32 channels at 56x56 0.48 ms, 128 channels 17.6 ms, the kernel 2.3 ms;
+# EfficientNet-B0's four largest: 62 ms against 11) and is faster below it (5x5, 128 channels
+# at 28x28: 0.7 ms against 2.2).
+DEPTHWISE_KERNEL_MIN_INPUT = 1 << 21
 FOLDED_MAX_CHANNELS = 192
 BY_EXAMPLE_MAX_INPUT_CHANNELS = 4
 BY_EXAMPLE_MAX_WEIGHT = 1 << 20
@@ -95,6 +101,8 @@ def weight_grads(module: nn.Module, x: Tensor, g: Tensor, out: Tensor | None = N
     g = g.to(dtype)
     geometry = conv_geometry("conv rule", x, g, **kwargs)
     path = _gradient_path(module, x, geometry)
+    if path == "depthwise_kernel" and not (x.requires_grad or g.requires_grad):
+        return _weight_grads_depthwise(module, x, g, geometry, out)
     if path == "by_example":
         return _weight_grads_by_example(module, x, g, geometry, out)
     if path in ("folded", "correlated"):
@@ -109,9 +117,12 @@ def weight_grads(module: nn.Module, x: Tensor, g: Tensor, out: Tensor | None = N
 
 
 def _gradient_path(module: nn.Module, x: Tensor, geometry) -> str:
-    """One of "correlated", "folded", "by_example", "gemm": see :data:`FOLDED_MAX_CHANNELS`."""
+    """One of "depthwise_kernel", "correlated", "folded", "by_example", "gemm": see
+    :data:`FOLDED_MAX_CHANNELS` and :data:`DEPTHWISE_KERNEL_MIN_INPUT`."""
     if module.groups > 1:
         one_input = module.in_channels == module.groups  # depthwise (any channel multiplier)
+        if one_input and _depthwise_kernel_runs(x):
+            return "depthwise_kernel"
         kernel, strides = geometry[0], geometry[1]
         # strided 3x3: the dilated correlation is slower than folding (3x3, stride 2, 96
         # channels at 112x112: 35 ms against 24 ms folded; 5x5 at 56x56: 6 ms against 25 ms)
@@ -130,6 +141,31 @@ def _gradient_path(module: nn.Module, x: Tensor, geometry) -> str:
     if module.weight.numel() <= BY_EXAMPLE_MAX_WEIGHT and symmetric:
         return "by_example"
     return "gemm"
+
+
+def _depthwise_kernel_runs(x: Tensor) -> bool:
+    """Whether the compiled depthwise kernel takes a depthwise conv's input x: CPU, float32 or
+    float64, 1 or 2 spatial dims, at least DEPTHWISE_KERNEL_MIN_INPUT values."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and x.dim() in (3, 4)
+        and x.numel() >= DEPTHWISE_KERNEL_MIN_INPUT
+        and _ext.has_kernel("depthwise_weight_grads", "CPU")
+    )
+
+
+def _weight_grads_depthwise(module, x, g, geometry, out=None) -> Tensor:
+    """(B, *weight.shape) by the compiled kernel: each example's weight gradient
+    G_i[o, 0, k] = sum_t g_i[o, t] x_i[o / M, stride t - pad + dilation k] (M = C_out / C_in),
+    one thread per (example, channel) plane; a 1-d conv as a 2-d one of height 1."""
+    kernel, strides, pads, dilation = geometry
+    if x.dim() == 3:
+        x, g = x.unsqueeze(2), g.unsqueeze(2)
+        kernel, strides, pads, dilation = [1, *kernel], [1, *strides], [0, 0, *pads], [1, *dilation]
+    grads = torch.ops.dpfast_C.depthwise_weight_grads(x, g, kernel, strides, pads[0::2], dilation)
+    grads = grads.view(x.shape[0], *module.weight.shape)
+    return grads if out is None else out.view(grads.shape).copy_(grads)
 
 
 def _patch_rows(x: Tensor, geometry) -> Tensor:
