@@ -81,7 +81,16 @@ def test_info_reports_versions_backends_and_precision():
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert f"torch          {torch.__version__}" in out
-    for line in ("reference    live", "cpp ", "cuda ", "triton ", "precision: ieee", "GPU"):
+    lines = (
+        "reference    live",
+        "cpp ",
+        "cuda ",
+        "triton ",
+        "precision: ieee",
+        "GPU",
+        "CPU memory:",
+    )
+    for line in lines:
         assert line in out
     if _ext.cpu_loaded:
         assert "cpp          live" in out

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import coupling, losses, materialise_plan
+from . import coupling, cpu_memory, losses, materialise_plan
 from .assign import assign_rules, check_no_batch_statistics
 from .capture import CAPTURES, UseCapture, bind, bind_root, bypassed, switchable_root
 from .clippers import CLIPPING_MODES, Clipper, make_clipper
@@ -409,6 +409,8 @@ def attach(
         )
     names = attachment._names
     attachment._param_ids = frozenset(id(p) for p in attachment.parameters())
+    if any(p.device.type == "cpu" for p in attachment.parameters()):
+        cpu_memory.keep_freed_memory()
     for p in attachment.parameters():
         p.summed_grad = None
         # Inside captured layers parameters are detached; a gradient reaching one means it was

@@ -1,4 +1,5 @@
-"""``python -m torch_dpfast.info``: versions, live backends, GPU and precision setting."""
+"""``python -m torch_dpfast.info``: versions, live backends, GPU, precision setting and the CPU
+memory setting (cpu_memory.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import platform
 
 import torch
 
-from . import _ext, ops
+from . import _ext, cpu_memory, ops
 from .precision import get_precision
 
 
@@ -66,6 +67,7 @@ def report() -> str:
         f"precision: {get_precision()} (torch matmul TF32 "
         f"{torch.backends.cuda.matmul.allow_tf32}, cuDNN TF32 {torch.backends.cudnn.allow_tf32})"
     )
+    lines.append(f"CPU memory: {cpu_memory.status()}")
     return "\n".join(lines)
 
 
