@@ -3,12 +3,15 @@
 A private step holds every captured layer's input and output gradient until the clip; at its
 end they are freed at once, and glibc hands the top of its heap back to the operating system
 (and serves allocations above a dynamic threshold by fresh mmaps), so the next step page-faults
-all of it in again, zero-filled: on the 2-core CPU the private backward of EfficientNet-B0 at
-batch 8 took 209-234 ms with it against 168 ms without, and its steps 0.77-0.80x against
-0.95-1.07x non-private (BiT-R50x1: 0.78-0.79x against 0.82-0.84x; the non-private steps in the
-same processes unchanged). With the trim threshold at 2 GiB and the mmap threshold at glibc's
-maximum (32 MiB) the freed memory stays in the process: its resident size then stays at the
-step's peak between steps instead of dropping and climbing back (the peak itself is the same).
+all of it in again, zero-filled. On the 2-core CPU the private backward of EfficientNet-B0 at
+batch 8 took 209-234 ms that way against 168 ms with the thresholds below, its steps ran
+0.77-0.80x against 0.95-1.07x non-private (BiT-R50x1: 0.78-0.79x against 0.82-0.84x), and the
+non-private steps in the same processes did not change.
+
+With the trim threshold at 2 GiB and the mmap threshold at glibc's maximum (32 MiB) the freed
+memory stays in the process: its resident size then stays at the step's peak between steps
+instead of dropping and climbing back (the peak moved by +0.1-3.7% on the families measured,
+docs/install.md).
 
 ``attach`` calls :func:`keep_freed_memory` for models with parameters on CPU; the environment
 variable ``DPFAST_KEEP_FREED_MEMORY=0`` turns it off (set it before the first attach)."""
