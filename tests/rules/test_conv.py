@@ -70,9 +70,10 @@ def test_conv_rule_matches_per_example_autograd(case, gen):
         (nn.Conv2d(2, 2, 3, stride=2, padding=1, groups=2), (2, 2, 7, 6), "folded"),
         (nn.Conv3d(2, 2, 2, padding=1, groups=2), (2, 2, 5, 4, 5), "correlated"),
         (nn.Conv1d(300, 5, 3, padding=2, dilation=2), (2, 300, 9), "by_example"),
-        # depthwise with >= DEPTHWISE_KERNEL_MIN_INPUT input values: the compiled kernel
-        (nn.Conv2d(8, 16, 4, padding="same", groups=8), (2, 8, 363, 363), "depthwise_kernel"),
-        (nn.Conv1d(5, 5, 3, stride=3, padding=4, groups=5), (2, 5, 209_716), "depthwise_kernel"),
+        # depthwise with >= DEPTHWISE_KERNEL_MIN_INPUT input values: the faster of oneDNN's path
+        # and the compiled kernel
+        (nn.Conv2d(8, 16, 4, padding="same", groups=8), (2, 8, 257, 257), "depthwise_fastest"),
+        (nn.Conv1d(5, 5, 3, stride=3, padding=4, groups=5), (2, 5, 104_858), "depthwise_fastest"),
     ],
 )
 def test_conv_per_example_gradient_paths(conv, x, path, gen, monkeypatch):
@@ -86,12 +87,13 @@ def test_conv_per_example_gradient_paths(conv, x, path, gen, monkeypatch):
     g = output_grad(module, inputs, gen)
     expected = brute_force(module, inputs, g)["weight"]
     depthwise = module.groups == module.in_channels and module.weight.dim() < 5
-    for forced in ("correlated", "folded", "by_example", "gemm", "depthwise_kernel"):
+    ways = ("correlated", "folded", "by_example", "gemm", "depthwise_kernel", "depthwise_fastest")
+    for forced in ways:
         if forced == "by_example" and module.padding == "same":
             continue  # asymmetric padding: the convolution backward cannot take it
         if forced == "gemm" and module.groups > 1:
             continue  # grouped convs are always folded
-        if forced == "depthwise_kernel" and not depthwise:
+        if forced.startswith("depthwise") and not depthwise:
             continue  # depthwise 1-d and 2-d convs only
         monkeypatch.setattr(conv_rule, "_gradient_path", lambda *a, forced=forced: forced)
         got = rule_for(module).per_example_grads(module, inputs, g)["weight"]

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .. import _ext, ops
 from ..ops.conv import conv_geometry, pad_arguments, unfold_patches
+from ._fastest import fastest
 from ._registry import Rule, bound_dtype, register_rule, row_norms, scaled_sum, zero_norms
 from .linear import plan_linear
 
@@ -77,12 +78,14 @@ def conv_bound_sq(x: Tensor, g: Tensor, kwargs: dict, weight: bool, bias: bool) 
 # as fast as the batch's). Grouped convs with several input channels per group are folded.
 # Stems (a few input channels, large maps) go by example: 7x7, 3 -> 64 channels, stride 2 at
 # 224x224: 15.7 ms against 27.7 folded (the batch's: 13.3); 3x3, 3 -> 32: 3.6 against 8.5.
-# A depthwise conv whose input holds DEPTHWISE_KERNEL_MIN_INPUT values or more goes through the
-# compiled kernel (csrc/cpu/depthwise_grads.cpp): oneDNN's correlation falls off a cliff there
-# (batch 8, 3x3: 32 channels at 56x56 0.48 ms, 128 channels 17.6 ms, the kernel 2.3 ms;
-# EfficientNet-B0's four largest: 62 ms against 11) and is faster below it (5x5, 128 channels
-# at 28x28: 0.7 ms against 2.2).
-DEPTHWISE_KERNEL_MIN_INPUT = 1 << 21
+# A depthwise conv whose input holds DEPTHWISE_KERNEL_MIN_INPUT values or more takes the faster,
+# timed once per shape (rules/_fastest.py), of oneDNN's path and a compiled kernel
+# (csrc/cpu/depthwise_grads.cpp): oneDNN's correlation falls off a cliff on some such shapes
+# and not on others (batch 8, 3x3 at 56x56: 32 channels 0.48 ms, 128 channels 17.6 ms, the
+# kernel 2.3 ms; 7x7, 64 channels at 56x56, batch 12: oneDNN 6.9 ms, the kernel 14.8 ms; 5x5,
+# 240 channels at 28x28, batch 16: 5.8 against 15.1), and below it was faster every time
+# measured (5x5, 128 channels at 28x28, batch 8: 0.7 ms against 2.2).
+DEPTHWISE_KERNEL_MIN_INPUT = 1 << 20
 FOLDED_MAX_CHANNELS = 192
 BY_EXAMPLE_MAX_INPUT_CHANNELS = 4
 BY_EXAMPLE_MAX_WEIGHT = 1 << 20
@@ -101,8 +104,13 @@ def weight_grads(module: nn.Module, x: Tensor, g: Tensor, out: Tensor | None = N
     g = g.to(dtype)
     geometry = conv_geometry("conv rule", x, g, **kwargs)
     path = _gradient_path(module, x, geometry)
-    if path == "depthwise_kernel" and not (x.requires_grad or g.requires_grad):
+    if path == "depthwise_fastest" and not (x.requires_grad or g.requires_grad):
+        grads = _weight_grads_fastest_depthwise(module, x, g, geometry)
+        return grads if out is None else out.view(grads.shape).copy_(grads)
+    if path == "depthwise_kernel":
         return _weight_grads_depthwise(module, x, g, geometry, out)
+    if path == "depthwise_fastest":  # inputs requiring grad: oneDNN's path
+        path = _onednn_depthwise_path(geometry)
     if path == "by_example":
         return _weight_grads_by_example(module, x, g, geometry, out)
     if path in ("folded", "correlated"):
@@ -117,19 +125,16 @@ def weight_grads(module: nn.Module, x: Tensor, g: Tensor, out: Tensor | None = N
 
 
 def _gradient_path(module: nn.Module, x: Tensor, geometry) -> str:
-    """One of "depthwise_kernel", "correlated", "folded", "by_example", "gemm": see
-    :data:`FOLDED_MAX_CHANNELS` and :data:`DEPTHWISE_KERNEL_MIN_INPUT`."""
+    """One of "depthwise_fastest" (the faster of oneDNN's and the compiled kernel's, see
+    :data:`DEPTHWISE_KERNEL_MIN_INPUT`), "correlated", "folded", "by_example", "gemm" (see
+    :data:`FOLDED_MAX_CHANNELS`)."""
     if module.groups > 1:
         one_input = module.in_channels == module.groups  # depthwise (any channel multiplier)
         if one_input and _depthwise_kernel_runs(x):
-            return "depthwise_kernel"
-        kernel, strides = geometry[0], geometry[1]
-        # strided 3x3: the dilated correlation is slower than folding (3x3, stride 2, 96
-        # channels at 112x112: 35 ms against 24 ms folded; 5x5 at 56x56: 6 ms against 25 ms)
-        small_strided = max(kernel) <= 3 and max(strides) > 1
-        return (
-            "correlated" if one_input and x.device.type == "cpu" and not small_strided else "folded"
-        )
+            return "depthwise_fastest"
+        if one_input and x.device.type == "cpu":
+            return _onednn_depthwise_path(geometry)
+        return "folded"
     kernel, _, pads, _ = geometry
     if x.device.type != "cpu" or math.prod(kernel) == 1:
         return "gemm"
@@ -141,6 +146,28 @@ def _gradient_path(module: nn.Module, x: Tensor, geometry) -> str:
     if module.weight.numel() <= BY_EXAMPLE_MAX_WEIGHT and symmetric:
         return "by_example"
     return "gemm"
+
+
+def _onednn_depthwise_path(geometry) -> str:
+    """ "correlated", or "folded" for a strided conv with kernels up to 3: there the dilated
+    correlation is slower than folding (3x3, stride 2, 96 channels at 112x112: 35 ms against
+    24 ms folded; 5x5 at 56x56: 6 ms against 25 ms)."""
+    kernel, strides = geometry[0], geometry[1]
+    return "folded" if max(kernel) <= 3 and max(strides) > 1 else "correlated"
+
+
+def _weight_grads_fastest_depthwise(module, x, g, geometry) -> Tensor:
+    """(B, *weight.shape) by the compiled kernel or oneDNN's path, whichever ran faster the
+    first time this shape was met (rules/_fastest.py)."""
+    onednn = _onednn_depthwise_path(geometry)
+    compute = _weight_grads_folded if onednn == "folded" else _weight_grads_correlated
+    key = ("depthwise", tuple(x.shape), tuple(g.shape), x.dtype, module.groups,
+           *(tuple(part) for part in geometry), torch.get_num_threads())  # fmt: skip
+    ways = {
+        "depthwise_kernel": lambda: _weight_grads_depthwise(module, x, g, geometry),
+        onednn: lambda: compute(module, x, g, geometry),
+    }
+    return fastest(key, ways)
 
 
 def _depthwise_kernel_runs(x: Tensor) -> bool:
