@@ -408,10 +408,11 @@ def attach(
             )
         )
     names = attachment._names
-    attachment._param_ids = frozenset(id(p) for p in attachment.parameters())
-    if any(p.device.type == "cpu" for p in attachment.parameters()):
+    params = attachment.parameters()
+    attachment._param_ids = frozenset(id(p) for p in params)
+    if any(p.device.type == "cpu" for p in params):
         cpu_memory.keep_freed_memory()
-    for p in attachment.parameters():
+    for p in params:
         p.summed_grad = None
         # Inside captured layers parameters are detached; a gradient reaching one means it was
         # used somewhere else, where its contribution would escape clipping.

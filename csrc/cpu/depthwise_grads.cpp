@@ -25,22 +25,6 @@
 namespace dpfast {
 namespace {
 
-// sum_j a[j] b[j] in scalar_t, kLanes independent lanes (they vectorise without -ffast-math).
-template <typename scalar_t>
-inline __attribute__((always_inline)) scalar_t lane_dot(const scalar_t* __restrict__ a,
-                                                        const scalar_t* __restrict__ b,
-                                                        int64_t n) {
-  scalar_t lanes[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) lanes[l] += a[j + l] * b[j + l];
-  }
-  scalar_t total = 0;
-  for (; j < n; ++j) total += a[j] * b[j];
-  for (int l = 0; l < kLanes; ++l) total += lanes[l];
-  return total;
-}
-
 // floor(a / b) for b > 0.
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
@@ -93,8 +77,9 @@ DPFAST_VECTOR_CLONES void plane_grads(const scalar_t* x, const scalar_t* __restr
         const Columns& c = columns[kx];
         if (c.last <= c.first) continue;
         const scalar_t* src = x_row + c.phase * (k.sx > 1 ? phase_len : 1) + c.shift;
-        acc[ky * k.kw + kx] +=
-            static_cast<double>(lane_dot(g_row + c.first, src + c.first, c.last - c.first));
+        const int64_t n = c.last - c.first;
+        acc[ky * k.kw + kx] += static_cast<double>(
+            sum_products<scalar_t>(g_row + c.first, src + c.first, n));
       }
     }
   }

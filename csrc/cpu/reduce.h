@@ -34,18 +34,20 @@ double sum_squares(const scalar_t* x, int64_t n) {
   return total;
 }
 
-// sum_j x[j] y[j] in double.
-template <typename scalar_t>
-double sum_products(const scalar_t* x, const scalar_t* y, int64_t n) {
-  double lanes[kLanes] = {0.0};
+// sum_j x[j] y[j] in acc_t (double unless asked; scalar_t where the caller sums short runs and
+// adds them up in double itself).
+template <typename acc_t = double, typename scalar_t>
+inline __attribute__((always_inline)) acc_t sum_products(const scalar_t* x, const scalar_t* y,
+                                                         int64_t n) {
+  acc_t lanes[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      lanes[l] += static_cast<double>(x[j + l]) * static_cast<double>(y[j + l]);
+      lanes[l] += static_cast<acc_t>(x[j + l]) * static_cast<acc_t>(y[j + l]);
     }
   }
-  double total = 0.0;
-  for (; j < n; ++j) total += static_cast<double>(x[j]) * static_cast<double>(y[j]);
+  acc_t total = 0;
+  for (; j < n; ++j) total += static_cast<acc_t>(x[j]) * static_cast<acc_t>(y[j]);
   for (int l = 0; l < kLanes; ++l) total += lanes[l];
   return total;
 }
