@@ -136,13 +136,16 @@ def threads():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("count", [1, 2, 3, 4])
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-def test_wide_layers_share_their_units_among_threads(mode, count, dtype, threads, gen):
-    """Batch 33, hidden 70: the LSTM's threads own 70, 48 + 22, 32 + 32 + 6 or 32 + 32 + 6 + 0
-    units (one owning none), with 8-, 4- and 1-row tiles; padded steps; every gradient, against
-    the loop in float64 on the same inputs (float32 within 1e-4 of each result's scale)."""
+@pytest.mark.parametrize("hidden", [70, 27])
+def test_wide_layers_share_their_units_among_threads(mode, count, dtype, hidden, threads, gen):
+    """Batch 33: the LSTM's threads own 70, 48 + 22, 32 + 32 + 6 or 32 + 32 + 6 + 0 units (one
+    owning none), or 27, 16 + 11, ..., so that the small GEMM's 8-row and 1-row tiles, its
+    two-vector and one-vector column tiles (float32 and float64 lanes) and its scalar columns
+    all run; padded steps; every gradient, against the loop in float64 on the same inputs
+    (float32 within 1e-4 of each result's scale)."""
     threads(count)
-    args = _case(mode, dtype, gen, batch=33, steps=6, hidden=70, padded=True)
-    args = (*args[:3], args[3] / 70**0.5, *args[4:])  # W_hh h of unit scale: not all saturated
+    args = _case(mode, dtype, gen, batch=33, steps=6, hidden=hidden, padded=True)
+    args = (*args[:3], args[3] / hidden**0.5, *args[4:])  # W_hh h of unit scale
     ref_args = [a.detach().double().requires_grad_() if a is not None else None for a in args[:3]]
     ref_args += [a.double() if a.is_floating_point() else a for a in args[3:] if a is not None]
     ref_args += [None] * (len(args) - len(ref_args))
