@@ -28,6 +28,11 @@ TORCH_LIBRARY(dpfast_C, m) {
   m.def(
       "depthwise_weight_grads(Tensor x, Tensor g, int[] kernel, int[] stride, int[] padding, "
       "int[] dilation) -> Tensor");
+  // Per-example gradients d_b^T a_k,b of linear maps sharing the output gradient d (and the
+  // bias's sum_t d_b,t) into the given buffers, with their per-example squared norms (CPU).
+  m.def(
+      "linear_uses_grads(Tensor[] inputs, Tensor d, Tensor(a!)[] out, Tensor(b!)? bias_out) "
+      "-> Tensor");
   // The recurrent rule's recurrence (CPU): all steps of one layer and direction.
   m.def(
       "lstm_sequence(Tensor gi, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, Tensor? valid) "

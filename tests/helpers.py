@@ -89,3 +89,20 @@ def clipped_reference(per_example: torch.Tensor, max_norm: float):
     norms = per_example.norm(dim=1)
     factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     return (factors[:, None] * per_example).sum(0), norms.square()
+
+
+def watch_normed_materialising(monkeypatch) -> list[bool]:
+    """A list that every call of LinearUsesRule.normed_per_example_grads (the recurrent rules'
+    per-example gradients with their norms, by the compiled kernel) appends to: whether it
+    ran (False: it fell back to batched GEMMs)."""
+    from torch_dpfast.rules._linear_uses import LinearUsesRule
+
+    original, ran = LinearUsesRule.normed_per_example_grads, []
+
+    def watched(*args, **kwargs):
+        result = original(*args, **kwargs)
+        ran.append(result is not None)
+        return result
+
+    monkeypatch.setattr(LinearUsesRule, "normed_per_example_grads", watched)
+    return ran

@@ -319,3 +319,24 @@ def test_explain_and_the_engine_agree_on_recurrent_layers(batch_first, budget, m
     took_fast_path = {name for name, m in model.named_children() if m in fast}
     assert took_fast_path == {"embed", "lstm", "head"} - planned
     torch.testing.assert_close(summed, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_a_parameter_materialised_with_its_norms_cannot_take_a_second_use(gen):
+    """materialise's guard: norms computed with a layer's per-example gradients cover that
+    call only, so a second contribution to one of its parameters is refused, not summed under
+    a norm that misses it (the engine gives buffers to single-use parameters only)."""
+    from torch_dpfast.records import materialise
+
+    lstm = nn.LSTM(3, 4, batch_first=True)
+    attachment = dpf.attach(lstm, clipping="auto", loss_reduction="sum")
+    try:
+        lstm(torch.randn(2, 5, 3, generator=gen))[0].sum().backward()
+        (record,) = attachment._records
+        buffers = {id(record): {n: torch.empty(2, *p.shape) for n, p in record.params.items()}}
+        with pytest.raises(RuntimeError, match="materialised with its norms and used again"):
+            materialise([record, record], buffers, 2, normed={})
+        assert set(materialise([record], buffers, 2, normed={})) == {
+            id(p) for p in record.params.values()
+        }
+    finally:
+        attachment.detach()

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import torch_dpfast as dpf
+from tests.helpers import watch_normed_materialising
 from torch_dpfast import certify
 from torch_dpfast.ghost import ghost_backward
 from torch_dpfast.ops import _backend
@@ -141,6 +142,36 @@ def test_cancelling_positions_in_a_depthwise_conv_by_the_compiled_kernel(
     distance = neighbour_distance(model, honest, adversary, summed_output, mode, budget)
     assert distance <= C + SLACK
     assert calls or mode != "per_example"  # materialised: the kernel computed them
+
+
+@pytest.mark.parametrize("mode,budget", MODES)
+@pytest.mark.parametrize("magnitude", [1e0, 1e3, 1e15])
+def test_cancelling_steps_in_an_lstm_by_the_compiled_kernels(
+    mode, budget, magnitude, gen, monkeypatch
+):
+    """Steps M u and -M u + v into an LSTM whose input weight is scaled by 1 / M (gates of unit
+    size, gradient terms of size M): materialised (``auto``) by linear_uses_grads, whose norms
+    are those of the very gradients summed; the fast paths certified."""
+    from torch_dpfast import _ext
+
+    if not _ext.has_kernel("linear_uses_grads", "CPU"):
+        pytest.skip("torch_dpfast._C is not built")
+    normed = watch_normed_materialising(monkeypatch)
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    model = nn.LSTM(4, 3, batch_first=True)
+    with torch.no_grad():
+        model.weight_ih_l0.div_(magnitude)
+    honest = torch.randn(3, 2, 4, generator=gen)
+    distance = neighbour_distance(
+        model,
+        honest,
+        cancelling_pair(magnitude, 4),
+        lambda out: summed_output(out[0]),
+        mode,
+        budget,
+    )
+    assert distance <= C + SLACK
+    assert any(normed) or (mode, budget) != ("auto", None)
 
 
 @pytest.mark.parametrize("mode,budget", MODES)

@@ -230,26 +230,40 @@ def has_fast_path(rule: Rule) -> bool:
 
 
 def materialise(
-    records: list[Record], buffers: dict[int, dict[str, Tensor]] | None = None, rows: int = 0
+    records: list[Record],
+    buffers: dict[int, dict[str, Tensor]] | None = None,
+    rows: int = 0,
+    normed: dict[int, tuple[set[int], Tensor]] | None = None,
 ) -> dict[int, tuple[nn.Parameter, Tensor]]:
     """{id(p): (p, (B, *p.shape) per-example gradient summed over p's uses)}; the records
     with buffers (``buffers[id(record)]``, single-use parameters) are materialised on their
-    first ``rows`` examples only, (rows, *p.shape), into those buffers."""
+    first ``rows`` examples only, (rows, *p.shape), into those buffers. With ``normed`` (a
+    dict to fill), those whose rule computes the gradients' squared norms as it writes them
+    (``normed_per_example_grads``) put them there, {id(record): (ids of its parameters, (rows,)
+    squared norms)}: their norms are not taken again."""
     buffers = buffers or {}
     per_example: dict[int, tuple[nn.Parameter, Tensor]] = {}
     with torch.profiler.record_function("torch_dpfast::per_example_gradients"):
         for r in records:
-            _materialise_one(r, buffers, rows, per_example)
+            _materialise_one(r, buffers, rows, per_example, normed)
     return per_example
 
 
-def _materialise_one(r: Record, buffers, rows: int, per_example: dict) -> None:
+def _materialise_one(r: Record, buffers, rows: int, per_example: dict, normed) -> None:
     """Adds the per-example gradients of one layer call to ``per_example`` (see materialise)."""
     if r.rule is FALLBACK:
         grads = FALLBACK.per_example_grads(r.module, r.x, r.g, rows=r.fold)
         _check_examples_independent(r, grads)
     elif id(r) in buffers:
-        grads = r.rule.per_example_grads(r.module, *leading_rows(r, rows), out=buffers[id(r)])
+        x, g = leading_rows(r, rows)
+        with_norms = None
+        if normed is not None and hasattr(r.rule, "normed_per_example_grads"):
+            with_norms = r.rule.normed_per_example_grads(r.module, x, g, out=buffers[id(r)])
+        if with_norms is None:
+            grads = r.rule.per_example_grads(r.module, x, g, out=buffers[id(r)])
+        else:
+            grads, norm_sq = with_norms
+            normed[id(r)] = ({id(r.params[name]) for name in grads}, norm_sq)
     elif r.fold > 1:  # per row, then summed over each example's rows
         grads = {
             name: grad.reshape(-1, r.fold, *grad.shape[1:]).sum(dim=1)
@@ -260,7 +274,17 @@ def _materialise_one(r: Record, buffers, rows: int, per_example: dict) -> None:
     for name, grad in grads.items():
         p = r.params[name]
         prev = per_example.get(id(p))
+        if prev is not None and id(p) in normed_ids(normed or {}):
+            raise RuntimeError(
+                f"torch_dpfast: internal error: {name!r} of {type(r.module).__name__} was "
+                "materialised with its norms and used again; its norms would miss a use"
+            )
         per_example[id(p)] = (p, grad if prev is None else prev[1] + grad)
+
+
+def normed_ids(normed: dict[int, tuple[set[int], Tensor]]) -> set[int]:
+    """ids of the parameters whose per-example norms ``materialise`` put in ``normed``."""
+    return {i for ids, _ in normed.values() for i in ids}
 
 
 def _check_examples_independent(record: Record, grads: dict[str, Tensor]) -> None:

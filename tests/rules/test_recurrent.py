@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import torch_dpfast as dpf
-from tests.helpers import clipped_reference
+from tests.helpers import clipped_reference, watch_normed_materialising
 from torch_dpfast.ghost import ghost_backward
 from torch_dpfast.rules import recurrent as recurrent_rule
 from torch_dpfast.rules.fallback import FALLBACK
@@ -122,7 +122,9 @@ def _attached(net, args, mode, max_norm, mask=None):
             net(*args).sum().backward()
             norm_sq = att.clip_and_accumulate(max_norm)
         assert all(p.grad is None for p in net.parameters())
-        return _flat(net, {n: p.summed_grad for n, p in net.named_parameters()}), norm_sq
+        return _flat(
+            net, {n: getattr(p, "summed_grad", None) for n, p in net.named_parameters()}
+        ), norm_sq
     finally:
         att.detach()
         for p in net.parameters():
@@ -181,6 +183,26 @@ def test_every_recurrence_path_matches_brute_force(kind, path, mode, gen, monkey
     net = Net(rnn, read=READS["all"], state=True).double()
     _check(net, _inputs(net, gen), mode, gen)
     assert calls, f"the {path} recurrence was not taken"
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("frozen", [None, "weight_hh_l0", "bias_ih_l1"])
+@pytest.mark.parametrize("path", ["compiled", "native"])
+def test_auto_materialises_layers_with_their_norms_in_one_pass(
+    kind, frozen, path, gen, monkeypatch
+):
+    """``auto`` on CPU materialises the layers by linear_uses_grads (csrc/cpu/linear_uses.cpp):
+    the uses sharing a gate gradient (LSTM and RNN cells on the compiled recurrence: W_ih, W_hh
+    and both biases) in one call, its norms the clip's; frozen weights and biases left out."""
+    if kind == "gru" and path == "native":
+        pytest.skip("a GRU's gates are not gi + gh: torch's fused kernel cannot give dgh")
+    _force_path(path, monkeypatch)
+    normed = watch_normed_materialising(monkeypatch)
+    net = Net(_rnn(kind, batch_first=True, num_layers=2), read=READS["all"]).double()
+    if frozen:
+        net.rnn.get_parameter(frozen).requires_grad_(False)
+    _check(net, _inputs(net, gen), "auto", gen)
+    assert normed and all(normed)
 
 
 @pytest.mark.parametrize("mode", MODES)

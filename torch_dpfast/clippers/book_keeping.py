@@ -21,6 +21,7 @@ from ..records import (
     leading_rows,
     mask_on,
     materialise,
+    normed_ids,
     plain_records,
     warn_non_finite,
     zero_padded,
@@ -51,11 +52,17 @@ class BookKeeping(Clipper):
         buffers = {id(r): self._workspace_for(r, kept) for r in plain if id(r) in cut}
         plain = [r for r in plain if id(r) not in cut]
         plain_ids = {id(r) for r in plain}
-        per_example = materialise([r for r in records if id(r) not in plain_ids], buffers, kept)
+        normed: dict[int, tuple[set[int], Tensor]] = {}
+        per_example = materialise(
+            [r for r in records if id(r) not in plain_ids], buffers, kept, normed
+        )
 
         parts, exact = _certified_norms(plain, kept, self.norm_method)
-        if per_example:
-            parts.append(ops.per_example_norm_sq([g[:kept] for _, g in per_example.values()]))
+        parts += [norm_sq for _, norm_sq in normed.values()]
+        done = normed_ids(normed)
+        rest = [g[:kept] for key, (_, g) in per_example.items() if key not in done]
+        if rest:
+            parts.append(ops.per_example_norm_sq(rest))
         device = leading(records[0].g).device
         norm_sq, factors = ops.total_clip_factors(
             parts,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import ops
+from .. import _ext, ops
 from ._registry import Rule, scaled_sum, zero_norms
 from .linear import linear_bound_sq, plan_linear
 
@@ -22,8 +22,12 @@ class LinearUsesRule(Rule):
         raise NotImplementedError
 
     def per_example_grads(self, module, x, g, out=None):
-        """{name: (B, *p.shape)}: one batched GEMM d_i^T a_i per weight, written into
-        ``out[name]`` where given (the engine's reused buffers)."""
+        """{name: (B, *p.shape)}: d_i^T a_i per weight, written into ``out[name]`` where given
+        (the engine's reused buffers); by :meth:`normed_per_example_grads` where it runs, else
+        one batched GEMM per weight."""
+        normed = self.normed_per_example_grads(module, x, g, out)
+        if normed is not None:
+            return normed[0]
         params, grads, out = self.parameters(module), {}, out or {}
         for weight, bias, a, d in self.uses(module, x, g):
             dtype = torch.promote_types(a.dtype, d.dtype)  # autocast: float32 a, bfloat16 d
@@ -32,6 +36,48 @@ class LinearUsesRule(Rule):
             if bias in params:
                 grads[bias] = torch.sum(d.to(dtype), dim=1, out=out.get(bias))
         return grads
+
+    def normed_per_example_grads(self, module, x, g, out=None):
+        """(per_example_grads, (B,) their squared norms summed) by the compiled CPU kernel
+        (csrc/cpu/linear_uses.cpp): the uses sharing one output gradient d (a recurrent layer's
+        input and recurrent weights) in one pass over each example, the norms taken from the
+        values stored, while they are in cache. None where it does not run: not every use a
+        (B, T, .) pair of one float32/float64 CPU dtype, or the extension not built."""
+        uses = self.uses(module, x, g)
+        if not uses or not all(_compiled(a, d) for _, _, a, d in uses):
+            return None
+        params, out = self.parameters(module), out or {}
+        groups: dict[int, tuple[Tensor, list]] = {}
+        for weight, bias, a, d in uses:
+            groups.setdefault(id(d), (d, []))[1].append((weight, bias, a))
+        grads, total = {}, None
+        for d, members in groups.values():
+            batch, gates = d.shape[0], d.shape[-1]
+            weights = [(w, a) for w, _, a in members if w in params]
+            biases = [b for _, b, _ in members if b in params]
+            if not weights and not biases:
+                continue
+            for w, a in weights:
+                grads[w] = out.get(w, None)
+                if grads[w] is None:
+                    grads[w] = d.new_empty(batch, gates, a.shape[-1])
+            for b in biases:
+                grads[b] = out.get(b, None)
+                if grads[b] is None:
+                    grads[b] = d.new_empty(batch, gates)
+            norm_sq = torch.ops.dpfast_C.linear_uses_grads(
+                [a for _, a in weights],
+                d,
+                [grads[w] for w, _ in weights],
+                grads[biases[0]] if biases else None,
+            )
+            for b in biases[1:]:  # every bias of the group gets the same sum_t d_t
+                grads[b].copy_(grads[biases[0]])
+                norm_sq = norm_sq + grads[b].double().square().sum(dim=1).to(norm_sq.dtype)
+            total = norm_sq if total is None else total + norm_sq
+        if total is None:
+            return None
+        return grads, total
 
     def materialise_saving(self, module, x, g):
         """The uses' norm multiply-adds per example against their parameters' values: the
@@ -69,3 +115,17 @@ class LinearUsesRule(Rule):
             if bias in params:
                 out[bias] = scaled_sum(d.sum(dim=1), scale).to(params[bias].dtype)
         return out
+
+
+def _compiled(a: Tensor, d: Tensor) -> bool:
+    """Whether linear_uses_grads takes this use: (B, T, .) CPU tensors of one dtype, float32
+    or float64, and the extension built."""
+    return (
+        a.dim() == 3
+        and d.dim() == 3
+        and a.device.type == "cpu"
+        and d.device.type == "cpu"
+        and a.dtype == d.dtype
+        and d.dtype in (torch.float32, torch.float64)
+        and _ext.has_kernel("linear_uses_grads", "CPU")
+    )
