@@ -95,6 +95,18 @@ def _check_calls(module, rule, x, g, expected, gen, with_output: bool) -> None:
         assert weight.data_ptr() == buffers["weight"].data_ptr(), "not written into the buffer"
 
     norms = sum(v.flatten(1).square().sum(dim=1) for v in expected.values())
+    if hasattr(rule, "normed_per_example_grads"):  # the compiled kernel, where it runs
+        buffers = {n: torch.full_like(v, float("nan")) for n, v in expected.items()}
+        normed = rule.normed_per_example_grads(
+            module, _recorded(module, x, g, with_output), g, buffers
+        )
+        if normed is not None:
+            got, norm_sq = normed
+            assert got.keys() == expected.keys()
+            for n in expected:
+                torch.testing.assert_close(got[n], expected[n], rtol=1e-9, atol=1e-10)
+                assert got[n].data_ptr() == buffers[n].data_ptr(), "not written into the buffer"
+            torch.testing.assert_close(norm_sq, norms, rtol=1e-9, atol=1e-10)
     for method in ("ghost", "direct", "auto"):
         got = rule.norm_sq(module, _recorded(module, x, g, with_output), g, method)
         torch.testing.assert_close(got, norms, rtol=1e-9, atol=1e-10)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _ext, ops
+from .. import ops
+from ._normed import compiled, grads_with_norms
 from ._registry import Rule, scaled_sum, zero_norms
 from .linear import linear_bound_sq, plan_linear
 
@@ -39,12 +40,12 @@ class LinearUsesRule(Rule):
 
     def normed_per_example_grads(self, module, x, g, out=None):
         """(per_example_grads, (B,) their squared norms summed) by the compiled CPU kernel
-        (csrc/cpu/linear_uses.cpp): the uses sharing one output gradient d (a recurrent layer's
-        input and recurrent weights) in one pass over each example, the norms taken from the
-        values stored, while they are in cache. None where it does not run: not every use a
-        (B, T, .) pair of one float32/float64 CPU dtype, or the extension not built."""
+        (_normed.py): the uses sharing one output gradient d (a recurrent layer's input and
+        recurrent weights, both biases) in one pass over each example. None where it does not
+        run: not every use a (B, T, .) pair of one float32/float64 CPU dtype, or the extension
+        not built."""
         uses = self.uses(module, x, g)
-        if not uses or not all(_compiled(a, d) for _, _, a, d in uses):
+        if not uses or not all(compiled(a, d) for _, _, a, d in uses):
             return None
         params, out = self.parameters(module), out or {}
         groups: dict[int, tuple[Tensor, list]] = {}
@@ -52,32 +53,13 @@ class LinearUsesRule(Rule):
             groups.setdefault(id(d), (d, []))[1].append((weight, bias, a))
         grads, total = {}, None
         for d, members in groups.values():
-            batch, gates = d.shape[0], d.shape[-1]
             weights = [(w, a) for w, _, a in members if w in params]
             biases = [b for _, b, _ in members if b in params]
-            if not weights and not biases:
-                continue
-            for w, a in weights:
-                grads[w] = out.get(w, None)
-                if grads[w] is None:
-                    grads[w] = d.new_empty(batch, gates, a.shape[-1])
-            for b in biases:
-                grads[b] = out.get(b, None)
-                if grads[b] is None:
-                    grads[b] = d.new_empty(batch, gates)
-            norm_sq = torch.ops.dpfast_C.linear_uses_grads(
-                [a for _, a in weights],
-                d,
-                [grads[w] for w, _ in weights],
-                grads[biases[0]] if biases else None,
-            )
-            for b in biases[1:]:  # every bias of the group gets the same sum_t d_t
-                grads[b].copy_(grads[biases[0]])
-                norm_sq = norm_sq + grads[b].double().square().sum(dim=1).to(norm_sq.dtype)
-            total = norm_sq if total is None else total + norm_sq
-        if total is None:
-            return None
-        return grads, total
+            if weights or biases:
+                found, norm_sq = grads_with_norms(d, weights, biases, out)
+                grads.update(found)
+                total = norm_sq if total is None else total + norm_sq
+        return None if total is None else (grads, total)
 
     def materialise_saving(self, module, x, g):
         """The uses' norm multiply-adds per example against their parameters' values: the
@@ -115,17 +97,3 @@ class LinearUsesRule(Rule):
             if bias in params:
                 out[bias] = scaled_sum(d.sum(dim=1), scale).to(params[bias].dtype)
         return out
-
-
-def _compiled(a: Tensor, d: Tensor) -> bool:
-    """Whether linear_uses_grads takes this use: (B, T, .) CPU tensors of one dtype, float32
-    or float64, and the extension built."""
-    return (
-        a.dim() == 3
-        and d.dim() == 3
-        and a.device.type == "cpu"
-        and d.device.type == "cpu"
-        and a.dtype == d.dtype
-        and d.dtype in (torch.float32, torch.float64)
-        and _ext.has_kernel("linear_uses_grads", "CPU")
-    )

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
 from ._registry import register_rule
@@ -28,9 +27,9 @@ if Conv1D is not None:
 
     @register_rule(Conv1D)
     class HFConv1DRule(LinearRule):
-        def weight_grads(self, x, g, out):
-            """(B, d_in, d_out): Conv1D's layout, x_i^T g_i."""
-            return torch.bmm(x.mT, g, out=out)
+        def weight_operands(self, x, g):
+            """(x, g): Conv1D's layout (d_in, d_out), x_i^T g_i."""
+            return x, g
 
         def plan(self, module, x, out, clipping):
             return plan_linear(clipping, math.prod(x.shape[1:-1]), module.nx, module.nf)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops._checks import norm_method
+from ._normed import compiled, grads_with_norms
 from ._registry import Rule, register_rule, row_norms, scaled_sum, zero_norms
 
 
@@ -43,20 +44,46 @@ class LinearRule(Rule):
     mergeable = True  # a layer called several times per forward: its calls joined (engine)
     position_wise = True  # rows folded into dim 0 (k B, example-major) are taken apart
 
-    def weight_grads(self, x: Tensor, g: Tensor, out: Tensor | None) -> Tensor:
-        """(B, d_out, d_in) per-example weight gradients g_i^T x_i from (B, T, .) rows."""
-        return torch.bmm(g.mT, x, out=out)
+    def weight_operands(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """(d, a) of (B, T, .) rows whose d_i^T a_i is example i's weight gradient in the
+        weight's layout: (g, x), (d_out, d_in)."""
+        return g, x
 
     def per_example_grads(self, module, x, g, out=None):
+        normed = self.normed_per_example_grads(module, x, g, out)
+        if normed is not None:
+            return normed[0]
         dtype = torch.promote_types(x.dtype, g.dtype)  # autocast: float32 x, bfloat16 g
         x, g = _rows(x).to(dtype), _rows(g).to(dtype)
         out = {} if out is None else out
         grads = {}
         if module.weight.requires_grad:
-            grads["weight"] = self.weight_grads(x, g, out.get("weight"))
+            d, a = self.weight_operands(x, g)
+            grads["weight"] = torch.bmm(d.mT, a, out=out.get("weight"))
         if module.bias is not None and module.bias.requires_grad:
             grads["bias"] = torch.sum(g, dim=1, out=out.get("bias"))
         return grads
+
+    def normed_per_example_grads(self, module, x, g, out=None):
+        """(per_example_grads, (B,) their squared norms) by the compiled CPU kernel
+        (_normed.py), or None where it does not run (see ``compiled``)."""
+        x, g = _rows(x), _rows(g)
+        d, a = self.weight_operands(x, g)
+        if not compiled(a, d):
+            return None
+        weight = module.weight.requires_grad
+        bias = module.bias is not None and module.bias.requires_grad
+        calls = []  # (d, weights, biases): the bias is sum_t g_t, with the weight where d is g
+        if weight:
+            calls.append((d, [("weight", a)], ["bias"] if bias and d is g else []))
+        if bias and not (weight and d is g):
+            calls.append((g, [], ["bias"]))
+        grads, total = {}, None
+        for d_k, weights, biases in calls:
+            found, norm_sq = grads_with_norms(d_k, weights, biases, out or {})
+            grads.update(found)
+            total = norm_sq if total is None else total + norm_sq
+        return None if total is None else (grads, total)
 
     def plan(self, module, x, out, clipping):
         t, d_in, d_out = math.prod(x.shape[1:-1]), x.shape[-1], out.shape[-1]

@@ -22,7 +22,8 @@ dgh_t) where there is no projection and no PackedSequence and the identity GEMM 
 to pay (small batches); the rest step by step in PyTorch ops. The record holds x = (x, h_prev[,
 o*tanh(c)]) and g = (dgi, dgh[, dh]) per layer and direction, each (B, T, .). Norms are
 ghost/direct linear norms, sums book-keeping GEMMs, or with ``auto`` on CPU the per-example
-gradients materialised (one batched GEMM per weight): exact either way. Padded steps of a
+gradients materialised (with their norms, every weight sharing a gate gradient in one compiled
+call: _linear_uses.py): exact either way. Padded steps of a
 PackedSequence keep the state (h, c) unchanged and get zero probe gradients, so they add
 nothing.
 """
