@@ -22,7 +22,8 @@
 #include "cpu/reduce.h"
 
 extern "C" {
-// Fortran BLAS, exported by libtorch_cpu (MKL or OpenBLAS builds); weak: absent, at::mm runs.
+// Fortran BLAS with 32-bit integers (LP64), as libtorch_cpu exports it and ATen's own cpublas
+// calls it (MKL or OpenBLAS builds); weak: where no library exports it, at::mm runs instead.
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
             const float* beta, float* c, const int* ldc) __attribute__((weak));
