@@ -8,6 +8,10 @@ its output) into, for the layer's own trainable parameters:
 * ``clipped_sums(module, x, g, scale)``: {name: sum_i scale_i G_i} in the parameter's shape;
 * ``per_example_grads(module, x, g)``: {name: (B, *param.shape)} materialised gradients (the
   ``per_example`` mode, and parameters used more than once per forward);
+* ``normed_per_example_grads(module, x, g, out)`` (optional): (per_example_grads written into
+  ``out``, (B,) their squared norms) in one pass, or None where it cannot; the engine takes
+  those norms for the layers ``auto`` materialises on CPU instead of a second pass over the
+  gradients (rules/_normed.py: linear maps);
 * ``norm_bound(module, x, g)`` (rules with a fast ``norm_sq`` only): (B,) float64 upper bound
   U_i >= ||G_i|| built from sums of non-negative terms (no cancellation), e.g.
   sum_t ||g_it|| ||a_it|| for a linear map. The engine certifies a fast-path norm with it
