@@ -271,10 +271,11 @@ def _materialise_one(r: Record, buffers, rows: int, per_example: dict, normed) -
         }
     else:
         grads = r.rule.per_example_grads(r.module, r.x, r.g)
+    taken = normed_ids(normed) if normed else set()
     for name, grad in grads.items():
         p = r.params[name]
         prev = per_example.get(id(p))
-        if prev is not None and id(p) in normed_ids(normed or {}):
+        if prev is not None and id(p) in taken:
             raise RuntimeError(
                 f"torch_dpfast: internal error: {name!r} of {type(r.module).__name__} was "
                 "materialised with its norms and used again; its norms would miss a use"

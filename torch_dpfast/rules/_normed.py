@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _ext
+from .. import _ext, ops
 
 
 def compiled(*tensors: Tensor) -> bool:
@@ -50,10 +50,5 @@ def grads_with_norms(
     )
     for name in biases[1:]:
         grads[name].copy_(grads[biases[0]])
-        norm_sq = norm_sq + squared_norms(grads[name], norm_sq.dtype)
+        norm_sq = norm_sq + ops.per_example_norm_sq([grads[name]])
     return grads, norm_sq
-
-
-def squared_norms(per_example: Tensor, dtype: torch.dtype) -> Tensor:
-    """(B,) squared norms of (B, ...) values, summed in float64."""
-    return per_example.double().flatten(1).square().sum(dim=1).to(dtype)
