@@ -112,10 +112,42 @@ at::Tensor linear_norm_sq_cpu(const at::Tensor& a_in, const at::Tensor& g_in,
   return at::tensor(total, at::TensorOptions().dtype(at::kDouble)).to(dtype);
 }
 
+// Whether t (B, T, d) is a view of (T, B, d) memory (a recurrent layer's gate gradients on
+// CPU): then the rows of all examples at steps [t0, t1) are one matrix, without a copy.
+bool time_major(const at::Tensor& t) {
+  return t.size(0) > 1 && t.size(1) > 1 && t.transpose(0, 1).is_contiguous();
+}
+
+// out += the clipped sum for a time-major wide side when every c_i != 0: per chunk of steps,
+// the narrow side's rows scaled into a (steps, B, d) buffer in the same order, one GEMM.
+void add_time_major(at::Tensor& out, const at::Tensor& narrow_side, const at::Tensor& wide_side,
+                    const at::Tensor& c, bool scale_a) {
+  const int64_t batch = wide_side.size(0), positions = wide_side.size(1);
+  const int64_t steps = std::clamp<int64_t>(kChunkRows / batch, 1, positions);
+  const at::Tensor wide = wide_side.to(out.scalar_type()).transpose(0, 1);  // (T, B, .) view
+  const at::Tensor factors = c.view({1, batch, 1});
+  at::Tensor buf = at::empty({steps * batch * narrow_side.size(2)}, out.options());
+  for (int64_t t0 = 0; t0 < positions; t0 += steps) {
+    const int64_t n = std::min(steps, positions - t0), rows = n * batch;
+    at::Tensor scaled = buf.narrow(0, 0, rows * narrow_side.size(2))
+                            .view({n, batch, narrow_side.size(2)});
+    at::mul_out(scaled, narrow_side.narrow(1, t0, n).transpose(0, 1).to(out.scalar_type()),
+                factors);
+    at::Tensor x = scaled.view({rows, narrow_side.size(2)});
+    at::Tensor y = wide.narrow(0, t0, n).view({rows, wide_side.size(2)});
+    if (scale_a) {
+      out.addmm_(y.t(), x);
+    } else {
+      out.addmm_(x.t(), y);
+    }
+  }
+}
+
 // sum_i c_i g_i^T a_i over the examples with c_i != 0, in float32 (float64 for float64 a),
 // returned in a's dtype. Runs of consecutive kept examples are cut into chunks of about
 // kChunkRows rows; per chunk the narrower operand is scaled into a buffer and one GEMM adds
-// (scaled g)^T a (or g^T (scaled a)) to the sum. Examples with c_i = 0 are never read.
+// (scaled g)^T a (or g^T (scaled a)) to the sum. Examples with c_i = 0 are never read. A
+// time-major wider operand with every c_i != 0 is read in place (add_time_major).
 at::Tensor linear_clipped_sum_cpu(const at::Tensor& a, const at::Tensor& g,
                                   const at::Tensor& scale) {
   check_pair("linear_clipped_sum", a, g);
@@ -131,6 +163,10 @@ at::Tensor linear_clipped_sum_cpu(const at::Tensor& a, const at::Tensor& g,
   const bool scale_a = d_in < d_out;
   const at::Tensor& narrow_side = scale_a ? a : g;
   const at::Tensor& wide_side = scale_a ? g : a;
+  if (time_major(wide_side) && std::all_of(pc, pc + batch, [](double v) { return v != 0.0; })) {
+    add_time_major(out, narrow_side, wide_side, c.to(acc), scale_a);
+    return out.to(a.scalar_type());
+  }
   const int64_t per_chunk = std::max<int64_t>(1, kChunkRows / std::max<int64_t>(positions, 1));
   at::Tensor buf = at::empty({std::min(per_chunk, batch) * positions * narrow_side.size(2)}, opts);
   for (int64_t i = 0; i < batch;) {

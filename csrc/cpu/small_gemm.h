@@ -1,10 +1,11 @@
 // C[:, cols] += A B[:, cols] for the few-row GEMMs of a recurrence step (A: rows x depth, the
-// batch's states; B: depth x width, a transposed recurrent weight): register tiles of 8 rows x
-// two vectors of columns accumulated over the whole depth, so that B is read once per 8 rows and
+// batch's states; B: depth x width, a transposed recurrent weight): register tiles of 6-8 rows x
+// two vectors of columns accumulated over the whole depth, so that B is read once per tile and
 // nothing is packed or copied (BLAS packs B on every call, which for 8 rows costs as much as the
 // multiply-adds). The tiles are written with GCC/Clang vector types, as wide as the CPU's
-// registers (vector_bytes: 16 of AVX-512's 32 registers, all 16 of AVX2's), so that the
-// accumulators stay in registers whatever the auto-vectoriser decides: plain loops tiled 8 x 32
+// registers (vector_bytes; kTileRows rows so that accumulators, B's vectors and A's broadcast
+// fit the register file), so that the accumulators stay in registers whatever the
+// auto-vectoriser decides: plain loops tiled 8 x 32
 // floats spilled on AVX2 and ran at half this speed (char-LSTM step, 64 x 128 by 128 x 512:
 // 210 -> 100 us on 2 cores' worth of AVX2). Columns past the last whole tile take one-vector
 // tiles, then a scalar loop. The caller's clone (vector_clones.h) picks the instructions; the
@@ -41,9 +42,9 @@ inline __attribute__((always_inline)) void gemm_tile(const scalar_t* __restrict_
                                                      int64_t depth) {
   typedef typename VectorOf<kBytes, scalar_t>::type V;
   constexpr int kLanes = kBytes / sizeof(scalar_t);
-  V acc[kRows][kVecs];
-  for (int r = 0; r < kRows; ++r)
-    for (int v = 0; v < kVecs; ++v) std::memcpy(&acc[r][v], c + r * ldc + v * kLanes, kBytes);
+  // The accumulators start at zero and C is added at the end: loading C first put a (cache-
+  // missing) load at the head of every FMA chain, a fifth of an LSTM step's time.
+  V acc[kRows][kVecs] = {};
   for (int64_t k = 0; k < depth; ++k) {
     V bk[kVecs];
     for (int v = 0; v < kVecs; ++v) std::memcpy(&bk[v], b + k * ldb + v * kLanes, kBytes);
@@ -52,21 +53,42 @@ inline __attribute__((always_inline)) void gemm_tile(const scalar_t* __restrict_
       for (int v = 0; v < kVecs; ++v) acc[r][v] += ark * bk[v];
     }
   }
-  for (int r = 0; r < kRows; ++r)
-    for (int v = 0; v < kVecs; ++v) std::memcpy(c + r * ldc + v * kLanes, &acc[r][v], kBytes);
+  for (int r = 0; r < kRows; ++r) {
+    for (int v = 0; v < kVecs; ++v) {
+      V cv;
+      std::memcpy(&cv, c + r * ldc + v * kLanes, kBytes);
+      cv += acc[r][v];
+      std::memcpy(c + r * ldc + v * kLanes, &cv, kBytes);
+    }
+  }
 }
 
-// Every row of C for the kVecs vectors of columns from c (and b): tiles of 8 rows, then 1.
+// Rows per register tile: kRows x 2 accumulators plus 2 vectors of B and A's broadcast must fit
+// the register file: 8 rows in AVX-512's 32 registers, 6 in the 16 of AVX2 and SSE (8 rows
+// there spilled to the stack inside the depth loop: char-LSTM step ~1.5x slower).
+template <int kBytes>
+constexpr int kTileRows = kBytes == 64 ? 8 : 6;
+
+// Every row of C for the kVecs vectors of columns from c (and b): tiles of kTileRows rows,
+// then of 4, 2 and 1 for the rest (so B is read about rows / kTileRows + 3 times).
 template <int kVecs, int kBytes, typename scalar_t>
 inline __attribute__((always_inline)) void gemm_column_block(const scalar_t* a, int64_t lda,
                                                              const scalar_t* b, int64_t ldb,
                                                              scalar_t* c, int64_t ldc,
                                                              int64_t rows, int64_t depth) {
+  constexpr int kRows = kTileRows<kBytes>;
   int64_t r = 0;
-  for (; r + 8 <= rows; r += 8)
-    gemm_tile<8, kVecs, kBytes>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, depth);
-  for (; r < rows; ++r)
-    gemm_tile<1, kVecs, kBytes>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, depth);
+  for (; r + kRows <= rows; r += kRows)
+    gemm_tile<kRows, kVecs, kBytes>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, depth);
+  if (r + 4 <= rows) {
+    gemm_tile<4, kVecs, kBytes>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, depth);
+    r += 4;
+  }
+  if (r + 2 <= rows) {
+    gemm_tile<2, kVecs, kBytes>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, depth);
+    r += 2;
+  }
+  if (r < rows) gemm_tile<1, kVecs, kBytes>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, depth);
 }
 
 // gemm_accumulate with vectors of kBytes.

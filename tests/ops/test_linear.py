@@ -91,6 +91,36 @@ def test_norms_and_clipped_sums_across_kernel_block_sizes(a_shape, d_out, device
         torch.testing.assert_close(out.double().cpu(), expected_sum, rtol=1e-4, atol=1e-3)
 
 
+# (B, T, d_in, d_out) for gradients g stored time-major, a (B, T, .) view of (T, B, .) memory
+# (a recurrent layer's gate gradients): either side the narrower one, T past one chunk of steps
+# (2048 rows: 1024 steps of 2 examples), one example per step.
+TIME_MAJOR_SHAPES = [(3, 7, 5, 9), (4, 6, 11, 2), (2, 1100, 3, 4), (5, 3, 4, 4)]
+
+
+@pytest.mark.parametrize("batch,steps,d_in,d_out", TIME_MAJOR_SHAPES)
+@pytest.mark.parametrize("zeros", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clipped_sum_of_time_major_gradients(batch, steps, d_in, d_out, zeros, dtype, device, gen):
+    """The C++ kernel reads time-major g in place when no scale is 0 (else example by example):
+    both ways against brute force, float32 and float64; with zero scales a NaN in a dropped
+    example's g must not reach the sum."""
+    a, g_bt = _inputs((batch, steps, d_in), d_out, gen, dtype, device)
+    g = g_bt.transpose(0, 1).contiguous().transpose(0, 1)
+    scale = torch.rand(batch, generator=gen, dtype=torch.float64) + 0.5
+    if zeros:
+        scale[1] = 0.0
+        g[1, steps // 2, 0] = float("nan")
+    keep = scale != 0
+    expected = brute_force.clipped_sum(brute_force.linear_grads(a[keep], g[keep]), scale[keep])
+    found = backends("linear_clipped_sum", device, dtype)
+    if INTERPRET and a.numel() > 10_000:  # the interpreter is too slow
+        found = [b for b in found if b != "triton"]
+    for backend in found:
+        out = dpf.ops.linear_clipped_sum(a, g, scale.to(device), backend=backend)
+        assert torch.isfinite(out).all(), backend
+        assert_close(out, expected, dtype, scale=batch * a.numel() ** 0.5)
+
+
 def test_norms_of_non_finite_examples_are_not_finite(device, gen):
     """A NaN or Inf anywhere in an example's a or g must reach its norm (so that its clip factor
     is 0), in every tile of the C++ ghost kernel and every block of the direct one."""

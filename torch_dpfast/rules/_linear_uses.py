@@ -10,8 +10,8 @@ from torch import Tensor
 
 from .. import ops
 from ._normed import compiled, grads_with_norms
-from ._registry import Rule, scaled_sum, zero_norms
-from .linear import linear_bound_sq, plan_linear
+from ._registry import Rule, row_norms, scaled_sum, zero_norms
+from .linear import plan_linear
 
 
 class LinearUsesRule(Rule):
@@ -47,53 +47,97 @@ class LinearUsesRule(Rule):
         uses = self.uses(module, x, g)
         if not uses or not all(compiled(a, d) for _, _, a, d in uses):
             return None
-        params, out = self.parameters(module), out or {}
-        groups: dict[int, tuple[Tensor, list]] = {}
-        for weight, bias, a, d in uses:
-            groups.setdefault(id(d), (d, []))[1].append((weight, bias, a))
         grads, total = {}, None
-        for d, members in groups.values():
-            weights = [(w, a) for w, _, a in members if w in params]
-            biases = [b for _, b, _ in members if b in params]
-            if weights or biases:
-                found, norm_sq = grads_with_norms(d, weights, biases, out)
-                grads.update(found)
-                total = norm_sq if total is None else total + norm_sq
+        for d, weights, biases in self._groups(module, uses):
+            found, norm_sq = grads_with_norms(d, weights, biases, out or {})
+            grads.update(found)
+            total = norm_sq if total is None else total + norm_sq
         return None if total is None else (grads, total)
 
-    def materialise_saving(self, module, x, g):
-        """The uses' norm multiply-adds per example against their parameters' values: the
-        batched GEMMs of per_example_grads cost what the clipped sums' GEMMs do."""
-        params, macs, values = self.parameters(module), 0, 0
-        for weight, bias, a, d in self.uses(module, x, g):
+    def _groups(self, module, uses) -> list[tuple[Tensor, list[tuple[str, Tensor]], list[str]]]:
+        """[(d, [(weight name, a)], [bias names])]: the trainable uses grouped by their output
+        gradient d (the same tensor: an LSTM layer's W_ih and W_hh with both biases, whose gate
+        gradients are one). A group's weights act as one map [W_1 .. W_k] on the concatenated
+        inputs [a_1 .. a_k]: their summed squared norms are that map's, their clipped sums its
+        columns, so d's share of the work (its Gram, its rows in the GEMM) is done once."""
+        params, groups = self.parameters(module), {}
+        for weight, bias, a, d in uses:
+            _, weights, biases = groups.setdefault(id(d), (d, [], []))
             if weight in params:
-                macs += plan_linear("auto", a.shape[1], a.shape[-1], d.shape[-1])[1]
-                values += params[weight].numel()
+                weights.append((weight, a))
             if bias in params:
-                values += params[bias].numel()
+                biases.append(bias)
+        return [group for group in groups.values() if group[1] or group[2]]
+
+    def materialise_saving(self, module, x, g):
+        """The groups' norm multiply-adds per example against their parameters' values: the
+        batched GEMMs of per_example_grads cost what the clipped sums' GEMMs do."""
+        params, macs = self.parameters(module), 0
+        for d, weights, _ in self._groups(module, self.uses(module, x, g)):
+            if weights:
+                d_in = sum(a.shape[-1] for _, a in weights)
+                macs += plan_linear("auto", d.shape[1], d_in, d.shape[-1])[1]
+        values = sum(p.numel() for p in params.values())
         return (macs, values) if values else None
 
     def norm_sq(self, module, x, g, method="auto"):
-        params, total = self.parameters(module), zero_norms(g)
-        for weight, bias, a, d in self.uses(module, x, g):
-            if weight in params:
-                total = total + ops.linear_norm_sq(a, d, method)
-            if bias in params:
-                total = total + d.to(total.dtype).sum(dim=1).square().sum(dim=1)
+        total = zero_norms(g)
+        for d, weights, biases in self._groups(module, self.uses(module, x, g)):
+            if weights:
+                total = total + ops.linear_norm_sq(_joined(weights), d, method)
+            if biases:
+                total = total + len(biases) * d.to(total.dtype).sum(dim=1).square().sum(dim=1)
         return total
 
     def norm_bound(self, module, x, g):
-        params = self.parameters(module)
+        """sqrt of sum over groups (sum_t ||d_t|| ||[a_1,t .. a_k,t]||)^2 + biases
+        (sum_t ||d_t||)^2 each: the bound of the joined map the norm and the sum compute."""
         total = zero_norms(g).to(torch.float64)
-        for weight, bias, a, d in self.uses(module, x, g):
-            total = total + linear_bound_sq(a, d, weight in params, bias in params)
+        for d, weights, biases in self._groups(module, self.uses(module, x, g)):
+            d_norms = row_norms(d)
+            if weights:
+                a_norms = sum(row_norms(a).square() for _, a in weights).sqrt()
+                total = total + (a_norms * d_norms).sum(dim=1).square()
+            total = total + len(biases) * d_norms.sum(dim=1).square()
         return total.sqrt()
 
     def clipped_sums(self, module, x, g, scale):
         params, out = self.parameters(module), {}
-        for weight, bias, a, d in self.uses(module, x, g):
-            if weight in params:
-                out[weight] = ops.linear_clipped_sum(a, d, scale).to(params[weight].dtype)
-            if bias in params:
-                out[bias] = scaled_sum(d.sum(dim=1), scale).to(params[bias].dtype)
+        for d, weights, biases in self._groups(module, self.uses(module, x, g)):
+            if weights:
+                joined = ops.linear_clipped_sum(_joined(weights), d, scale)
+                widths = [a.shape[-1] for _, a in weights]
+                for (name, _), part in zip(weights, joined.split(widths, dim=1)):
+                    out[name] = part.to(params[name].dtype).contiguous()
+            if biases:
+                summed = scaled_sum(d.sum(dim=1), scale)
+                for name in biases:
+                    out[name] = summed.to(params[name].dtype)
         return out
+
+
+def _joined(weights: list[tuple[str, Tensor]]) -> Tensor:
+    """The inputs of a group's weights side by side, (B, T, sum of d_k): one map's input. Inputs
+    the forward stored side by side already (views of one tensor's adjacent columns, as the
+    recurrent rule saves x_t and h_t-1) are that tensor's columns, not a copy."""
+    inputs = [a for _, a in weights]
+    if len(inputs) == 1:
+        return inputs[0]
+    first = inputs[0]
+    width, offset = 0, first.storage_offset()
+    for a in inputs:
+        if (
+            a.dtype != first.dtype
+            or a.stride() != first.stride()
+            or a.stride(-1) != 1
+            or a.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+            or a.storage_offset() != offset + width
+        ):
+            break
+        width += a.shape[-1]
+    else:
+        return first.as_strided((*first.shape[:-1], width), first.stride())
+    dtype = first.dtype
+    for a in inputs[1:]:
+        dtype = torch.promote_types(dtype, a.dtype)
+    return torch.cat([a.to(dtype) for a in inputs], dim=-1)
