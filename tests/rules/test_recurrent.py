@@ -430,3 +430,37 @@ def test_opacus_dp_layers_take_the_recurrent_rule(kind, packed, mode, gen):
     reference.rnn = twin(D, H, num_layers=2, bidirectional=True, batch_first=True).double()
     reference.rnn.load_state_dict(rnn.state_dict())
     _check(net, _inputs(net, gen), mode, gen, reference=reference)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "rnn"])
+@pytest.mark.parametrize("frozen", [None, "weight_hh_l0", "bias_hh_l1", "weight_ih_l1"])
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+def test_weights_sharing_a_gate_gradient_are_one_map_on_the_fast_path(
+    kind, frozen, mode, gen, monkeypatch
+):
+    """On the compiled recurrence, W_ih and W_hh of an LSTM / RNN layer share the gate
+    gradient: their norm is one ghost norm and their clipped sum one GEMM of the joined input
+    [x_t, h_t-1], which the forward stored side by side (no copy); exact against brute force,
+    frozen weights and biases left out."""
+    from torch_dpfast import ops
+
+    _force_path("compiled", monkeypatch)
+    net = Net(_rnn(kind, batch_first=True, num_layers=2), read=READS["all"]).double()
+    seen = []
+    for name in ("linear_norm_sq", "linear_clipped_sum"):
+        original = getattr(ops, name)
+
+        def watched(a, g, *args, _original=original, _name=name, **kwargs):
+            if g.shape[-1] != net.head.out_features:  # the layer's uses, not the head's
+                seen.append((_name, a.shape[-1], a._is_view()))
+            return _original(a, g, *args, **kwargs)
+
+        monkeypatch.setattr(ops, name, watched)
+    if frozen:
+        net.rnn.get_parameter(frozen).requires_grad_(False)
+    _check(net, _inputs(net, gen), mode, gen)
+    joined = {D + H, H + H}  # layer 0: [x, h], layer 1: [h of layer 0, h]
+    expected = {"weight_hh_l0": {D, H + H}, "weight_ih_l1": {D + H, H}}.get(frozen, joined)
+    assert {w for _, w, _ in seen} == expected
+    # the joined inputs are views of the saved (B, T, D + H) tensor, not copies
+    assert all(view for _, w, view in seen if w in joined)

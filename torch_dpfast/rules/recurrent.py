@@ -208,13 +208,14 @@ class _Recurrence:
         probe of both, a GRU's gh has a probe of its own."""
         probe = fused.gh_probe(gi) if self.mode == "GRU" else gi
         hs, c = fused.run(self.mode, gi, h, c, w["weight_hh"], w["bias_hh"], valid, probe)
-        # x_t and h_t-1 side by side in one (B, T, D + H) tensor: the rule's norms and clipped
-        # sums take the columns of both weights as one input without joining them
-        # (_linear_uses._joined).
+        # x_t and h_t-1 side by side in one (B, T, D + H) tensor, data only (no gradient flows
+        # through saved inputs): the rule's norms and clipped sums take the columns of both
+        # weights as one input without joining them (_linear_uses._joined).
         inputs = seq.new_empty(*seq.shape[:2], seq.shape[-1] + h.shape[-1])
-        inputs[..., : seq.shape[-1]] = seq
-        inputs[:, :1, seq.shape[-1] :] = h[:, None]
-        inputs[:, 1:, seq.shape[-1] :] = hs[:, :-1]
+        with torch.no_grad():
+            inputs[..., : seq.shape[-1]] = seq
+            inputs[:, :1, seq.shape[-1] :] = h[:, None]
+            inputs[:, 1:, seq.shape[-1] :] = hs[:, :-1]
         out = hs if valid is None else hs * valid[..., None]
         self.saved += [inputs[..., : seq.shape[-1]], inputs[..., seq.shape[-1] :]]
         self.probes += [[gi], [probe]]
