@@ -33,6 +33,9 @@ TORCH_LIBRARY(dpfast_C, m) {
   m.def(
       "linear_uses_grads(Tensor[] inputs, Tensor d, Tensor(a!)[] out, Tensor(b!)? bias_out) "
       "-> Tensor");
+  // Ghost norms of linear maps sharing the output gradient d, on their joined input a, with
+  // `biases` biases of sum_t d_t, and certify.py's bounds: (norm_sq (B,), bound (B,) float64).
+  m.def("linear_uses_ghost(Tensor a, Tensor d, int biases) -> (Tensor, Tensor)");
   // The recurrent rule's recurrence (CPU): all steps of one layer and direction.
   m.def(
       "lstm_sequence(Tensor gi, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, Tensor? valid) "

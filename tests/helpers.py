@@ -91,18 +91,32 @@ def clipped_reference(per_example: torch.Tensor, max_norm: float):
     return (factors[:, None] * per_example).sum(0), norms.square()
 
 
-def watch_normed_materialising(monkeypatch) -> list[bool]:
-    """A list that every call of LinearUsesRule.normed_per_example_grads (the recurrent rules'
-    per-example gradients with their norms, by the compiled kernel) appends to: whether it
-    ran (False: it fell back to batched GEMMs)."""
-    from torch_dpfast.rules._linear_uses import LinearUsesRule
-
-    original, ran = LinearUsesRule.normed_per_example_grads, []
+def watch_ran(monkeypatch, owner, name: str) -> list[bool]:
+    """A list that every call of ``owner.<name>`` (an optional fast path returning None where
+    it does not run) appends to: whether it ran."""
+    original, ran = getattr(owner, name), []
 
     def watched(*args, **kwargs):
         result = original(*args, **kwargs)
         ran.append(result is not None)
         return result
 
-    monkeypatch.setattr(LinearUsesRule, "normed_per_example_grads", watched)
+    monkeypatch.setattr(owner, name, watched)
     return ran
+
+
+def watch_normed_materialising(monkeypatch) -> list[bool]:
+    """Whether each call of LinearUsesRule.normed_per_example_grads (the recurrent rules'
+    per-example gradients with their norms, by the compiled kernel) ran (False: it fell back
+    to batched GEMMs)."""
+    from torch_dpfast.rules._linear_uses import LinearUsesRule
+
+    return watch_ran(monkeypatch, LinearUsesRule, "normed_per_example_grads")
+
+
+def watch_ghost_kernel(monkeypatch) -> list[bool]:
+    """Whether each call of LinearUsesRule.norm_sq_and_bound (the recurrent rules' ghost norms
+    and bounds by the compiled kernel) ran."""
+    from torch_dpfast.rules._linear_uses import LinearUsesRule
+
+    return watch_ran(monkeypatch, LinearUsesRule, "norm_sq_and_bound")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import torch_dpfast as dpf
-from tests.helpers import watch_normed_materialising
+from tests.helpers import watch_ghost_kernel, watch_normed_materialising
 from torch_dpfast import certify
 from torch_dpfast.ghost import ghost_backward
 from torch_dpfast.ops import _backend
@@ -146,17 +146,23 @@ def test_cancelling_positions_in_a_depthwise_conv_by_the_compiled_kernel(
 
 @pytest.mark.parametrize("mode,budget", MODES)
 @pytest.mark.parametrize("magnitude", [1e0, 1e3, 1e15])
+@pytest.mark.parametrize("ghost_kernel", [True, False])
 def test_cancelling_steps_in_an_lstm_by_the_compiled_kernels(
-    mode, budget, magnitude, gen, monkeypatch
+    mode, budget, magnitude, ghost_kernel, gen, monkeypatch
 ):
     """Steps M u and -M u + v into an LSTM whose input weight is scaled by 1 / M (gates of unit
-    size, gradient terms of size M): materialised (``auto``) by linear_uses_grads, whose norms
-    are those of the very gradients summed; the fast paths certified."""
+    size, gradient terms of size M): ``auto`` and ``bk`` by the compiled ghost kernel
+    (uses_ghost.cpp: norm and bound from the same Grams, certified) or, without it, ``auto``
+    materialising by linear_uses_grads, whose norms are those of the very gradients summed."""
     from torch_dpfast import _ext
+    from torch_dpfast.rules import _linear_uses
 
     if not _ext.has_kernel("linear_uses_grads", "CPU"):
         pytest.skip("torch_dpfast._C is not built")
+    if not ghost_kernel:
+        monkeypatch.setattr(_linear_uses, "_ghost_compiled", lambda *args: False)
     normed = watch_normed_materialising(monkeypatch)
+    compiled = watch_ghost_kernel(monkeypatch)
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
     model = nn.LSTM(4, 3, batch_first=True)
     with torch.no_grad():
@@ -171,7 +177,10 @@ def test_cancelling_steps_in_an_lstm_by_the_compiled_kernels(
         budget,
     )
     assert distance <= C + SLACK
-    assert any(normed) or (mode, budget) != ("auto", None)
+    if ghost_kernel:
+        assert any(compiled) or (mode, budget) not in (("auto", None), ("bk", None))
+    else:
+        assert any(normed) or (mode, budget) != ("auto", None)
 
 
 @pytest.mark.parametrize("mode,budget", MODES)

@@ -85,14 +85,16 @@ def untrusted(norm_sq: Tensor, bound: Tensor, dtype: torch.dtype) -> Tensor:
     return ~trusted & (bound != 0)  # U_i = 0: every term is 0, and so is n_i, exactly
 
 
-def check(record, x, g, norm_sq: Tensor) -> tuple[Tensor, Tensor]:
+def check(record, x, g, norm_sq: Tensor, bound: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(norm_sq with the reduced-precision allowance added, the untrusted rows) of one layer
-    call on inputs ``x`` and output gradients ``g``. A rule without ``norm_bound`` computes its
-    norm from materialised per-example gradients (Rule.norm_sq's default), the same numbers its
-    clipped sum adds up: nothing to certify (no row untrusted)."""
+    call on inputs ``x`` and output gradients ``g``; ``bound``: the rule's ``norm_bound``
+    where the norm's kernel computed it too (Rule.norm_sq_and_bound). A rule without
+    ``norm_bound`` computes its norm from materialised per-example gradients (Rule.norm_sq's
+    default), the same numbers its clipped sum adds up: nothing to certify (no row untrusted)."""
     if not hasattr(record.rule, "norm_bound"):
         return norm_sq, torch.zeros(norm_sq.shape, dtype=torch.bool, device=norm_sq.device)
-    bound = record.rule.norm_bound(record.module, x, g)
+    if bound is None:
+        bound = record.rule.norm_bound(record.module, x, g)
     dtype = _float_dtype(g)
     bad = untrusted(norm_sq, bound, dtype)
     u_in = input_roundoff(dtype)

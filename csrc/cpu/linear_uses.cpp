@@ -19,18 +19,8 @@
 
 #include <vector>
 
+#include "cpu/fortran_blas.h"
 #include "cpu/reduce.h"
-
-extern "C" {
-// Fortran BLAS with 32-bit integers (LP64), as libtorch_cpu exports it and ATen's own cpublas
-// calls it (MKL or OpenBLAS builds); weak: where no library exports it, at::mm runs instead.
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b,
-            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
-}
 
 namespace dpfast {
 namespace {

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import torch_dpfast as dpf
-from tests.helpers import clipped_reference, watch_normed_materialising
+from tests.helpers import clipped_reference, watch_ghost_kernel, watch_normed_materialising
 from torch_dpfast.ghost import ghost_backward
 from torch_dpfast.rules import recurrent as recurrent_rule
 from torch_dpfast.rules.fallback import FALLBACK
@@ -440,8 +440,9 @@ def test_weights_sharing_a_gate_gradient_are_one_map_on_the_fast_path(
 ):
     """On the compiled recurrence, W_ih and W_hh of an LSTM / RNN layer share the gate
     gradient: their norm is one ghost norm and their clipped sum one GEMM of the joined input
-    [x_t, h_t-1], which the forward stored side by side (no copy); exact against brute force,
-    frozen weights and biases left out."""
+    [x_t, h_t-1], which the forward stored side by side (no copy); with ``bk`` the norm and its
+    certification bound come from one compiled pass (uses_ghost.cpp); exact against brute
+    force, frozen weights and biases left out."""
     from torch_dpfast import ops
 
     _force_path("compiled", monkeypatch)
@@ -456,11 +457,42 @@ def test_weights_sharing_a_gate_gradient_are_one_map_on_the_fast_path(
             return _original(a, g, *args, **kwargs)
 
         monkeypatch.setattr(ops, name, watched)
+    compiled = watch_ghost_kernel(monkeypatch)
     if frozen:
         net.rnn.get_parameter(frozen).requires_grad_(False)
     _check(net, _inputs(net, gen), mode, gen)
+    assert (compiled and all(compiled)) if mode == "bk" else not compiled
     joined = {D + H, H + H}  # layer 0: [x, h], layer 1: [h of layer 0, h]
     expected = {"weight_hh_l0": {D, H + H}, "weight_ih_l1": {D + H, H}}.get(frozen, joined)
     assert {w for _, w, _ in seen} == expected
     # the joined inputs are views of the saved (B, T, D + H) tensor, not copies
     assert all(view for _, w, view in seen if w in joined)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "rnn"])
+@pytest.mark.parametrize("frozen", [None, "weight_ih_l0", "bias_ih_l1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_compiled_ghost_norm_and_bound_equal_the_rules_own(kind, frozen, dtype, gen):
+    """norm_sq_and_bound (one kernel pass) gives what norm_sq and norm_bound compute
+    separately: the norm certify.py trusts is checked against the same bound (a smaller bound
+    would let a cancelling example's rounding through)."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    rnn = _rnn(kind, batch_first=True, num_layers=2).to(dtype)
+    if frozen:
+        rnn.get_parameter(frozen).requires_grad_(False)
+    attachment = dpf.attach(rnn, clipping="bk", loss_reduction="sum")
+    try:
+        x = torch.randn(B, 3, D, generator=gen, dtype=torch.float64).to(dtype)
+        rnn(x)[0].square().sum().backward()
+        (record,) = attachment._records
+        found = record.rule.norm_sq_and_bound(record.module, record.x, record.g, "ghost")
+        assert found is not None
+        norm_sq, bound = found
+        expected_sq = record.rule.norm_sq(record.module, record.x, record.g, "ghost")
+        expected_bound = record.rule.norm_bound(record.module, record.x, record.g)
+        assert norm_sq.dtype == dtype and bound.dtype == torch.float64
+        rtol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(norm_sq, expected_sq, rtol=rtol, atol=0.0)
+        torch.testing.assert_close(bound, expected_bound, rtol=rtol, atol=0.0)
+    finally:
+        attachment.detach()

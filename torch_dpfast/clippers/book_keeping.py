@@ -130,7 +130,12 @@ def _certified_norms(
     checked = []
     for r in plain:
         x, g = leading_rows(r, kept)
-        norm_sq, bad = certify.check(r, x, g, r.rule.norm_sq(r.module, x, g, method))
+        both = getattr(r.rule, "norm_sq_and_bound", None)
+        found = both(r.module, x, g, method) if both is not None else None
+        norm_sq, bound = (
+            found if found is not None else (r.rule.norm_sq(r.module, x, g, method), None)
+        )
+        norm_sq, bad = certify.check(r, x, g, norm_sq, bound)
         checked.append((r, x, g, norm_sq[:kept], bad[:kept]))
     if not checked:
         return [], {}

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import _ext
 
-_OPS = {
+OPS = {  # the compiled op of each cell
     "LSTM": "lstm_sequence",
     "GRU": "gru_sequence",
     "RNN_TANH": "rnn_sequence",
@@ -28,11 +28,11 @@ def available(mode: str, gi: Tensor, h0: Tensor, w_hh: Tensor) -> bool:
     """Whether the compiled recurrence runs this layer: an LSTM, GRU or RNN cell on CPU, float32 or
     float64 throughout (autocast's mixed dtypes take the PyTorch steps)."""
     return (
-        mode in _OPS
+        mode in OPS
         and gi.device.type == "cpu"
         and gi.dtype in (torch.float32, torch.float64)
         and gi.dtype == h0.dtype == w_hh.dtype
-        and _ext.has_kernel(_OPS[mode], "CPU")
+        and _ext.has_kernel(OPS[mode], "CPU")
     )
 
 

@@ -15,7 +15,10 @@ its output) into, for the layer's own trainable parameters:
 * ``norm_bound(module, x, g)`` (rules with a fast ``norm_sq`` only): (B,) float64 upper bound
   U_i >= ||G_i|| built from sums of non-negative terms (no cancellation), e.g.
   sum_t ||g_it|| ||a_it|| for a linear map. The engine certifies a fast-path norm with it
-  (certify.py); a rule that overrides ``norm_sq`` without it is materialised instead.
+  (certify.py); a rule that overrides ``norm_sq`` without it is materialised instead;
+* ``norm_sq_and_bound(module, x, g, method)`` (optional): (``norm_sq``'s, ``norm_bound``'s) from
+  one kernel, or None where it cannot; book-keeping takes both from it (rules/_linear_uses.py:
+  the ghost norms of a recurrent layer's weights with their bounds from the same Grams).
 
 Class attributes (defaults on :class:`Rule`) tell the engine more:
 

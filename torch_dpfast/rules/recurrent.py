@@ -35,8 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .. import _ext
+from ..ops._checks import norm_method
 from . import _fused_recurrence as fused
-from ._linear_uses import LinearUsesRule
+from ._linear_uses import GRAM_MAX_VALUES, LinearUsesRule
 from ._registry import register_rule
 from .linear import plan_linear
 
@@ -398,8 +400,11 @@ class RecurrentRule(LinearUsesRule):
         return f"{method} (gate pre-activations over {steps} steps)", macs
 
     def call_saving(self, module, x, out):
-        """As materialise_saving, from the shapes of the layer's linear maps."""
+        """As materialise_saving, from the shapes of the layer's linear maps: None where the
+        compiled ghost kernel will compute the norms."""
         steps, maps = self._maps(module, x)
+        if _ghost_kernel_runs(module, x, steps, maps):
+            return None
         macs = values = 0
         for d_i, d_o, weight, bias in maps:
             if weight is not None:
@@ -408,6 +413,32 @@ class RecurrentRule(LinearUsesRule):
             if bias is not None:
                 values += bias.numel()
         return (macs, values) if values else None
+
+
+def _ghost_kernel_runs(module: nn.Module, x, steps: int, maps: list) -> bool:
+    """Whether a forward on ``x`` takes the compiled recurrence (LSTM or RNN cells without a
+    projection, CPU, the input's float32/float64 dtype throughout) and the norms of every layer
+    and direction the compiled ghost kernel (W_ih and W_hh sharing the gate gradient, a
+    trainable weight among them, the ghost norm cheaper): LinearUsesRule.materialise_saving's
+    condition, from shapes."""
+    data = x.data if isinstance(x, PackedSequence) else x
+    mode = _mode(module)
+    if mode == "GRU" or getattr(module, "proj_size", 0) or not isinstance(data, Tensor):
+        return False
+    dtype = data.dtype
+    if data.device.type != "cpu" or dtype not in (torch.float32, torch.float64):
+        return False
+    if any(p.dtype != dtype for p in module.parameters()) or steps * steps > GRAM_MAX_VALUES:
+        return False
+    if not (
+        _ext.has_kernel(fused.OPS[mode], "CPU") and _ext.has_kernel("linear_uses_ghost", "CPU")
+    ):
+        return False
+    for ih, hh in zip(maps[0::2], maps[1::2]):  # per layer and direction: (W_ih, W_hh)
+        widths = [d_in for d_in, _, weight, _ in (ih, hh) if weight is not None]
+        if not widths or norm_method("auto", steps, sum(widths), ih[1]) != "ghost":
+            return False
+    return True
 
 
 register_rule(nn.RNN, nn.LSTM, nn.GRU)(RecurrentRule)
