@@ -123,9 +123,10 @@ def dpfast_options(mode: str) -> tuple[str, str]:
     return clipping, "pow2" if pow2 else "full"
 
 
-def uncertified_check(record, x, g, norm_sq):
+def uncertified_check(record, x, g, norm_sq, bound=None):
     """certify.check with the certification off: every fast-path norm taken as it is, no bound
-    computed, nothing recomputed (the UNCERTIFIED ablations and certify_cost.py only)."""
+    computed (one a kernel gave with the norm ignored), nothing recomputed (the UNCERTIFIED
+    ablations and certify_cost.py only)."""
     return norm_sq, torch.zeros(norm_sq.shape, dtype=torch.bool, device=norm_sq.device)
 
 
