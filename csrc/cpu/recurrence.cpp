@@ -67,8 +67,8 @@ at::Tensor valid_steps(const c10::optional<at::Tensor>& valid, const at::Tensor&
 // twice as long).
 at::Tensor gate_buffer(const at::Tensor& gi, const c10::optional<at::Tensor>& b_hh) {
   at::Tensor gates = at::empty({gi.size(1), gi.size(0), gi.size(2)}, gi.options());
-  // Written through the contiguous (T, B, .) side: an add into the transposed view computed
-  // into a temporary and copied it (twice the time where gi is time-major, as the rule's).
+  // Written through the contiguous (T, B, .) side: for the rule's time-major gi both operands
+  // are then contiguous.
   const at::Tensor time_major_gi = gi.transpose(0, 1);
   if (b_hh.has_value() && b_hh->defined()) {
     at::add_out(gates, time_major_gi, *b_hh);

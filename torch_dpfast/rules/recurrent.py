@@ -72,8 +72,8 @@ def _input_projection(seq: Tensor, weight: Tensor, bias: Tensor | None) -> Tenso
         return F.linear(seq, weight, bias)
     batch, steps = seq.shape[:2]
     rows = seq.transpose(0, 1).reshape(steps * batch, seq.shape[-1])  # (T B, D)
-    # addmm, not F.linear: on a non-contiguous 3-D input that copies its (T B, G H) result
-    # and adds the bias in a second pass (char-LSTM, batch 64: 13 -> 3 ms per layer).
+    # addmm on the (T B, D) rows, not F.linear on the non-contiguous 3-D view (char-LSTM first
+    # layer, batch 64, standalone: 2.7-3.5 ms -> 2.0-2.5 ms).
     out = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
     return out.view(steps, batch, -1).transpose(0, 1)
 
