@@ -104,13 +104,75 @@ def test_make_private_trains_a_sequence_first_model(gen):
     assert len(engine.accountant) > 0
 
 
-def test_sequence_first_data_declared_batch_first_is_refused(gen):
-    """Opacus clips per time step when a (T, B) model is declared batch-first; here the
-    layers' batch does not match the physical batch and the step says so."""
+@pytest.mark.parametrize("physical_batch_size", [None, T])
+def test_sequence_first_data_declared_batch_first_is_refused(physical_batch_size, gen):
+    """Opacus clips per time step when (T, B) data is declared batch-first. With a physical
+    batch of T rows (or a Poisson draw of T examples) the layers' dim 0 matches the mask and
+    no shape tells the layouts apart: make_private refuses from the collate function's layout,
+    before any step."""
     model = nn.Sequential(nn.Embedding(V, 4), nn.Linear(4, 3))
-    engine, model, optimizer, loader = _private_text(model, gen)
-    with pytest.raises((ValueError, RuntimeError), match="batch"):
+    with pytest.raises(ValueError, match=r"dim 1 of a tensor of shape \(7, B\).*batch_first=False"):
+        _private_text(model, gen, physical_batch_size=physical_batch_size)
+
+
+def test_batch_first_data_declared_sequence_first_is_refused(gen):
+    """The converse: (B, T) batches with batch_first=False would clip each position of dim 1."""
+    data = TensorDataset(
+        torch.randint(0, V, (40, T), generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    )
+    model = nn.Sequential(nn.Embedding(V, 4), nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="puts it in dim 0"):
+        private(model, data, 8, batch_first=False)
+
+
+@pytest.mark.parametrize("turn", ["T", "contiguous", "float"])
+def test_batch_turned_around_in_the_loop_is_refused(turn, gen):
+    """A batch-first loader and a loop that feeds the model x.T (or a copy of it, or a cast):
+    with a physical batch of T rows the layers' dim 0 matches the mask, so only the probe's
+    comparison with the loader's batch tells; the first forward refuses."""
+    data = TensorDataset(
+        torch.randint(0, V, (40, T), generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    )
+    model = nn.Sequential(nn.Embedding(V, 4), nn.Linear(4, 3))
+    if turn == "float":  # a model taking float features (T, B) -> (T, B, 3)
+        model = nn.Sequential(nn.Unflatten(-1, (-1, 1)), nn.Linear(1, 3))
+    turned = {
+        "T": lambda x: x.T,
+        "contiguous": lambda x: x.transpose(0, 1).contiguous(),
+        "float": lambda x: x.T.float(),
+    }[turn]
+    engine, model, optimizer, loader = private(
+        model, data, 8, physical_batch_size=T, padding="full"
+    )
+    with pytest.raises(ValueError, match=r"turned around.*moved from dim 0 to dim 1"):
         for x, y in loader:
             optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x).mean(0), y).backward()
+            nn.functional.cross_entropy(model(turned(x)).mean(0), y).backward()
             optimizer.step()
+
+
+def test_batch_as_the_loader_gives_it_trains_when_t_equals_the_batch(gen):
+    """The check does not refuse the right loop: (B, T) batches with T = B, and a second
+    argument equal to its own transpose (an all-ones attention mask)."""
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(V, 4), nn.Linear(4, 3)
+
+        def forward(self, ids, mask):
+            return (self.head(self.embed(ids)) * mask[..., None]).mean(1)
+
+    data = TensorDataset(
+        torch.randint(0, V, (40, T), generator=gen),
+        torch.ones(40, T),
+        torch.randint(0, 3, (40,), generator=gen),
+    )
+    engine, model, optimizer, loader = private(
+        Masked(), data, 8, physical_batch_size=T, padding="full"
+    )
+    for x, mask, y in loader:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x, mask), y).backward()
+        optimizer.step()
+    assert len(engine.accountant) > 0

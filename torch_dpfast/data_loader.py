@@ -87,6 +87,7 @@ class DPDataLoader(DataLoader):
         self.sample_rate = sample_rate
         self.physical_batch_size = physical_batch_size
         self.on_batch = on_batch
+        self.latest_batch = None  # the batch yielded last (the probe compares the model's inputs)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -103,6 +104,7 @@ class DPDataLoader(DataLoader):
         for batch in batches:
             info = queue.popleft()
             self.batch_sampler.consumed = info.cursor
+            self.latest_batch = batch
             if self.on_batch is not None:
                 self.on_batch(info)
             yield batch

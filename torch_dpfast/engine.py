@@ -13,6 +13,7 @@ any layer (``ReLU(inplace=True)``, ``x += shortcut``) work.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +72,8 @@ class Attachment:
     # bytes of per-example gradients auto may hold on CPU instead of fast paths (0: none)
     materialise_bytes: int = materialise_plan.FALLBACK_BYTES
     clipper: Clipper | None = None  # clippers/: how this mode clips a physical batch
+    # the tensors of the batch the data loader yielded last (make_private's loader sets it)
+    loader_batch: Callable[[], list[Tensor]] = lambda: []
     _records: list[Record] = field(default_factory=list)
     _hooks: list = field(default_factory=list)
     _restores: list = field(default_factory=list)  # undo what rules changed (Rule.adapt)
@@ -299,6 +302,12 @@ class Attachment:
 _live: weakref.WeakSet = weakref.WeakSet()
 
 
+def _loader_batch(ref) -> list:
+    """The tensors of the batch the attachment's data loader yielded last (none without one)."""
+    attachment = ref()
+    return [] if attachment is None else attachment.loader_batch()
+
+
 def _batch_of(ref) -> int | None:
     """The physical batch size an attachment was told of (begin_batch's mask), else None."""
     attachment = ref()
@@ -405,6 +414,7 @@ def attach(
                 bypassed,
                 batch_first,
                 attachment.trace_callers,
+                lambda: _loader_batch(hint),
             )
         )
     names = attachment._names

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader
 
 from . import accounting
 from .assign import assign_rules, is_batch_norm
+from .batch_layout import check_layout
 from .checkpoint import checkpoint_options
 from .checkpoint import load as load_file
 from .checkpoint import save as save_file
@@ -174,6 +177,7 @@ class PrivacyEngine:
                 f"data_loader must be a torch.utils.data.DataLoader, got {type(data_loader)}"
             )
         check_map_style(data_loader.dataset)
+        check_layout(data_loader, batch_first)
         check_not_ddp(module)
         _check_model(module)
         _check_optimizer(module, optimizer)
@@ -262,6 +266,7 @@ class PrivacyEngine:
                 plan_random=plan_source,
                 padding=padding,
             )
+            self.attachment.loader_batch = _latest_tensors(weakref.ref(self.data_loader))
         else:
             warnings.warn(
                 "torch_dpfast: poisson_sampling=False keeps the data loader's own batches "
@@ -615,3 +620,14 @@ def _sample_rate(data_loader: DataLoader) -> float:
             )
         return data_loader.batch_size / size
     return 1 / len(data_loader)
+
+
+def _latest_tensors(loader_ref):
+    """() -> the tensors of the batch the (weakly held) loader yielded last."""
+
+    def latest() -> list:
+        loader = loader_ref()
+        batch = None if loader is None else loader.latest_batch
+        return [t for t in tree_leaves(batch) if isinstance(t, torch.Tensor)]
+
+    return latest

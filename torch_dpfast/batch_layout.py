@@ -1,0 +1,117 @@
+"""Where the data loader puts the batch: the collate probe behind ``make_private``'s layout check.
+
+The engine reads the batch from dim 0 of every layer input (dim 1 with ``batch_first=False``).
+A sequence-first batch (T, B, ...) declared batch-first is refused at the step when T differs
+from the batch size, since the layers then see T rows for a mask of B; when T equals B (a
+physical batch size equal to the sequence length, or a Poisson draw of exactly T examples)
+nothing in the shapes tells the two apart, and each time step would be clipped as one example:
+every example spread over T clipped rows, sensitivity up to T C. A position-wise model (an
+embedding and a head) is symmetric in the two layouts, so the model cannot tell either: only
+the loss, summed over dim 1, couples the rows, and the engine never sees the loss.
+
+The collate function can tell: collated alone and twice, one example's tensors grow in their
+batch dim and in no other (the same example twice has the same length, so padding collates
+keep every other dim). That is done once, when the model is made private, on ``dataset[0]``
+under a forked random state (random transforms draw nothing from the training stream).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_leaves
+
+
+def batch_dims(collate_fn, example) -> list[tuple[tuple[int, ...], list[int]]]:
+    """[(shape of the batch of one, dims that grew in the batch of two)] for every tensor
+    ``collate_fn`` makes of ``[example]`` and ``[example, example]``, in order; [] when the
+    two batches do not hold the same number of tensors of the same ranks."""
+    with torch.random.fork_rng(devices=[]):
+        one = [t for t in tree_leaves(collate_fn([example])) if isinstance(t, Tensor)]
+        two = [t for t in tree_leaves(collate_fn([example, example])) if isinstance(t, Tensor)]
+    if len(one) != len(two) or any(a.dim() != b.dim() for a, b in zip(one, two)):
+        return []
+    return [
+        (tuple(a.shape), [d for d in range(a.dim()) if a.shape[d] != b.shape[d]])
+        for a, b in zip(one, two)
+    ]
+
+
+def check_layout(data_loader, batch_first: bool) -> None:
+    """Raises if the loader's batches contradict ``batch_first``: batch-first, a tensor of two
+    or more dims whose batch is not in dim 0 (sequence-first data, which would be clipped per
+    time step when T equals the batch size); sequence-first, tensors of two or more dims that
+    all hold the batch in dim 0 and none in dim 1."""
+    try:
+        example = data_loader.dataset[0]
+    except Exception as error:  # not indexable by 0 (a dict-keyed dataset): nothing to probe
+        if isinstance(error, (KeyError, IndexError, TypeError)):
+            return
+        raise
+    grown = [(shape, dims) for shape, dims in batch_dims(data_loader.collate_fn, example) if dims]
+    wide = [(shape, dims) for shape, dims in grown if len(shape) >= 2]
+    if batch_first:
+        for shape, dims in wide:
+            if 0 not in dims:
+                raise ValueError(
+                    f"the data loader puts the batch in dim {dims[0]} of a tensor of shape "
+                    f"{_shape(shape, dims[0])} (its collate_fn, given one example and then the "
+                    "same example twice, grew that dim), but the model is made private batch "
+                    "first, reading dim 0 of every layer input as the batch: where the sequence "
+                    "length equals the batch size each time step would be clipped as an "
+                    "example (each example spread over all of them: sensitivity up to T x "
+                    "max_grad_norm). If the model takes sequence-first inputs (T, B, ...), pass "
+                    "make_private(..., batch_first=False); otherwise collate the batch into dim 0"
+                )
+    elif wide and not any(1 in dims for _, dims in wide):
+        shape, dims = wide[0]
+        raise ValueError(
+            f"make_private(..., batch_first=False) reads dim 1 of the inputs as the batch, but "
+            f"the data loader puts it in dim 0 of every tensor it collates (e.g. shape "
+            f"{_shape(shape, 0)}): each position of dim 1 would be clipped as an example. For "
+            "batch-first inputs (B, T, ...) leave batch_first=True (the default)"
+        )
+
+
+def _shape(shape: tuple[int, ...], batch: int) -> str:
+    """(7, B) for a batch of one with the batch in dim 1."""
+    return "(" + ", ".join("B" if d == batch else str(n) for d, n in enumerate(shape)) + ")"
+
+
+def check_arguments(arguments, loader_tensors, batch: int, batch_first: bool) -> None:
+    """Raises if a tensor the model was called with is one the loader yielded with its batch
+    dim moved off the layers' batch dim (dim 0, or 1 with ``batch_first=False``): ``x.T`` or
+    ``x.transpose(0, 1)`` in the training loop, a copy of it, or either moved to another
+    device or dtype. The collated layout was checked by :func:`check_layout`; this catches the
+    loop that turns it around before the model, which again clips per time step where T
+    equals the batch size. Values are compared, so it costs one pass over the first batch."""
+    expected = 0 if batch_first else 1
+    candidates = [t for t in loader_tensors if isinstance(t, Tensor) and t.dim() >= 2]
+    for a in tree_leaves(arguments):
+        if not isinstance(a, Tensor) or a.dim() < 2 or a.shape[expected] != batch:
+            continue
+        for t in candidates:
+            source = expected if t.shape[expected] == batch else None
+            if source is None or t.dim() != a.dim() or t.numel() != a.numel():
+                continue
+            if a.shape == t.shape and _equal(a, t):
+                continue  # the loader's tensor as it came
+            for d in range(a.dim()):
+                moved = t.movedim(source, d)
+                if d != expected and moved.shape == a.shape and _equal(a, moved):
+                    raise ValueError(
+                        f"the model was called with the loader's batch turned around: a tensor "
+                        f"of shape {tuple(a.shape)} equal to the loader's {tuple(t.shape)} with "
+                        f"its batch moved from dim {source} to dim {d} (x.T or x.transpose in "
+                        f"the training loop?). The layers read dim {expected} as the batch, so "
+                        "where the sequence length equals the batch size each time step would be "
+                        "clipped as an example (sensitivity up to T x max_grad_norm). Call the "
+                        "model on the batch as the loader gives it, and for a sequence-first "
+                        "model collate (T, B, ...) batches and pass make_private(..., "
+                        "batch_first=False)"
+                    )
+
+
+def _equal(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` holds ``b``'s values (``b`` cast to ``a``'s device and dtype)."""
+    return torch.equal(a, b.to(device=a.device, dtype=a.dtype))
