@@ -9,6 +9,7 @@ timings); otherwise ``auto`` takes the first available one in the order of :data
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,6 +32,31 @@ class Implementation:
 
 
 _impls: dict[str, dict[str, Implementation]] = {}
+
+
+def custom_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Decorator: registers ``fn`` as the ``torch.library`` custom op ``name`` (what
+    torch.compile and ``torch.ops.torch_dpfast`` see) and returns a function that takes the op
+    while compiling or under a dispatch mode (fake tensors, tracing), and otherwise calls ``fn``
+    itself under no_grad, as the op's eager path does, without its Python dispatch (31 us a
+    call, measured: 62 us through the op against 31 us for a tiny linear_clipped_sum; the
+    engine makes several calls per layer and step). The returned function keeps the op's
+    ``register_fake``."""
+
+    def decorate(fn: Callable) -> Callable:
+        op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+                return op(*args, **kwargs)
+            with torch.no_grad():
+                return fn(*args, **kwargs)
+
+        call.register_fake = op.register_fake
+        return call
+
+    return decorate
 
 
 def register(

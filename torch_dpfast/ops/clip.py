@@ -44,7 +44,7 @@ def _check_max_norm(op: str, max_norm: float) -> float:
 # ---------------------------------------------------------------- clip_factors
 
 
-@torch.library.custom_op("torch_dpfast::clip_factors", mutates_args=())
+@_backend.custom_op("torch_dpfast::clip_factors", mutates_args=())
 def _clip_factors(norm_sq: Tensor, max_norm: float, mask: Tensor | None, backend: str) -> Tensor:
     return _backend.run("clip_factors", backend, norm_sq, max_norm, mask)
 
@@ -101,7 +101,7 @@ def clip_factors(
 # ---------------------------------------------------------------- total_clip_factors
 
 
-@torch.library.custom_op("torch_dpfast::total_clip_factors", mutates_args=())
+@_backend.custom_op("torch_dpfast::total_clip_factors", mutates_args=())
 def _total_clip_factors(
     norm_sqs: list[Tensor], max_norm: float, mask: Tensor | None, norm_scale: float, backend: str
 ) -> tuple[Tensor, Tensor]:
@@ -181,7 +181,7 @@ def total_clip_factors(
 # ---------------------------------------------------------------- per_example_norm_sq
 
 
-@torch.library.custom_op("torch_dpfast::per_example_norm_sq", mutates_args=())
+@_backend.custom_op("torch_dpfast::per_example_norm_sq", mutates_args=())
 def _per_example_norm_sq(per_example: list[Tensor], backend: str) -> Tensor:
     return _backend.run("per_example_norm_sq", backend, per_example)
 
@@ -260,7 +260,7 @@ def _check_accumulators(op: str, per_example: list[Tensor], summed: list[Tensor]
 # ---------------------------------------------------------------- clip_accumulate_
 
 
-@torch.library.custom_op("torch_dpfast::clip_accumulate_", mutates_args=("summed",))
+@_backend.custom_op("torch_dpfast::clip_accumulate_", mutates_args=("summed",))
 def _clip_accumulate_(
     per_example: list[Tensor],
     summed: list[Tensor],
@@ -338,7 +338,7 @@ def clip_accumulate_(
 # ---------------------------------------------------------------- scaled_accumulate_
 
 
-@torch.library.custom_op("torch_dpfast::scaled_accumulate_", mutates_args=("summed",))
+@_backend.custom_op("torch_dpfast::scaled_accumulate_", mutates_args=("summed",))
 def _scaled_accumulate_(
     per_example: list[Tensor], summed: list[Tensor], scale: Tensor, backend: str
 ) -> None:

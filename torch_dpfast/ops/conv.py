@@ -128,7 +128,7 @@ def _grouped(x: Tensor, g: Tensor, geometry: tuple, groups: int) -> tuple[Tensor
 # ---------------------------------------------------------------- conv_norm_sq
 
 
-@torch.library.custom_op("torch_dpfast::conv_norm_sq", mutates_args=())
+@_backend.custom_op("torch_dpfast::conv_norm_sq", mutates_args=())
 def _conv_norm_sq(
     x: Tensor,
     g: Tensor,
@@ -215,7 +215,7 @@ def conv_norm_sq(
 # ---------------------------------------------------------------- conv_clipped_sum
 
 
-@torch.library.custom_op("torch_dpfast::conv_clipped_sum", mutates_args=())
+@_backend.custom_op("torch_dpfast::conv_clipped_sum", mutates_args=())
 def _conv_clipped_sum(
     x: Tensor,
     g: Tensor,

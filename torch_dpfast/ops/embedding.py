@@ -58,7 +58,7 @@ def _valid_rows(ids: Tensor, num_embeddings: int, padding_idx: int | None) -> Te
 # ---------------------------------------------------------------- embedding_norm_sq
 
 
-@torch.library.custom_op("torch_dpfast::embedding_norm_sq", mutates_args=())
+@_backend.custom_op("torch_dpfast::embedding_norm_sq", mutates_args=())
 def _embedding_norm_sq(
     ids: Tensor, g: Tensor, num_embeddings: int, padding_idx: int | None, backend: str
 ) -> Tensor:
@@ -118,7 +118,7 @@ def embedding_norm_sq(
 # ---------------------------------------------------------------- embedding_clipped_sum
 
 
-@torch.library.custom_op("torch_dpfast::embedding_clipped_sum", mutates_args=())
+@_backend.custom_op("torch_dpfast::embedding_clipped_sum", mutates_args=())
 def _embedding_clipped_sum(
     ids: Tensor,
     g: Tensor,

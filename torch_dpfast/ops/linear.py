@@ -42,7 +42,7 @@ def _as_sequence(op: str, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
 # ---------------------------------------------------------------- linear_norm_sq
 
 
-@torch.library.custom_op("torch_dpfast::linear_norm_sq", mutates_args=())
+@_backend.custom_op("torch_dpfast::linear_norm_sq", mutates_args=())
 def _linear_norm_sq(a: Tensor, g: Tensor, method: str, backend: str) -> Tensor:
     return _backend.run("linear_norm_sq", backend, a, g, method)
 
@@ -89,7 +89,7 @@ def linear_norm_sq(a: Tensor, g: Tensor, method: str = "auto", backend: str = "a
 # ---------------------------------------------------------------- linear_clipped_sum
 
 
-@torch.library.custom_op("torch_dpfast::linear_clipped_sum", mutates_args=())
+@_backend.custom_op("torch_dpfast::linear_clipped_sum", mutates_args=())
 def _linear_clipped_sum(a: Tensor, g: Tensor, scale: Tensor, backend: str) -> Tensor:
     return _backend.run("linear_clipped_sum", backend, a, g, scale)
 

@@ -16,7 +16,7 @@ from . import _backend
 from ._checks import accumulation_dtype, check_floating
 
 
-@torch.library.custom_op("torch_dpfast::add_noise_", mutates_args=("grads",))
+@_backend.custom_op("torch_dpfast::add_noise_", mutates_args=("grads",))
 def _add_noise_(grads: list[Tensor], std: float, scale: float, seed: int, backend: str) -> None:
     _backend.run("add_noise_", backend, grads, std, scale, seed)
 

@@ -303,6 +303,8 @@ class RecurrentRule(LinearUsesRule):
     mergeable = True  # a layer called several times per forward: its steps joined
 
     def parameters(self, module):
+        if not hasattr(getattr(module, "l0", None), "ih"):  # torch's layers: named by role
+            return super().parameters(module)
         out = {}
         for layer in range(module.num_layers):
             for direction in range(_directions(module)):
