@@ -40,8 +40,8 @@ def custom_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable[[Callab
     while compiling or under a dispatch mode (fake tensors, tracing), and otherwise calls ``fn``
     itself under no_grad, as the op's eager path does, without its Python dispatch (31 us a
     call, measured: 62 us through the op against 31 us for a tiny linear_clipped_sum; the
-    engine makes several calls per layer and step). The returned function keeps the op's
-    ``register_fake``."""
+    engine makes several calls per layer and step); under the profiler the call is recorded by
+    the op's name. The returned function keeps the op's ``register_fake``."""
 
     def decorate(fn: Callable) -> Callable:
         op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
@@ -51,6 +51,9 @@ def custom_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable[[Callab
             if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
                 return op(*args, **kwargs)
             with torch.no_grad():
+                if torch._C._autograd._profiler_enabled():  # profiles keep the op's name
+                    with torch.profiler.record_function(name):
+                        return fn(*args, **kwargs)
                 return fn(*args, **kwargs)
 
         call.register_fake = op.register_fake
