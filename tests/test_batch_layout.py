@@ -6,7 +6,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
-from torch_dpfast.batch_layout import batch_dims, check_arguments, check_layout
+from tests.helpers import private
+from torch_dpfast.batch_layout import LoaderBatch, batch_dims, check_arguments, check_layout
 
 
 def _padded(items):
@@ -82,14 +83,60 @@ def test_check_layout_passes_what_it_cannot_probe():
 def test_check_arguments(gen):
     x = torch.randint(0, 9, (5, 5), generator=gen)
     ones = torch.ones(5, 5)
-    check_arguments(((x, ones), {}), [x, ones], 5, batch_first=True)
-    check_arguments(((), {"ids": x.double()}), [x], 5, batch_first=True)
+    check_arguments(((x, ones), {}), LoaderBatch([x, ones]), 5, batch_first=True)
+    check_arguments(((), {"ids": x.double()}), LoaderBatch([x]), 5, batch_first=True)
     for turned in (x.T, x.T.contiguous(), x.T.double(), x.transpose(0, 1)):
         with pytest.raises(ValueError, match="moved from dim 0 to dim 1"):
-            check_arguments(((turned,), {}), [x], 5, batch_first=True)
+            check_arguments(((turned,), {}), LoaderBatch([x]), 5, batch_first=True)
         with pytest.raises(ValueError, match="moved from dim 1 to dim 0"):
-            check_arguments(((turned,), {}), [x], 5, batch_first=False)
+            check_arguments(((turned,), {}), LoaderBatch([x]), 5, batch_first=False)
     cube = torch.randn(5, 5, 5, generator=gen)
     with pytest.raises(ValueError, match="moved from dim 0 to dim 2"):
-        check_arguments(((cube.movedim(0, 2),), {}), [cube], 5, batch_first=True)
-    check_arguments(((cube.permute(0, 2, 1),), {}), [cube], 5, batch_first=True)
+        check_arguments(((cube.movedim(0, 2),), {}), LoaderBatch([cube]), 5, batch_first=True)
+    check_arguments(((cube.permute(0, 2, 1),), {}), LoaderBatch([cube]), 5, batch_first=True)
+
+
+def test_check_arguments_refuses_reordered_rows_where_the_loader_pads(gen):
+    x = torch.randn(6, 4, generator=gen)
+    order = torch.randperm(6, generator=gen)
+    while bool((order == torch.arange(6)).all()):
+        order = torch.randperm(6, generator=gen)
+    with pytest.raises(ValueError, match="another row order"):
+        check_arguments(((x[order],), {}), LoaderBatch([x], padded=True), 6, batch_first=True)
+    with pytest.raises(ValueError, match="another row order"):  # reordered and cast
+        check_arguments(((x[order].double(),), {}), LoaderBatch([x], True), 6, batch_first=True)
+    check_arguments(((x[order],), {}), LoaderBatch([x], padded=False), 6, batch_first=True)
+    check_arguments(((x,), {}), LoaderBatch([x], padded=True), 6, batch_first=True)
+    check_arguments(((x * 2,), {}), LoaderBatch([x], padded=True), 6, batch_first=True)
+
+
+def _sorting(items):
+    """Sorts the batch by its first value, as a pack_padded_sequence loop sorts by length."""
+    x, y = default_collate(items)
+    order = x[:, 0].argsort()
+    return x[order], y[order]
+
+
+def _random_masking(items):
+    x, y = default_collate(items)
+    return x * (torch.rand(x.shape) > 0.5), y
+
+
+def test_check_layout_refuses_a_reordering_collate_where_the_loader_pads(gen):
+    data = TensorDataset(torch.randn(10, 3, generator=gen), torch.zeros(10))
+    sorting = DataLoader(data, batch_size=4, collate_fn=_sorting)
+    with pytest.raises(ValueError, match="orders the examples itself"):
+        check_layout(sorting, batch_first=True, padded=True)
+    check_layout(sorting, batch_first=True, padded=False)
+    for collate in (default_collate, _random_masking):
+        check_layout(DataLoader(data, batch_size=4, collate_fn=collate), True, padded=True)
+    alike = TensorDataset(torch.ones(10, 3), torch.zeros(10))  # examples 0 and 1 equal
+    check_layout(DataLoader(alike, batch_size=4, collate_fn=_sorting), True, padded=True)
+
+
+def test_make_private_refuses_a_reordering_collate_with_a_physical_batch_size(gen):
+    data = TensorDataset(torch.randn(20, 3, generator=gen), torch.zeros(20, dtype=torch.long))
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="orders the examples itself"):
+        private(model, data, 4, collate_fn=_sorting, physical_batch_size=4)
+    private(model, data, 4, collate_fn=_sorting)  # no padding: every row is real

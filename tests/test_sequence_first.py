@@ -176,3 +176,30 @@ def test_batch_as_the_loader_gives_it_trains_when_t_equals_the_batch(gen):
         nn.functional.cross_entropy(model(x, mask), y).backward()
         optimizer.step()
     assert len(engine.accountant) > 0
+
+
+@pytest.mark.parametrize("physical_batch_size", [None, 8])
+def test_batch_sorted_in_the_loop_is_refused_where_the_loader_pads(physical_batch_size, gen):
+    """Sorting the batch by length in the loop (for pack_padded_sequence) moves the padding
+    rows, copies of the batch's first example, among the real ones: that example would be
+    clipped several times, others dropped. Refused on the first forward where the loader pads;
+    harmless (every row real) and allowed without a physical batch size."""
+    data = TensorDataset(
+        torch.randn(40, T, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    )
+    model = nn.Sequential(nn.Linear(T, 3))
+    extra = {} if physical_batch_size is None else dict(physical_batch_size=8, padding="full")
+    engine, model, optimizer, loader = private(model, data, 8, **extra)
+
+    def epoch():
+        for x, y in loader:
+            order = x[:, 0].argsort()
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[order]), y[order]).backward()
+            optimizer.step()
+
+    if physical_batch_size is None:
+        epoch()
+    else:
+        with pytest.raises(ValueError, match="another row order"):
+            epoch()

@@ -17,9 +17,20 @@ under a forked random state (random transforms draw nothing from the training st
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
+
+
+@dataclass(frozen=True)
+class LoaderBatch:
+    """The batch a make_private loader yielded last: its tensors, and whether that loader pads
+    physical batches (``physical_batch_size`` given), whose mask then marks rows by position."""
+
+    tensors: list = field(default_factory=list)
+    padded: bool = False
 
 
 def batch_dims(collate_fn, example) -> list[tuple[tuple[int, ...], list[int]]]:
@@ -37,17 +48,20 @@ def batch_dims(collate_fn, example) -> list[tuple[tuple[int, ...], list[int]]]:
     ]
 
 
-def check_layout(data_loader, batch_first: bool) -> None:
+def check_layout(data_loader, batch_first: bool, padded: bool = False) -> None:
     """Raises if the loader's batches contradict ``batch_first``: batch-first, a tensor of two
     or more dims whose batch is not in dim 0 (sequence-first data, which would be clipped per
     time step when T equals the batch size); sequence-first, tensors of two or more dims that
-    all hold the batch in dim 0 and none in dim 1."""
+    all hold the batch in dim 0 and none in dim 1. With ``padded`` (physical batches padded
+    by position), also if the collate function reorders the examples (:func:`check_order`)."""
     try:
         example = data_loader.dataset[0]
     except Exception as error:  # not indexable by 0 (a dict-keyed dataset): nothing to probe
         if isinstance(error, (KeyError, IndexError, TypeError)):
             return
         raise
+    if padded:
+        check_order(data_loader)
     grown = [(shape, dims) for shape, dims in batch_dims(data_loader.collate_fn, example) if dims]
     wide = [(shape, dims) for shape, dims in grown if len(shape) >= 2]
     if batch_first:
@@ -73,20 +87,61 @@ def check_layout(data_loader, batch_first: bool) -> None:
         )
 
 
+def check_order(data_loader) -> None:
+    """Raises if the collate function orders the examples itself (sorting them by length, for
+    ``pack_padded_sequence``): collating examples 0 and 1 in either order gives the same batch,
+    while they differ. The loader's mask marks rows by position (the padding rows, copies of a
+    batch's first example, come last); a collate that reorders puts copies among the real rows
+    and real examples among the padding: one example clipped several times (sensitivity k C),
+    others dropped."""
+    dataset = data_loader.dataset
+    if len(dataset) < 2:
+        return
+    try:
+        first, second = dataset[0], dataset[1]
+    except (KeyError, IndexError, TypeError):
+        return
+    collate = data_loader.collate_fn
+
+    def tensors(items) -> list[Tensor]:
+        with torch.random.fork_rng(devices=[]):
+            return [t for t in tree_leaves(collate(items)) if isinstance(t, Tensor)]
+
+    if _same(tensors([first]), tensors([second])):
+        return  # the two examples collate alike: their order cannot show
+    if _same(tensors([first, second]), tensors([second, first])):
+        raise ValueError(
+            "the data loader's collate_fn orders the examples itself (examples 0 and 1 collate "
+            "to the same batch in either order, e.g. sorted by length): the physical batch's "
+            "mask marks its padding rows by position, so reordered rows would count one "
+            "example several times and drop others. Keep the examples in the order given (for "
+            "torch.nn.utils.rnn.pack_padded_sequence pass enforce_sorted=False instead of "
+            "sorting)"
+        )
+
+
+def _same(a: list[Tensor], b: list[Tensor]) -> bool:
+    return len(a) == len(b) and all(
+        x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b)
+    )
+
+
 def _shape(shape: tuple[int, ...], batch: int) -> str:
     """(7, B) for a batch of one with the batch in dim 1."""
     return "(" + ", ".join("B" if d == batch else str(n) for d, n in enumerate(shape)) + ")"
 
 
-def check_arguments(arguments, loader_tensors, batch: int, batch_first: bool) -> None:
+def check_arguments(arguments, loader: LoaderBatch, batch: int, batch_first: bool) -> None:
     """Raises if a tensor the model was called with is one the loader yielded with its batch
     dim moved off the layers' batch dim (dim 0, or 1 with ``batch_first=False``): ``x.T`` or
     ``x.transpose(0, 1)`` in the training loop, a copy of it, or either moved to another
-    device or dtype. The collated layout was checked by :func:`check_layout`; this catches the
-    loop that turns it around before the model, which again clips per time step where T
-    equals the batch size. Values are compared, so it costs one pass over the first batch."""
+    device or dtype; or, where the loader pads by position, with its examples reordered (the
+    batch sorted by length in the loop). The collated layout was checked by
+    :func:`check_layout`; this catches the loop that turns it around or reorders it before the
+    model. Values are compared, so it costs a pass or two over the first batch; a reordering
+    that happens to leave that batch as it was is not seen."""
     expected = 0 if batch_first else 1
-    candidates = [t for t in loader_tensors if isinstance(t, Tensor) and t.dim() >= 2]
+    candidates = [t for t in loader.tensors if isinstance(t, Tensor) and t.dim() >= 2]
     for a in tree_leaves(arguments):
         if not isinstance(a, Tensor) or a.dim() < 2 or a.shape[expected] != batch:
             continue
@@ -96,6 +151,17 @@ def check_arguments(arguments, loader_tensors, batch: int, batch_first: bool) ->
                 continue
             if a.shape == t.shape and _equal(a, t):
                 continue  # the loader's tensor as it came
+            if loader.padded and a.shape == t.shape and _reordered(a, t, source):
+                raise ValueError(
+                    f"the model was called with the loader's batch in another row order (a "
+                    f"tensor of shape {tuple(a.shape)} holds the rows of the loader's along dim "
+                    f"{source}, permuted: sorted by length in the training loop?). The physical "
+                    "batch's mask marks its padding rows (copies of its first example) by "
+                    "position, so reordered rows count one example several times and drop "
+                    "others. Call the model on the rows in the loader's order (for "
+                    "torch.nn.utils.rnn.pack_padded_sequence pass enforce_sorted=False instead "
+                    "of sorting)"
+                )
             for d in range(a.dim()):
                 moved = t.movedim(source, d)
                 if d != expected and moved.shape == a.shape and _equal(a, moved):
@@ -110,6 +176,21 @@ def check_arguments(arguments, loader_tensors, batch: int, batch_first: bool) ->
                         "model collate (T, B, ...) batches and pass make_private(..., "
                         "batch_first=False)"
                     )
+
+
+def _reordered(a: Tensor, t: Tensor, dim: int) -> bool:
+    """Whether ``a`` holds the rows of ``t`` along ``dim`` in another order: the rows' seeded
+    random projections agree as multisets (within rounding of the cast) but not in order."""
+    rows_a = a.movedim(dim, 0).reshape(a.shape[dim], -1).double()
+    rows_t = t.to(device=a.device, dtype=a.dtype).movedim(dim, 0).reshape(a.shape[dim], -1)
+    generator = torch.Generator(device=a.device).manual_seed(20261207)
+    direction = torch.randn(
+        rows_a.shape[1], dtype=torch.float64, device=a.device, generator=generator
+    )
+    pa, pt = rows_a @ direction, rows_t.double() @ direction
+    tolerance = 1e-9 * (pa.abs().max() + 1)
+    same_rows = torch.allclose(pa.sort().values, pt.sort().values, rtol=0, atol=float(tolerance))
+    return same_rows and not torch.allclose(pa, pt, rtol=0, atol=float(tolerance))
 
 
 def _equal(a: Tensor, b: Tensor) -> bool:

@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 
 from . import tracing
 from .assign import check_no_batch_statistics
-from .batch_layout import check_arguments
+from .batch_layout import LoaderBatch, check_arguments
 from .rules.fallback import batch_dim
 
 PROBE_ROW = 1
@@ -85,7 +85,7 @@ def install(
     bypassed=contextlib.nullcontext,
     batch_first: bool = True,
     retrace=lambda paths: False,
-    loader_batch=lambda: (),
+    loader_batch=LoaderBatch,
 ):
     """Runs :func:`probe` on the first forward of ``model`` that qualifies; returns the hook
     handle (removed once the probe ran). ``batch_hint()`` gives the batch size when it is known
@@ -95,9 +95,9 @@ def install(
     layers that the first run saw called on constants rather than on the batch (T5's
     relative-position embedding, looked up with bucket ids (Q, K)); it returns whether it
     changed how the model is captured (engine: their callers are traced), and the probe then
-    runs again. ``loader_batch()`` gives the tensors the data loader yielded last: a model
-    argument that is one of them with its batch moved to another dim is refused
-    (batch_layout.check_arguments)."""
+    runs again. ``loader_batch()`` gives the batch the data loader yielded last: a model
+    argument that is one of its tensors with the batch moved to another dim, or reordered where
+    the loader pads, is refused (batch_layout.check_arguments)."""
 
     def hook(module, args, kwargs):
         if not torch.is_grad_enabled():

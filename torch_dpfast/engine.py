@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from . import coupling, cpu_memory, losses, materialise_plan
 from .assign import assign_rules, check_no_batch_statistics
+from .batch_layout import LoaderBatch
 from .capture import CAPTURES, UseCapture, bind, bind_root, bypassed, switchable_root
 from .clippers import CLIPPING_MODES, Clipper, make_clipper
 from .materialise_plan import resolve_budget
@@ -72,8 +73,8 @@ class Attachment:
     # bytes of per-example gradients auto may hold on CPU instead of fast paths (0: none)
     materialise_bytes: int = materialise_plan.FALLBACK_BYTES
     clipper: Clipper | None = None  # clippers/: how this mode clips a physical batch
-    # the tensors of the batch the data loader yielded last (make_private's loader sets it)
-    loader_batch: Callable[[], list[Tensor]] = lambda: []
+    # the batch the data loader yielded last (make_private's loader sets it)
+    loader_batch: Callable[[], LoaderBatch] = LoaderBatch
     _records: list[Record] = field(default_factory=list)
     _hooks: list = field(default_factory=list)
     _restores: list = field(default_factory=list)  # undo what rules changed (Rule.adapt)
@@ -302,10 +303,10 @@ class Attachment:
 _live: weakref.WeakSet = weakref.WeakSet()
 
 
-def _loader_batch(ref) -> list:
-    """The tensors of the batch the attachment's data loader yielded last (none without one)."""
+def _loader_batch(ref) -> LoaderBatch:
+    """The batch the attachment's data loader yielded last (an empty one without a loader)."""
     attachment = ref()
-    return [] if attachment is None else attachment.loader_batch()
+    return LoaderBatch() if attachment is None else attachment.loader_batch()
 
 
 def _batch_of(ref) -> int | None:

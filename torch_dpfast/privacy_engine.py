@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from . import accounting
 from .assign import assign_rules, is_batch_norm
-from .batch_layout import check_layout
+from .batch_layout import LoaderBatch, check_layout
 from .checkpoint import checkpoint_options
 from .checkpoint import load as load_file
 from .checkpoint import save as save_file
@@ -177,7 +177,9 @@ class PrivacyEngine:
                 f"data_loader must be a torch.utils.data.DataLoader, got {type(data_loader)}"
             )
         check_map_style(data_loader.dataset)
-        check_layout(data_loader, batch_first)
+        check_layout(
+            data_loader, batch_first, padded=poisson_sampling and physical_batch_size is not None
+        )
         check_not_ddp(module)
         _check_model(module)
         _check_optimizer(module, optimizer)
@@ -623,11 +625,13 @@ def _sample_rate(data_loader: DataLoader) -> float:
 
 
 def _latest_tensors(loader_ref):
-    """() -> the tensors of the batch the (weakly held) loader yielded last."""
+    """() -> the batch the (weakly held) loader yielded last, as a LoaderBatch."""
 
-    def latest() -> list:
+    def latest() -> LoaderBatch:
         loader = loader_ref()
-        batch = None if loader is None else loader.latest_batch
-        return [t for t in tree_leaves(batch) if isinstance(t, torch.Tensor)]
+        if loader is None:
+            return LoaderBatch()
+        tensors = [t for t in tree_leaves(loader.latest_batch) if isinstance(t, torch.Tensor)]
+        return LoaderBatch(tensors, padded=loader.physical_batch_size is not None)
 
     return latest
