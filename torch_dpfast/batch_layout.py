@@ -54,15 +54,15 @@ def check_layout(data_loader, batch_first: bool, padded: bool = False) -> None:
     time step when T equals the batch size); sequence-first, tensors of two or more dims that
     all hold the batch in dim 0 and none in dim 1. With ``padded`` (physical batches padded
     by position), also if the collate function reorders the examples (:func:`check_order`)."""
+    dataset, collate = data_loader.dataset, data_loader.collate_fn
     try:
-        example = data_loader.dataset[0]
-    except Exception as error:  # not indexable by 0 (a dict-keyed dataset): nothing to probe
-        if isinstance(error, (KeyError, IndexError, TypeError)):
-            return
-        raise
-    if padded:
-        check_order(data_loader)
-    grown = [(shape, dims) for shape, dims in batch_dims(data_loader.collate_fn, example) if dims]
+        example = dataset[0]
+        second = dataset[1] if padded and len(dataset) > 1 else None
+    except (KeyError, IndexError, TypeError):  # not indexable by 0, 1 (keyed): nothing to probe
+        return
+    if second is not None:
+        check_order(collate, example, second)
+    grown = [(shape, dims) for shape, dims in batch_dims(collate, example) if dims]
     wide = [(shape, dims) for shape, dims in grown if len(shape) >= 2]
     if batch_first:
         for shape, dims in wide:
@@ -87,21 +87,13 @@ def check_layout(data_loader, batch_first: bool, padded: bool = False) -> None:
         )
 
 
-def check_order(data_loader) -> None:
+def check_order(collate, first, second) -> None:
     """Raises if the collate function orders the examples itself (sorting them by length, for
-    ``pack_padded_sequence``): collating examples 0 and 1 in either order gives the same batch,
-    while they differ. The loader's mask marks rows by position (the padding rows, copies of a
-    batch's first example, come last); a collate that reorders puts copies among the real rows
-    and real examples among the padding: one example clipped several times (sensitivity k C),
-    others dropped."""
-    dataset = data_loader.dataset
-    if len(dataset) < 2:
-        return
-    try:
-        first, second = dataset[0], dataset[1]
-    except (KeyError, IndexError, TypeError):
-        return
-    collate = data_loader.collate_fn
+    ``pack_padded_sequence``): collating ``first`` and ``second`` in either order gives the
+    same batch, while they differ. The loader's mask marks rows by position (the padding rows,
+    copies of a batch's first example, come last); a collate that reorders puts copies among
+    the real rows and real examples among the padding: one example clipped several times
+    (sensitivity k C), others dropped."""
 
     def tensors(items) -> list[Tensor]:
         with torch.random.fork_rng(devices=[]):
@@ -146,16 +138,15 @@ def check_arguments(arguments, loader: LoaderBatch, batch: int, batch_first: boo
         if not isinstance(a, Tensor) or a.dim() < 2 or a.shape[expected] != batch:
             continue
         for t in candidates:
-            source = expected if t.shape[expected] == batch else None
-            if source is None or t.dim() != a.dim() or t.numel() != a.numel():
+            if t.shape[expected] != batch or t.dim() != a.dim() or t.numel() != a.numel():
                 continue
             if a.shape == t.shape and _equal(a, t):
                 continue  # the loader's tensor as it came
-            if loader.padded and a.shape == t.shape and _reordered(a, t, source):
+            if loader.padded and a.shape == t.shape and _reordered(a, t, expected):
                 raise ValueError(
                     f"the model was called with the loader's batch in another row order (a "
                     f"tensor of shape {tuple(a.shape)} holds the rows of the loader's along dim "
-                    f"{source}, permuted: sorted by length in the training loop?). The physical "
+                    f"{expected}, permuted: sorted by length in the training loop?). The physical "
                     "batch's mask marks its padding rows (copies of its first example) by "
                     "position, so reordered rows count one example several times and drop "
                     "others. Call the model on the rows in the loader's order (for "
@@ -163,12 +154,12 @@ def check_arguments(arguments, loader: LoaderBatch, batch: int, batch_first: boo
                     "of sorting)"
                 )
             for d in range(a.dim()):
-                moved = t.movedim(source, d)
+                moved = t.movedim(expected, d)
                 if d != expected and moved.shape == a.shape and _equal(a, moved):
                     raise ValueError(
                         f"the model was called with the loader's batch turned around: a tensor "
                         f"of shape {tuple(a.shape)} equal to the loader's {tuple(t.shape)} with "
-                        f"its batch moved from dim {source} to dim {d} (x.T or x.transpose in "
+                        f"its batch moved from dim {expected} to dim {d} (x.T or x.transpose in "
                         f"the training loop?). The layers read dim {expected} as the batch, so "
                         "where the sequence length equals the batch size each time step would be "
                         "clipped as an example (sensitivity up to T x max_grad_norm). Call the "

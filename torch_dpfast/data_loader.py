@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from torch import Tensor
+from torch.utils._pytree import tree_leaves
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
@@ -22,6 +24,7 @@ from torch.utils.data import (
 )
 
 from .accounting import steps_per_epoch as default_steps_per_epoch
+from .batch_layout import LoaderBatch
 from .random_source import RandomSource
 from .sampling import PhysicalBatch, PoissonBatchSampler
 
@@ -108,6 +111,11 @@ class DPDataLoader(DataLoader):
             if self.on_batch is not None:
                 self.on_batch(info)
             yield batch
+
+    def latest(self) -> LoaderBatch:
+        """The tensors of the batch yielded last, and whether batches are padded by position."""
+        tensors = [t for t in tree_leaves(self.latest_batch) if isinstance(t, Tensor)]
+        return LoaderBatch(tensors, padded=self.physical_batch_size is not None)
 
     def state_dict(self) -> dict:
         return self.batch_sampler.state_dict()

@@ -16,7 +16,6 @@ import weakref
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader
 
 from . import accounting
@@ -268,7 +267,8 @@ class PrivacyEngine:
                 plan_random=plan_source,
                 padding=padding,
             )
-            self.attachment.loader_batch = _latest_tensors(weakref.ref(self.data_loader))
+            latest = weakref.WeakMethod(self.data_loader.latest)  # no loader -> engine cycle
+            self.attachment.loader_batch = lambda: (latest() or LoaderBatch)()
         else:
             warnings.warn(
                 "torch_dpfast: poisson_sampling=False keeps the data loader's own batches "
@@ -622,16 +622,3 @@ def _sample_rate(data_loader: DataLoader) -> float:
             )
         return data_loader.batch_size / size
     return 1 / len(data_loader)
-
-
-def _latest_tensors(loader_ref):
-    """() -> the batch the (weakly held) loader yielded last, as a LoaderBatch."""
-
-    def latest() -> LoaderBatch:
-        loader = loader_ref()
-        if loader is None:
-            return LoaderBatch()
-        tensors = [t for t in tree_leaves(loader.latest_batch) if isinstance(t, torch.Tensor)]
-        return LoaderBatch(tensors, padded=loader.physical_batch_size is not None)
-
-    return latest
