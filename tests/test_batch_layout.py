@@ -108,6 +108,11 @@ def test_check_arguments_refuses_reordered_rows_where_the_loader_pads(gen):
     check_arguments(((x[order],), {}), LoaderBatch([x], padded=False), 6, batch_first=True)
     check_arguments(((x,), {}), LoaderBatch([x], padded=True), 6, batch_first=True)
     check_arguments(((x * 2,), {}), LoaderBatch([x], padded=True), 6, batch_first=True)
+    # A tensor the loader yielded as it came is in the loader's order, even where another of
+    # its tensors holds the same rows permuted (a view pair made by the collate function).
+    pair = LoaderBatch([x, x[order]], padded=True)
+    check_arguments(((x[order],), {}), pair, 6, batch_first=True)
+    check_arguments(((x,), {}), pair, 6, batch_first=True)
 
 
 def _sorting(items):

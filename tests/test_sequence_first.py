@@ -203,3 +203,22 @@ def test_batch_sorted_in_the_loop_is_refused_where_the_loader_pads(physical_batc
     else:
         with pytest.raises(ValueError, match="another row order"):
             epoch()
+
+
+def test_batch_sorted_from_the_second_step_on_is_refused_on_cpu(gen):
+    """On CPU every loader batch's first forward is compared, not only the probe's."""
+    data = TensorDataset(
+        torch.randn(40, T, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    )
+    engine, model, optimizer, loader = private(
+        nn.Sequential(nn.Linear(T, 3)), data, 8, physical_batch_size=8, padding="full"
+    )
+    steps = 0
+    with pytest.raises(ValueError, match="another row order"):
+        for x, y in loader:
+            order = x[:, 0].argsort() if steps else torch.arange(x.shape[0])
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[order]), y[order]).backward()
+            optimizer.step()
+            steps += 1
+    assert steps >= 1

@@ -137,11 +137,14 @@ def check_arguments(arguments, loader: LoaderBatch, batch: int, batch_first: boo
     for a in tree_leaves(arguments):
         if not isinstance(a, Tensor) or a.dim() < 2 or a.shape[expected] != batch:
             continue
-        for t in candidates:
-            if t.shape[expected] != batch or t.dim() != a.dim() or t.numel() != a.numel():
-                continue
-            if a.shape == t.shape and _equal(a, t):
-                continue  # the loader's tensor as it came
+        alike = [
+            t
+            for t in candidates
+            if t.shape[expected] == batch and t.dim() == a.dim() and t.numel() == a.numel()
+        ]
+        if any(a.shape == t.shape and _equal(a, t) for t in alike):
+            continue  # one of the loader's tensors as it came
+        for t in alike:
             if loader.padded and a.shape == t.shape and _reordered(a, t, expected):
                 raise ValueError(
                     f"the model was called with the loader's batch in another row order (a "

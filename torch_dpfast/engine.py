@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from . import coupling, cpu_memory, losses, materialise_plan
 from .assign import assign_rules, check_no_batch_statistics
-from .batch_layout import LoaderBatch
+from .batch_layout import LoaderBatch, check_arguments
 from .capture import CAPTURES, UseCapture, bind, bind_root, bypassed, switchable_root
 from .clippers import CLIPPING_MODES, Clipper, make_clipper
 from .materialise_plan import resolve_budget
@@ -66,6 +67,7 @@ class Attachment:
     # batch; None: all of them
     computed_rows: int | None = None
     generation: int = 0  # counts begin_batch calls
+    checked_generation: int = 0  # the loader batch whose forward on_forward last compared
     batch_started: bool = False  # begin_batch was called since the last clip (a loader's batch)
     clipped_generation: int = 0  # the generation clip_and_accumulate last ran for
     forward_batch: int | None = None  # B of the forward in progress (on_forward)
@@ -113,10 +115,20 @@ class Attachment:
 
     def on_forward(self, module, args, kwargs) -> None:
         """Root forward pre-hook: notes the batch size B of this forward (the physical batch's
-        mask length when begin_batch gave one, else dim 0 of the first tensor argument)."""
+        mask length when begin_batch gave one, else dim 0 of the first tensor argument). The
+        first training forward of each loader batch on CPU tensors is compared with that batch
+        (batch_layout.check_arguments: turned around or reordered), a pass over the inputs; on
+        other devices only the first forward is, by the probe (no copy to the device each
+        step)."""
         self.forward_batch = self.mask.shape[0] if self.mask is not None else None
         if self.forward_batch is None:
             self.forward_batch = coupling.batch_size(args, kwargs, 0 if self.batch_first else 1)
+        elif torch.is_grad_enabled() and self.checked_generation != self.generation:
+            self.checked_generation = self.generation
+            loader = self.loader_batch()
+            tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+            if loader.tensors and all(t.device.type == "cpu" for t in tensors):
+                check_arguments((args, kwargs), loader, self.forward_batch, self.batch_first)
 
     def broadcast(self, args: tuple) -> tuple:
         """``args`` with a lone tensor of dim 0 of size 1 expanded to the forward's B rows."""
