@@ -36,6 +36,11 @@ TORCH_LIBRARY(dpfast_C, m) {
   // Ghost norms of linear maps sharing the output gradient d, on their joined input a, with
   // `biases` biases of sum_t d_t, and certify.py's bounds: (norm_sq (B,), bound (B,) float64).
   m.def("linear_uses_ghost(Tensor a, Tensor d, int biases) -> (Tensor, Tensor)");
+  // Clipped sums of linear maps sharing the output gradient d, on their joined input a
+  // (B, T, sum widths): one (d_out, w) sum per width, then with `bias` sum_i c_i sum_t d_it.
+  m.def(
+      "linear_uses_clipped_sum(Tensor a, Tensor d, Tensor scale, int[] widths, bool bias) "
+      "-> Tensor[]");
   // The recurrent rule's recurrence (CPU): all steps of one layer and direction.
   m.def(
       "lstm_sequence(Tensor gi, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, Tensor? valid) "

@@ -120,3 +120,16 @@ def watch_ghost_kernel(monkeypatch) -> list[bool]:
     from torch_dpfast.rules._linear_uses import LinearUsesRule
 
     return watch_ran(monkeypatch, LinearUsesRule, "norm_sq_and_bound")
+
+
+def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """(B, T, C) with the same values: contiguous ("batch_first"), a view of time-major memory
+    ("time_major"), or ("columns") columns 3.. of a wider tensor (rows further apart than C, as
+    the recurrent rule's joined input)."""
+    if layout == "time_major":
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    if layout == "columns":
+        wide = torch.zeros(*t.shape[:2], t.shape[2] + 5, dtype=t.dtype)
+        wide[..., 3 : 3 + t.shape[2]] = t
+        return wide[..., 3 : 3 + t.shape[2]]
+    return t

@@ -9,23 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers import laid_out
 from torch_dpfast import _ext
 
 pytestmark = pytest.mark.skipif(
     not _ext.has_kernel("linear_uses_ghost", "CPU"), reason="torch_dpfast._C is not built"
 )
-
-
-def _laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """(B, T, C) with the same values: contiguous, a view of time-major memory, or columns
-    3.. of a wider tensor (rows further apart than C, as the recurrent rule's joined input)."""
-    if layout == "time_major":
-        return t.transpose(0, 1).contiguous().transpose(0, 1)
-    if layout == "columns":
-        wide = torch.zeros(*t.shape[:2], t.shape[2] + 5, dtype=t.dtype)
-        wide[..., 3 : 3 + t.shape[2]] = t
-        return wide[..., 3 : 3 + t.shape[2]]
-    return t
 
 
 def _expected(a: torch.Tensor, d: torch.Tensor, biases: int):
@@ -46,7 +35,7 @@ def test_norms_and_bounds_match_float64_brute_force(dtype, layout, shape, biases
     a = torch.randn(batch, steps, width, generator=gen, dtype=torch.float64).to(dtype)
     d = torch.randn(batch, steps, gates, generator=gen, dtype=torch.float64).to(dtype)
     norm_sq, bound = torch.ops.dpfast_C.linear_uses_ghost(
-        _laid_out(a, layout), _laid_out(d, layout), biases
+        laid_out(a, layout), laid_out(d, layout), biases
     )
     expected_norm_sq, expected_bound = _expected(a, d, biases)
     assert norm_sq.dtype == dtype and bound.dtype == torch.float64

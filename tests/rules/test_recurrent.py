@@ -444,19 +444,20 @@ def test_weights_sharing_a_gate_gradient_are_one_map_on_the_fast_path(
     certification bound come from one compiled pass (uses_ghost.cpp); exact against brute
     force, frozen weights and biases left out."""
     from torch_dpfast import ops
+    from torch_dpfast.rules import _linear_uses
 
     _force_path("compiled", monkeypatch)
     net = Net(_rnn(kind, batch_first=True, num_layers=2), read=READS["all"]).double()
     seen = []
-    for name in ("linear_norm_sq", "linear_clipped_sum"):
-        original = getattr(ops, name)
+    for owner, name in ((ops, "linear_norm_sq"), (_linear_uses, "joined_clipped_sums")):
+        original = getattr(owner, name)
 
         def watched(a, g, *args, _original=original, _name=name, **kwargs):
             if g.shape[-1] != net.head.out_features:  # the layer's uses, not the head's
                 seen.append((_name, a.shape[-1], a._is_view()))
             return _original(a, g, *args, **kwargs)
 
-        monkeypatch.setattr(ops, name, watched)
+        monkeypatch.setattr(owner, name, watched)
     compiled = watch_ghost_kernel(monkeypatch)
     if frozen:
         net.rnn.get_parameter(frozen).requires_grad_(False)

@@ -135,15 +135,35 @@ class LinearUsesRule(Rule):
         params, out = self.parameters(module), {}
         for d, weights, biases in self._groups(module, self.uses(module, x, g)):
             if weights:
-                joined = ops.linear_clipped_sum(_joined(weights), d, scale)
-                widths = [a.shape[-1] for _, a in weights]
-                for (name, _), part in zip(weights, joined.split(widths, dim=1)):
+                joined, widths = _joined(weights), [a.shape[-1] for _, a in weights]
+                parts, summed = joined_clipped_sums(joined, d, scale, widths, bool(biases))
+                for (name, _), part in zip(weights, parts):
                     out[name] = part.to(params[name].dtype).contiguous()
-            if biases:
+            else:
                 summed = scaled_sum(d.sum(dim=1), scale)
-                for name in biases:
-                    out[name] = summed.to(params[name].dtype)
+            for name in biases:
+                out[name] = summed.to(params[name].dtype)
         return out
+
+
+def joined_clipped_sums(
+    a: Tensor, d: Tensor, scale: Tensor, widths: list[int], biased: bool
+) -> tuple[list[Tensor], Tensor | None]:
+    """([(G, w) for w in widths], the (G,) bias sum or None unless ``biased``): the clipped sum
+    sum_i scale_i d_i^T a_i of one map on the joined input ``a`` (B, T, sum widths) split into
+    its weights' columns, and sum_i scale_i sum_t d_it. On CPU in one call of the compiled
+    kernel (one GEMM, the bias by a GEMV over its rows: no pass of its own over d), else by
+    ops.linear_clipped_sum and a scaled sum of d."""
+    if (
+        a.device.type == d.device.type == "cpu"
+        and a.dtype == d.dtype
+        and a.dtype in (torch.float32, torch.float64)
+        and _ext.has_kernel("linear_uses_clipped_sum", "CPU")
+    ):
+        sums = torch.ops.dpfast_C.linear_uses_clipped_sum(a, d, scale, widths, bool(biased))
+        return sums[: len(widths)], sums[-1] if biased else None
+    parts = ops.linear_clipped_sum(a, d, scale).split(widths, dim=1)
+    return parts, scaled_sum(d.sum(dim=1), scale) if biased else None
 
 
 # Largest T^2 of the compiled ghost kernel: it holds two T x T Grams per thread (2 x 16 MiB
