@@ -5,7 +5,7 @@
 //   linear_clipped_sum sum_i c_i G_i as GEMMs over the rows of kept examples (c_i != 0);
 //   linear_uses_clipped_sum the same for maps sharing g whose inputs a joins side by side (an
 //                      LSTM layer's W_ih, W_hh), each map's columns returned contiguous, with the
-//                      biases' sum_i c_i sum_t g_it by one GEMV over the same rows.
+//                      biases' sum_i c_i sum_t g_it from the same GEMM (a's rows get a 1).
 // GEMMs go through ATen (the BLAS torch was built with, its own threads); the reductions of
 // their outputs are fused loops in double, parallel over examples.
 #include <ATen/ATen.h>
@@ -121,64 +121,73 @@ bool time_major(const at::Tensor& t) {
   return t.size(0) > 1 && t.size(1) > 1 && t.transpose(0, 1).is_contiguous();
 }
 
-// Adds one chunk's rows to the sums: x the scaled narrow side's rows, y the wide side's; with
-// scale_a x is a's, y is g's. bias (when defined) += sum over rows of c_row g_row: y^T c_rows,
-// or with g scaled the column sums of x.
-void add_chunk(at::Tensor& out, at::Tensor& bias, const at::Tensor& x, const at::Tensor& y,
-               const at::Tensor& c_rows, bool scale_a) {
+// The scaled side's rows of one chunk into `scaled` (rows, width [+ 1]): side * factors, and
+// with `ones` a last column holding the factors (a column of ones, scaled).
+void scale_rows(at::Tensor& scaled, const at::Tensor& side, const at::Tensor& factors,
+                bool ones) {
+  const int64_t width = side.size(-1);
+  if (!ones) {
+    at::mul_out(scaled, side, factors);
+    return;
+  }
+  at::Tensor values = scaled.narrow(-1, 0, width);
+  at::mul_out(values, side, factors);
+  scaled.narrow(-1, width, 1).copy_(factors.expand_as(scaled.narrow(-1, width, 1)));
+}
+
+// Adds one chunk's rows: x the scaled side's rows, y the other side's; with scale_a x is a's
+// (out += y^T x), else g's (out += x^T y).
+void add_chunk(at::Tensor& out, const at::Tensor& x, const at::Tensor& y, bool scale_a) {
   if (scale_a) {
     out.addmm_(y.t(), x);
-    if (bias.defined()) bias.addmv_(y.t(), c_rows);
   } else {
     out.addmm_(x.t(), y);
-    if (bias.defined()) bias.add_(x.sum(0));
   }
 }
 
-// out += the clipped sum for a time-major wide side when every c_i != 0: per chunk of steps,
-// the narrow side's rows scaled into a (steps, B, d) buffer in the same order, one GEMM.
-void add_time_major(at::Tensor& out, at::Tensor& bias, const at::Tensor& narrow_side,
-                    const at::Tensor& wide_side, const at::Tensor& c, bool scale_a) {
-  const int64_t batch = wide_side.size(0), positions = wide_side.size(1);
+// out += the clipped sum for a time-major unscaled side when every c_i != 0: per chunk of
+// steps, the scaled side's rows scaled into a (steps, B, d) buffer in the same order, one GEMM.
+void add_time_major(at::Tensor& out, const at::Tensor& scaled_side, const at::Tensor& other_side,
+                    const at::Tensor& c, bool scale_a, bool ones) {
+  const int64_t batch = other_side.size(0), positions = other_side.size(1);
+  const int64_t width = scaled_side.size(2) + (ones ? 1 : 0);
   const int64_t steps = std::clamp<int64_t>(kChunkRows / batch, 1, positions);
-  const at::Tensor wide = wide_side.to(out.scalar_type()).transpose(0, 1);  // (T, B, .) view
+  const at::Tensor other = other_side.to(out.scalar_type()).transpose(0, 1);  // (T, B, .) view
   const at::Tensor factors = c.view({1, batch, 1});
-  at::Tensor buf = at::empty({steps * batch * narrow_side.size(2)}, out.options());
-  const at::Tensor c_rows = bias.defined() && scale_a ? c.repeat({steps}) : at::Tensor();
+  at::Tensor buf = at::empty({steps * batch * width}, out.options());
   for (int64_t t0 = 0; t0 < positions; t0 += steps) {
     const int64_t n = std::min(steps, positions - t0), rows = n * batch;
-    at::Tensor scaled = buf.narrow(0, 0, rows * narrow_side.size(2))
-                            .view({n, batch, narrow_side.size(2)});
-    at::mul_out(scaled, narrow_side.narrow(1, t0, n).transpose(0, 1).to(out.scalar_type()),
-                factors);
-    add_chunk(out, bias, scaled.view({rows, narrow_side.size(2)}),
-              wide.narrow(0, t0, n).view({rows, wide_side.size(2)}),
-              c_rows.defined() ? c_rows.narrow(0, 0, rows) : c_rows, scale_a);
+    at::Tensor scaled = buf.narrow(0, 0, rows * width).view({n, batch, width});
+    scale_rows(scaled,
+               scaled_side.narrow(1, t0, n).transpose(0, 1).to(out.scalar_type()), factors, ones);
+    add_chunk(out, scaled.view({rows, width}),
+              other.narrow(0, t0, n).view({rows, other_side.size(2)}), scale_a);
   }
 }
 
-// out (d_out, d_in) += sum_i c_i g_i^T a_i and bias (d_out,), when defined, += sum_i c_i sum_t
-// g_it, over the examples with c_i != 0, accumulating in out's dtype. Runs of consecutive kept
-// examples are cut into chunks of about kChunkRows rows; per chunk the narrower operand is
-// scaled into a buffer and one GEMM adds (scaled g)^T a (or g^T (scaled a)) to the sum.
-// Examples with c_i = 0 are never read. A time-major wider operand with every c_i != 0 is
-// read in place (add_time_major).
-void add_clipped_sum(at::Tensor& out, at::Tensor& bias, const at::Tensor& a, const at::Tensor& g,
-                     const at::Tensor& scale) {
+// out (d_out, d_in [+ 1]) += sum_i c_i g_i^T [a_i, 1] over the examples with c_i != 0,
+// accumulating in out's dtype: with `ones`, a's rows get a trailing 1, so that out's last
+// column is the biases' sum_i c_i sum_t g_it, from the same GEMM (no pass of its own over g).
+// Runs of consecutive kept examples are cut into chunks of about kChunkRows rows; per chunk one
+// operand (the narrower, a with `ones`) is scaled into a buffer and one GEMM adds
+// (scaled g)^T a (or g^T (scaled a)) to the sum. Examples with c_i = 0 are never read. A
+// time-major unscaled operand with every c_i != 0 is read in place (add_time_major).
+void add_clipped_sum(at::Tensor& out, const at::Tensor& a, const at::Tensor& g,
+                     const at::Tensor& scale, bool ones) {
   const int64_t batch = a.size(0), positions = a.size(1);
   const at::ScalarType acc = out.scalar_type();
   const at::Tensor c = scale.to(at::kCPU, at::kDouble).contiguous();
   const double* pc = c.data_ptr<double>();
-  const bool scale_a = a.size(2) < g.size(2);
-  const at::Tensor& narrow_side = scale_a ? a : g;
-  const at::Tensor& wide_side = scale_a ? g : a;
-  if (time_major(wide_side) && std::all_of(pc, pc + batch, [](double v) { return v != 0.0; })) {
-    add_time_major(out, bias, narrow_side, wide_side, c.to(acc), scale_a);
+  const bool scale_a = ones || a.size(2) < g.size(2);
+  const at::Tensor& scaled_side = scale_a ? a : g;
+  const at::Tensor& other_side = scale_a ? g : a;
+  const int64_t width = scaled_side.size(2) + (ones ? 1 : 0);
+  if (time_major(other_side) && std::all_of(pc, pc + batch, [](double v) { return v != 0.0; })) {
+    add_time_major(out, scaled_side, other_side, c.to(acc), scale_a, ones);
     return;
   }
   const int64_t per_chunk = std::max<int64_t>(1, kChunkRows / std::max<int64_t>(positions, 1));
-  at::Tensor buf =
-      at::empty({std::min(per_chunk, batch) * positions * narrow_side.size(2)}, out.options());
+  at::Tensor buf = at::empty({std::min(per_chunk, batch) * positions * width}, out.options());
   for (int64_t i = 0; i < batch;) {
     if (pc[i] == 0.0) {
       ++i;
@@ -188,14 +197,10 @@ void add_clipped_sum(at::Tensor& out, at::Tensor& bias, const at::Tensor& a, con
     while (j < batch && j - i < per_chunk && pc[j] != 0.0) ++j;
     const int64_t n = j - i, rows = n * positions;
     at::Tensor factors = c.narrow(0, i, n).to(acc).view({n, 1, 1});
-    at::Tensor scaled = buf.narrow(0, 0, rows * narrow_side.size(2))
-                            .view({n, positions, narrow_side.size(2)});
-    at::mul_out(scaled, narrow_side.narrow(0, i, n).to(acc), factors);
-    const at::Tensor c_rows =
-        bias.defined() && scale_a ? factors.expand({n, positions, 1}).reshape({rows}) : at::Tensor();
-    add_chunk(out, bias, scaled.view({rows, narrow_side.size(2)}),
-              wide_side.narrow(0, i, n).to(acc).reshape({rows, wide_side.size(2)}), c_rows,
-              scale_a);
+    at::Tensor scaled = buf.narrow(0, 0, rows * width).view({n, positions, width});
+    scale_rows(scaled, scaled_side.narrow(0, i, n).to(acc), factors, ones);
+    add_chunk(out, scaled.view({rows, width}),
+              other_side.narrow(0, i, n).to(acc).reshape({rows, other_side.size(2)}), scale_a);
     i = j;
   }
 }
@@ -216,15 +221,15 @@ at::Tensor linear_clipped_sum_cpu(const at::Tensor& a, const at::Tensor& g,
   check_pair("linear_clipped_sum", a, g);
   check_scale("linear_clipped_sum", scale, a.size(0));
   at::Tensor out = at::zeros({g.size(2), a.size(2)}, a.options().dtype(accumulation(a)));
-  at::Tensor no_bias;
-  add_clipped_sum(out, no_bias, a, g, scale);
+  add_clipped_sum(out, a, g, scale, false);
   return out.to(a.scalar_type());
 }
 
 // The clipped sums of maps sharing the output gradient d whose inputs a (B, T, sum widths)
 // holds side by side: [(d_out, widths[k]) contiguous for each map] and, with `bias`, the
-// biases' (d_out,) sum_i c_i sum_t d_it, all in a's dtype. One GEMM for all maps (narrower
-// GEMMs run slower), its column blocks then copied out.
+// biases' (d_out,) sum_i c_i sum_t d_it, all in a's dtype. One GEMM for all maps and the bias
+// (a's rows with a trailing 1: narrower GEMMs run slower, a GEMV would read d again), its
+// column blocks then copied out.
 std::vector<at::Tensor> linear_uses_clipped_sum_cpu(const at::Tensor& a, const at::Tensor& d,
                                                     const at::Tensor& scale,
                                                     at::IntArrayRef widths, bool bias) {
@@ -237,17 +242,16 @@ std::vector<at::Tensor> linear_uses_clipped_sum_cpu(const at::Tensor& a, const a
   }
   TORCH_CHECK(total == a.size(2), "linear_uses_clipped_sum: widths ", widths,
               " must add up to a's last dim ", a.size(2));
-  const at::TensorOptions opts = a.options().dtype(accumulation(a));
-  at::Tensor out = at::zeros({d.size(2), a.size(2)}, opts);
-  at::Tensor bias_out = bias ? at::zeros({d.size(2)}, opts) : at::Tensor();
-  add_clipped_sum(out, bias_out, a, d, scale);
+  at::Tensor out =
+      at::zeros({d.size(2), total + (bias ? 1 : 0)}, a.options().dtype(accumulation(a)));
+  add_clipped_sum(out, a, d, scale, bias);
   std::vector<at::Tensor> sums;
   int64_t offset = 0;
   for (const int64_t w : widths) {
     sums.push_back(out.narrow(1, offset, w).contiguous().to(a.scalar_type()));
     offset += w;
   }
-  if (bias) sums.push_back(bias_out.to(a.scalar_type()));
+  if (bias) sums.push_back(out.select(1, total).contiguous().to(a.scalar_type()));
   return sums;
 }
 

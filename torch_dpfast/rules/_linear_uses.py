@@ -152,7 +152,8 @@ def joined_clipped_sums(
     """([(G, w) for w in widths], the (G,) bias sum or None unless ``biased``): the clipped sum
     sum_i scale_i d_i^T a_i of one map on the joined input ``a`` (B, T, sum widths) split into
     its weights' columns, and sum_i scale_i sum_t d_it. On CPU in one call of the compiled
-    kernel (one GEMM, the bias by a GEMV over its rows: no pass of its own over d), else by
+    kernel (one GEMM, the bias its column of a's rows extended by a 1: no pass of its own over
+    d), else by
     ops.linear_clipped_sum and a scaled sum of d."""
     if (
         a.device.type == d.device.type == "cpu"

@@ -27,18 +27,20 @@ class EmbeddingRule(Rule):
 
     def per_example_grads(self, module, ids: Tensor, g: Tensor, out=None):
         """{"weight": (B, V, d)}: example i's rows g_it added into rows ids_it of its table (one
-        index_add over the batch), written into ``out["weight"]`` where given."""
+        index_add over the batch; row padding_idx then zeroed: it gets nothing), written into
+        ``out["weight"]`` where given."""
         _check(module)
         if not module.weight.requires_grad:
             return {}
         batch, vocab, dim = ids.shape[0], module.num_embeddings, module.embedding_dim
         positions = math.prod(ids.shape[1:])
-        ids, g = ids.reshape(batch, positions), g.reshape(batch, positions, dim)
-        keys = torch.arange(batch, device=ids.device)[:, None] * vocab + ids
-        valid = ids != module.padding_idx if module.padding_idx is not None else ids >= 0
+        keys = torch.arange(batch, device=ids.device)[:, None] * vocab + ids.reshape(batch, -1)
         table = (out or {}).get("weight")
         table = g.new_zeros(batch, vocab, dim) if table is None else table.zero_()
-        table.view(batch * vocab, dim).index_add_(0, keys[valid], g[valid].to(table.dtype))
+        rows = g.reshape(batch * positions, dim).to(table.dtype)
+        table.view(batch * vocab, dim).index_add_(0, keys.flatten(), rows)
+        if module.padding_idx is not None:
+            table[:, module.padding_idx] = 0
         return {"weight": table}
 
     def materialise_saving(self, module, ids, g):
