@@ -7,7 +7,14 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
 from tests.helpers import private
-from torch_dpfast.batch_layout import LoaderBatch, batch_dims, check_arguments, check_layout
+from torch_dpfast.batch_layout import (
+    LoaderBatch,
+    argument_findings,
+    batch_dims,
+    check_arguments,
+    check_layout,
+    raise_found,
+)
 
 
 def _padded(items):
@@ -145,3 +152,19 @@ def test_make_private_refuses_a_reordering_collate_with_a_physical_batch_size(ge
     with pytest.raises(ValueError, match="orders the examples itself"):
         private(model, data, 4, collate_fn=_sorting, physical_batch_size=4)
     private(model, data, 4, collate_fn=_sorting)  # no padding: every row is real
+
+
+def test_argument_findings_are_flags_read_later(gen):
+    """The comparisons as bool tensors (on a GPU computed without a synchronisation), read by
+    raise_found; an argument equal to the loader's tensor leaves nothing to compare."""
+    x = torch.randn(6, 4, generator=gen)
+    turned = torch.randn(5, 5, generator=gen)
+    findings = argument_findings(((x.flip(0),), {}), LoaderBatch([x], padded=True), 6, True)
+    findings += argument_findings(((turned.T,), {}), LoaderBatch([turned]), 5, True)
+    assert findings and all(flag.dtype == torch.bool and flag.dim() == 0 for flag, _ in findings)
+    with pytest.raises(ValueError, match="another row order"):
+        raise_found(findings)
+    with pytest.raises(ValueError, match="turned around"):
+        raise_found(findings[-1:])
+    assert argument_findings(((x,), {}), LoaderBatch([x], padded=True), 6, True) == []
+    raise_found([])

@@ -205,20 +205,31 @@ def test_batch_sorted_in_the_loop_is_refused_where_the_loader_pads(physical_batc
             epoch()
 
 
-def test_batch_sorted_from_the_second_step_on_is_refused_on_cpu(gen):
-    """On CPU every loader batch's first forward is compared, not only the probe's."""
+@pytest.mark.parametrize("read", ["in_the_forward", "at_the_clip"])
+def test_batch_sorted_from_the_second_step_on_is_refused(read, gen, monkeypatch):
+    """Every loader batch's first forward is compared, not only the probe's: on CPU decided in
+    the forward; on a GPU (here: the engine told to read the flags later, as it does on a
+    device) when the batch is clipped, before any of it is added to the sums."""
+    from torch_dpfast import engine as engine_module
+
+    if read == "at_the_clip":
+        monkeypatch.setattr(engine_module, "_decided_now", lambda findings: False)
     data = TensorDataset(
         torch.randn(40, T, generator=gen), torch.randint(0, 3, (40,), generator=gen)
     )
     engine, model, optimizer, loader = private(
         nn.Sequential(nn.Linear(T, 3)), data, 8, physical_batch_size=8, padding="full"
     )
-    steps = 0
+    steps, before = 0, None
     with pytest.raises(ValueError, match="another row order"):
         for x, y in loader:
             order = x[:, 0].argsort() if steps else torch.arange(x.shape[0])
             optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x[order]), y[order]).backward()
+            before = [p.detach().clone() for p in model.parameters()]
+            loss = nn.functional.cross_entropy(model(x[order]), y[order])
+            assert read == "at_the_clip" or not steps  # refused in the forward
+            loss.backward()
             optimizer.step()
             steps += 1
     assert steps >= 1
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -130,63 +130,91 @@ def check_arguments(arguments, loader: LoaderBatch, batch: int, batch_first: boo
     device or dtype; or, where the loader pads by position, with its examples reordered (the
     batch sorted by length in the loop). The collated layout was checked by
     :func:`check_layout`; this catches the loop that turns it around or reorders it before the
-    model. Values are compared, so it costs a pass or two over the first batch; a reordering
-    that happens to leave that batch as it was is not seen."""
+    model. Values are compared (a pass or two over the batch); a reordering that happens to
+    leave the batch as it was is not seen."""
+    raise_found(argument_findings(arguments, loader, batch, batch_first))
+
+
+def raise_found(findings: list[tuple[Tensor, str]]) -> None:
+    """Raises ValueError with the message of the first finding whose flag is set (one
+    synchronisation for all of them)."""
+    if findings:
+        flags = torch.stack([flag.to("cpu") for flag, _ in findings]).tolist()
+        for flagged, (_, message) in zip(flags, findings):
+            if flagged:
+                raise ValueError(message)
+
+
+def argument_findings(
+    arguments, loader: LoaderBatch, batch: int, batch_first: bool
+) -> list[tuple[Tensor, str]]:
+    """:func:`check_arguments`'s comparisons, not yet decided: [(a bool scalar on the
+    argument's device, the error if it is set)], so that on a GPU they are computed without a
+    synchronisation and read later (:func:`raise_found`). An argument equal to one of the
+    loader's tensors is that tensor as it came, in the loader's order: it sets no flag."""
     expected = 0 if batch_first else 1
     candidates = [t for t in loader.tensors if isinstance(t, Tensor) and t.dim() >= 2]
+    findings = []
     for a in tree_leaves(arguments):
         if not isinstance(a, Tensor) or a.dim() < 2 or a.shape[expected] != batch:
             continue
         alike = [
-            t
+            t.to(device=a.device, dtype=a.dtype, non_blocking=True)
             for t in candidates
             if t.shape[expected] == batch and t.dim() == a.dim() and t.numel() == a.numel()
         ]
-        if any(a.shape == t.shape and _equal(a, t) for t in alike):
-            continue  # one of the loader's tensors as it came
+        if not alike:
+            continue
+        as_came = [(a == t).all() for t in alike if t.shape == a.shape]
+        moved_off = ~torch.stack(as_came).any() if as_came else a.new_ones((), dtype=torch.bool)
+        if a.device.type == "cpu" and not moved_off:  # decided at no cost: nothing to compare
+            continue
         for t in alike:
-            if loader.padded and a.shape == t.shape and _reordered(a, t, expected):
-                raise ValueError(
-                    f"the model was called with the loader's batch in another row order (a "
-                    f"tensor of shape {tuple(a.shape)} holds the rows of the loader's along dim "
-                    f"{expected}, permuted: sorted by length in the training loop?). The physical "
-                    "batch's mask marks its padding rows (copies of its first example) by "
-                    "position, so reordered rows count one example several times and drop "
-                    "others. Call the model on the rows in the loader's order (for "
-                    "torch.nn.utils.rnn.pack_padded_sequence pass enforce_sorted=False instead "
-                    "of sorting)"
-                )
+            if loader.padded and a.shape == t.shape:
+                reordered = moved_off & _reordered(a, t, expected)
+                findings.append((reordered, _reordered_error(a, expected)))
             for d in range(a.dim()):
                 moved = t.movedim(expected, d)
-                if d != expected and moved.shape == a.shape and _equal(a, moved):
-                    raise ValueError(
-                        f"the model was called with the loader's batch turned around: a tensor "
-                        f"of shape {tuple(a.shape)} equal to the loader's {tuple(t.shape)} with "
-                        f"its batch moved from dim {expected} to dim {d} (x.T or x.transpose in "
-                        f"the training loop?). The layers read dim {expected} as the batch, so "
-                        "where the sequence length equals the batch size each time step would be "
-                        "clipped as an example (sensitivity up to T x max_grad_norm). Call the "
-                        "model on the batch as the loader gives it, and for a sequence-first "
-                        "model collate (T, B, ...) batches and pass make_private(..., "
-                        "batch_first=False)"
-                    )
+                if d != expected and moved.shape == a.shape:
+                    turned = moved_off & (a == moved).all()
+                    findings.append((turned, _turned_error(a, t, expected, d)))
+    return findings
 
 
-def _reordered(a: Tensor, t: Tensor, dim: int) -> bool:
-    """Whether ``a`` holds the rows of ``t`` along ``dim`` in another order: the rows' seeded
-    random projections agree as multisets (within rounding of the cast) but not in order."""
+def _reordered_error(a: Tensor, expected: int) -> str:
+    return (
+        f"the model was called with the loader's batch in another row order (a tensor of shape "
+        f"{tuple(a.shape)} holds the rows of the loader's along dim {expected}, permuted: sorted "
+        "by length in the training loop?). The physical batch's mask marks its padding rows "
+        "(copies of its first example) by position, so reordered rows count one example "
+        "several times and drop others. Call the model on the rows in the loader's order (for "
+        "torch.nn.utils.rnn.pack_padded_sequence pass enforce_sorted=False instead of sorting)"
+    )
+
+
+def _turned_error(a: Tensor, t: Tensor, expected: int, d: int) -> str:
+    return (
+        f"the model was called with the loader's batch turned around: a tensor of shape "
+        f"{tuple(a.shape)} equal to the loader's {tuple(t.shape)} with its batch moved from dim "
+        f"{expected} to dim {d} (x.T or x.transpose in the training loop?). The layers read dim "
+        f"{expected} as the batch, so where the sequence length equals the batch size each time "
+        "step would be clipped as an example (sensitivity up to T x max_grad_norm). Call the "
+        "model on the batch as the loader gives it, and for a sequence-first model collate "
+        "(T, B, ...) batches and pass make_private(..., batch_first=False)"
+    )
+
+
+def _reordered(a: Tensor, t: Tensor, dim: int) -> Tensor:
+    """Whether ``a`` holds the rows of ``t`` (of ``a``'s device and dtype) along ``dim`` in
+    another order, as a bool scalar on that device: the rows' seeded random projections agree
+    as multisets (within rounding of the cast) but not in order."""
     rows_a = a.movedim(dim, 0).reshape(a.shape[dim], -1).double()
-    rows_t = t.to(device=a.device, dtype=a.dtype).movedim(dim, 0).reshape(a.shape[dim], -1)
+    rows_t = t.movedim(dim, 0).reshape(a.shape[dim], -1).double()
     generator = torch.Generator(device=a.device).manual_seed(20261207)
     direction = torch.randn(
         rows_a.shape[1], dtype=torch.float64, device=a.device, generator=generator
     )
-    pa, pt = rows_a @ direction, rows_t.double() @ direction
+    pa, pt = rows_a @ direction, rows_t @ direction
     tolerance = 1e-9 * (pa.abs().max() + 1)
-    same_rows = torch.allclose(pa.sort().values, pt.sort().values, rtol=0, atol=float(tolerance))
-    return same_rows and not torch.allclose(pa, pt, rtol=0, atol=float(tolerance))
-
-
-def _equal(a: Tensor, b: Tensor) -> bool:
-    """Whether ``a`` holds ``b``'s values (``b`` cast to ``a``'s device and dtype)."""
-    return torch.equal(a, b.to(device=a.device, dtype=a.dtype))
+    same_rows = ((pa.sort().values - pt.sort().values).abs() <= tolerance).all()
+    return same_rows & ((pa - pt).abs() > tolerance).any()

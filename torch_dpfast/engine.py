@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves
 
 from . import coupling, cpu_memory, losses, materialise_plan
 from .assign import assign_rules, check_no_batch_statistics
-from .batch_layout import LoaderBatch, check_arguments
+from .batch_layout import LoaderBatch, argument_findings, raise_found
 from .capture import CAPTURES, UseCapture, bind, bind_root, bypassed, switchable_root
 from .clippers import CLIPPING_MODES, Clipper, make_clipper
 from .materialise_plan import resolve_budget
@@ -68,6 +67,8 @@ class Attachment:
     computed_rows: int | None = None
     generation: int = 0  # counts begin_batch calls
     checked_generation: int = 0  # the loader batch whose forward on_forward last compared
+    # that comparison on a device, read when the batch is clipped (batch_layout.raise_found)
+    argument_findings: list = field(default_factory=list)
     batch_started: bool = False  # begin_batch was called since the last clip (a loader's batch)
     clipped_generation: int = 0  # the generation clip_and_accumulate last ran for
     forward_batch: int | None = None  # B of the forward in progress (on_forward)
@@ -102,6 +103,7 @@ class Attachment:
         PrivacyEngine's padded batches have), captured layers compute those k rows only; when
         it keeps none (an empty sample, or a rank's padding batch), row 0 only."""
         self.generation += 1
+        self.argument_findings = []  # a batch never clipped adds nothing: its findings go too
         self.mask = mask
         self.batch_started = True
         self.computed_rows = None
@@ -116,19 +118,25 @@ class Attachment:
     def on_forward(self, module, args, kwargs) -> None:
         """Root forward pre-hook: notes the batch size B of this forward (the physical batch's
         mask length when begin_batch gave one, else dim 0 of the first tensor argument). The
-        first training forward of each loader batch on CPU tensors is compared with that batch
-        (batch_layout.check_arguments: turned around or reordered), a pass over the inputs; on
-        other devices only the first forward is, by the probe (no copy to the device each
-        step)."""
+        first training forward of each loader batch is compared with that batch (turned around
+        or reordered: batch_layout.argument_findings, a pass over the inputs): on CPU decided
+        here, on a device read when the batch is clipped (no synchronisation in the forward;
+        the loader's tensors are copied to the device once per batch)."""
         self.forward_batch = self.mask.shape[0] if self.mask is not None else None
         if self.forward_batch is None:
             self.forward_batch = coupling.batch_size(args, kwargs, 0 if self.batch_first else 1)
         elif torch.is_grad_enabled() and self.checked_generation != self.generation:
             self.checked_generation = self.generation
             loader = self.loader_batch()
-            tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
-            if loader.tensors and all(t.device.type == "cpu" for t in tensors):
-                check_arguments((args, kwargs), loader, self.forward_batch, self.batch_first)
+            if not loader.tensors:
+                return
+            findings = argument_findings(
+                (args, kwargs), loader, self.forward_batch, self.batch_first
+            )
+            if _decided_now(findings):
+                raise_found(findings)
+            else:
+                self.argument_findings = findings
 
     def broadcast(self, args: tuple) -> tuple:
         """``args`` with a lone tensor of dim 0 of size 1 expanded to the forward's B rows."""
@@ -239,6 +247,8 @@ class Attachment:
         when no captured layer ran; the attachment forgets it."""
         try:
             self.check_no_leaks()
+            findings, self.argument_findings = self.argument_findings, []
+            raise_found(findings)  # this batch's forward arguments, compared on a device
         except (RuntimeError, ValueError):
             self.discard()  # this batch cannot be clipped: nothing of it may reach a later one
             self.take_mask()
@@ -313,6 +323,12 @@ class Attachment:
 
 
 _live: weakref.WeakSet = weakref.WeakSet()
+
+
+def _decided_now(findings: list) -> bool:
+    """Whether batch_layout.argument_findings's flags are read in the forward: on CPU, where
+    reading them costs no synchronisation."""
+    return all(flag.device.type == "cpu" for flag, _ in findings)
 
 
 def _loader_batch(ref) -> LoaderBatch:
