@@ -233,3 +233,31 @@ def test_batch_sorted_from_the_second_step_on_is_refused(read, gen, monkeypatch)
             steps += 1
     assert steps >= 1
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("sort", [False, True])
+def test_loader_batches_compared_on_every_device(sort, device, gen):
+    """The usual loop with the batch moved to the model's device: left alone it trains (the
+    loader's tensors are compared after a copy to the device, no false refusal); sorted from
+    the second step on, it is refused (on CPU in the forward, on a GPU at the clip)."""
+    data = TensorDataset(
+        torch.randn(40, T, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    )
+    engine, model, optimizer, loader = private(
+        nn.Sequential(nn.Linear(T, 3)).to(device), data, 8, physical_batch_size=8, padding="full"
+    )
+
+    def epoch():
+        for step, (x, y) in enumerate(loader):
+            x, y = x.to(device), y.to(device)
+            order = x[:, 0].argsort() if sort and step else torch.arange(8, device=device)
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[order]), y[order]).backward()
+            optimizer.step()
+
+    if sort:
+        with pytest.raises(ValueError, match="another row order"):
+            epoch()
+    else:
+        epoch()
+        assert optimizer.steps_taken >= 1
