@@ -139,7 +139,8 @@ def raise_found(findings: list[tuple[Tensor, str]]) -> None:
     """Raises ValueError with the message of the first finding whose flag is set (one
     synchronisation for all of them)."""
     if findings:
-        flags = torch.stack([flag.to("cpu") for flag, _ in findings]).tolist()
+        device = findings[0][0].device
+        flags = torch.stack([flag.to(device) for flag, _ in findings]).tolist()
         for flagged, (_, message) in zip(flags, findings):
             if flagged:
                 raise ValueError(message)

@@ -153,15 +153,14 @@ def joined_clipped_sums(
     sum_i scale_i d_i^T a_i of one map on the joined input ``a`` (B, T, sum widths) split into
     its weights' columns, and sum_i scale_i sum_t d_it. On CPU in one call of the compiled
     kernel (one GEMM, the bias its column of a's rows extended by a 1: no pass of its own over
-    d), else by
-    ops.linear_clipped_sum and a scaled sum of d."""
+    d), else by ops.linear_clipped_sum and a scaled sum of d."""
     if (
         a.device.type == d.device.type == "cpu"
         and a.dtype == d.dtype
         and a.dtype in (torch.float32, torch.float64)
         and _ext.has_kernel("linear_uses_clipped_sum", "CPU")
     ):
-        sums = torch.ops.dpfast_C.linear_uses_clipped_sum(a, d, scale, widths, bool(biased))
+        sums = torch.ops.dpfast_C.linear_uses_clipped_sum(a, d, scale, widths, biased)
         return sums[: len(widths)], sums[-1] if biased else None
     parts = ops.linear_clipped_sum(a, d, scale).split(widths, dim=1)
     return parts, scaled_sum(d.sum(dim=1), scale) if biased else None
